@@ -314,7 +314,8 @@ def aggregate(
     w = torch.ones(loss_tok.shape[0], dtype=loss_tok.dtype, device=loss_tok.device) if weights is None else weights
     n_seq = float(loss_tok.shape[0]) if global_seqs is None else float(global_seqs)
     if loss_agg == "token-mean":
-        n_tok = m.sum() if global_tokens is None else float(global_tokens)
+        # clamp: a batch without response tokens gives 0, not 0/0 = NaN (its numerator is 0)
+        n_tok = m.sum().clamp(min=1.0) if global_tokens is None else float(global_tokens)
         return (w[:, None] * per_tok).sum() / n_tok
     if loss_agg == "seq-mean-token-mean":
         seq_len = m.sum(-1).clamp(min=1.0)  # [B]; empty responses contribute 0
