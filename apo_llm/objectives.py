@@ -237,6 +237,9 @@ def apo_term(
         rho = ratio  # the clip decision of push_only is on w alone
     loss = torch.where(neg, neg_loss, grpo_loss)
     aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": z_ref, "pull": -pull}
+    if cfg.apo_clip == "push_only":
+        # the dual-clip cap |A| c binds on the push lambda * |A| * w, i.e. where lambda * w > c
+        aux["rho_dual"] = torch.where(neg, cfg.apo_lambda * ratio, ratio)
     return loss, aux
 
 
@@ -398,7 +401,8 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     pos, neg = mask & (adv > 0), mask & (adv < 0)
     low = neg & (rho < 1.0 - cfg.eps_low)  # flat for A < 0: the push is cut
     high = pos & (rho > 1.0 + cfg.eps_high)  # flat for A > 0
-    dual = neg & (rho > cfg.clip_c) if cfg.clip_c is not None else torch.zeros_like(mask)
+    rho_dual = aux.get("rho_dual", rho)  # what the dual-clip cap compares with c
+    dual = neg & ~low & (rho_dual > cfg.clip_c) if cfg.clip_c is not None else torch.zeros_like(mask)
     f = lambda x: float(x.sum()) / max(float(mask.sum()), 1.0)  # noqa: E731 share of response tokens
     out = {
         "num_tokens": float(mask.sum()),

@@ -139,7 +139,7 @@ def test_restoring_force_on_collapsed_child():
         log_pi = torch.log_softmax(z, -1)
         (g_rev,) = torch.autograd.grad((log_pi.exp() * (log_pi - log_rho)).sum(), z, retain_graph=True)
         (g_fwd,) = torch.autograd.grad((rho * (log_rho - log_pi)).sum(), z)
-        pi_a = float(log_pi[a].exp())
+        pi_a = float(log_pi[a].detach().exp())
         rev.append(-float(g_rev[a]))
         fwd.append(-float(g_fwd[a]))
         # restoring force = pi_a (log(rho_a/pi_a) + KL): the leading term is pi_a log(rho_a/pi_a)
