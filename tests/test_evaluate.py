@@ -1,0 +1,272 @@
+"""Evaluator: pass@k bookkeeping, resume, reproducibility and clear errors.
+
+Unit tests use a fake sampler (known completions) with the real reward functions; the
+end-to-end tests run the CLI on the tiny model (fixture `tiny_model_dir`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apo_llm import evaluate as ev
+from apo_llm.data import Problem
+
+# --------------------------------------------------------------------------------------------
+# Fakes
+# --------------------------------------------------------------------------------------------
+
+
+def make_problems(n: int) -> list[Problem]:
+    return [Problem(f"p{i}", f"q{i}", f"prompt {i}", str(i)) for i in range(n)]
+
+
+@dataclass
+class FakeSampler:
+    """generate_completions stand-in: sample s of prompt 'prompt i' answers '#### i' (correct) for
+    s < correct[i], else '#### -1'; greedy is correct when greedy_ok[i]. Records every call."""
+
+    correct: dict
+    greedy_ok: dict
+    calls: list
+
+    def __call__(self, model, tokenizer, prompts, num_samples, *, max_new_tokens, do_sample=True, seed=None, **kw):
+        self.calls.append((list(prompts), num_samples, do_sample, seed))
+        texts = []
+        for p in prompts:
+            i = int(p.split()[-1])
+            for s in range(num_samples):
+                ok = self.greedy_ok[i] if not do_sample else s < self.correct[i]
+                texts.append(f"so #### {i if ok else -1}")
+        N = len(texts)
+        return SimpleNamespace(texts=texts, prompt_index=[j for j in range(len(prompts)) for _ in range(num_samples)],
+                               completion_mask=torch.ones(N, 3, dtype=torch.long),
+                               truncated=torch.zeros(N, dtype=torch.bool))
+
+
+def run_fake(tmp_path, problems, sampler, done=None, **cfg_kw):
+    cfg = ev.EvalConfig(out=str(tmp_path), **{"n": 4, "k": "1,2,4", "batch_size": 8, **cfg_kw})
+    out_file = tmp_path / ev.PER_PROBLEM_FILE
+    done = set() if done is None else done
+    wrote = ev.evaluate_model("base", None, None, problems, [p.prompt for p in problems], cfg, "synthetic", done,
+                              out_file, generate_fn=sampler)
+    return cfg, wrote, ev.read_records(out_file)
+
+
+# --------------------------------------------------------------------------------------------
+# Unit tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_counts_scored_with_real_rewards(tmp_path):
+    problems = make_problems(5)
+    correct = {0: 0, 1: 1, 2: 4, 3: 2, 4: 3}
+    greedy = {0: False, 1: True, 2: True, 3: False, 4: True}
+    sampler = FakeSampler(correct, greedy, [])
+    cfg, wrote, recs = run_fake(tmp_path, problems, sampler, save_completions=True)
+    assert wrote == 5
+    assert [r["c"] for r in recs] == [correct[i] for i in range(5)]
+    assert [r["greedy_correct"] for r in recs] == [greedy[i] for i in range(5)]
+    assert all(r["n"] == 4 and len(r["completions"]) == 4 for r in recs)
+    # batch_size 8 / n 4 = 2 problems per generate call, each followed by its greedy call
+    assert [(len(p), n, s) for p, n, s, _ in sampler.calls] == [(2, 4, True), (2, 1, False)] * 2 + [(1, 4, True), (1, 1, False)]
+    summary = ev.summarize(recs, [1, 2, 4])["base"]
+    assert summary["pass@k"]["1"]["mean"] == pytest.approx(np.mean([correct[i] / 4 for i in range(5)]))
+    assert summary["greedy_pass@1"]["mean"] == pytest.approx(3 / 5)
+    assert summary["mean@n"]["mean"] == pytest.approx(np.mean([correct[i] / 4 for i in range(5)]))
+
+
+def test_saved_counts_equal_pass_at_k_from_completions(tmp_path):
+    """pass@k from saved (n, c) == pass@k recomputed from the saved completions by re-scoring
+    them and enumerating every k-subset of the n samples."""
+    from apo_llm.rewards import score_completions
+
+    problems = make_problems(6)
+    correct = {0: 0, 1: 1, 2: 2, 3: 3, 4: 5, 5: 6}
+    sampler = FakeSampler(correct, {i: False for i in range(6)}, [])
+    _, _, recs = run_fake(tmp_path, problems, sampler, n=6, k="1,2,3,6", save_completions=True)
+    summary = ev.summarize(recs, [1, 2, 3, 6])["base"]
+    for k in (1, 2, 3, 6):
+        per_problem = []
+        for r in recs:
+            ok = [x > 0.5 for x in score_completions("synthetic", r["completions"], [r["gold"]] * r["n"])]
+            subsets = list(itertools.combinations(ok, k))
+            per_problem.append(sum(any(s) for s in subsets) / len(subsets))
+        assert summary["pass@k"][str(k)]["mean"] == pytest.approx(np.mean(per_problem), abs=1e-12)
+        assert summary["pass@k"][str(k)]["se"] == pytest.approx(np.std(per_problem, ddof=1) / np.sqrt(6), abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), min_size=1, max_size=6), st.integers(1, 8))
+def test_summary_enumeration_property(nc, k):
+    """Any saved (n, c) and k <= min n: pass@k equals the k-subset enumeration average."""
+    recs = [{"model": "m", "problem_id": str(i), "n": n, "c": min(c, n)} for i, (n, c) in enumerate(nc)]
+    if k > min(n for n, _ in nc):
+        with pytest.raises(ValueError, match="k"):
+            ev.summarize(recs, [k])
+        return
+    got = ev.summarize(recs, [k])["m"]["pass@k"][str(k)]["mean"]
+    want = []
+    for r in recs:
+        samples = [True] * r["c"] + [False] * (r["n"] - r["c"])
+        subsets = list(itertools.combinations(samples, k))
+        want.append(sum(any(s) for s in subsets) / len(subsets))
+    assert got == pytest.approx(np.mean(want), abs=1e-12)
+
+
+def test_resume_skips_done_problems(tmp_path):
+    problems = make_problems(5)
+    sampler = FakeSampler({i: i % 4 for i in range(5)}, {i: True for i in range(5)}, [])
+    run_fake(tmp_path, problems[:3], sampler)
+    sampler.calls.clear()
+    done = {(r["model"], r["problem_id"]) for r in ev.read_records(tmp_path / ev.PER_PROBLEM_FILE)}
+    _, wrote, recs = run_fake(tmp_path, problems, sampler, done=done)
+    assert wrote == 2
+    sampled = [p for prompts, _, do_sample, _ in sampler.calls if do_sample for p in prompts]
+    assert sampled == ["prompt 3", "prompt 4"]
+    assert [r["problem_id"] for r in recs] == [f"p{i}" for i in range(5)]
+
+
+def test_batch_seed_depends_on_batch_only(tmp_path):
+    problems = make_problems(4)
+    sampler = FakeSampler({i: 1 for i in range(4)}, {i: True for i in range(4)}, [])
+    run_fake(tmp_path, problems, sampler, batch_size=4, seed=7)  # one problem per batch
+    seeds = [s for _, _, do_sample, s in sampler.calls if do_sample]
+    assert seeds == [ev.batch_seed(7, i) for i in range(4)] and len(set(seeds)) == 4
+    assert ev.batch_seed(7, 0) != ev.batch_seed(8, 0)
+
+
+def test_torn_last_line_is_dropped_and_cut(tmp_path):
+    path = tmp_path / ev.PER_PROBLEM_FILE
+    good = [{"model": "base", "problem_id": f"p{i}", "n": 4, "c": i} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"model": "base", "problem_id": "p2", "n"')
+    with pytest.warns(UserWarning, match="torn"):
+        recs = ev.read_records(path)
+    assert recs == good
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in good)  # ready for appends
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ev.read_records(path) == good
+
+
+def test_complete_last_line_without_newline_is_kept(tmp_path):
+    path = tmp_path / ev.PER_PROBLEM_FILE
+    rec = {"model": "base", "problem_id": "p0", "n": 4, "c": 1}
+    path.write_text(json.dumps(rec))
+    assert ev.read_records(path) == [rec]
+    assert path.read_text().endswith("\n")
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / ev.PER_PROBLEM_FILE
+    rec = json.dumps({"model": "base", "problem_id": "p0", "n": 4, "c": 1})
+    path.write_text(rec + "\nnot json\n" + rec + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        ev.read_records(path)
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="k: pass@16 needs n >= 16"):
+        ev.EvalConfig(n=8, k="1,16").validate()
+    for bad, field in [(dict(k="1,x"), "k"), (dict(k="0"), "k"), (dict(temperature=0.0), "temperature"),
+                       (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(limit=0), "limit"),
+                       (dict(dataset="gsm9k"), "dataset"), (dict(dataset="jsonl"), "dataset"),
+                       (dict(adapters=["a"], labels=["x", "y"]), "labels"), (dict(no_base=True), "no_base"),
+                       (dict(chat_template="maybe"), "chat_template")]:
+        with pytest.raises(ValueError, match=field):
+            ev.EvalConfig(**bad).validate()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    ev.check_run_config(tmp_path, ev.EvalConfig(n=4, k="1,4"))
+    ev.check_run_config(tmp_path, ev.EvalConfig(n=4, k="1,2"))  # k is free: only the summary changes
+    with pytest.raises(ValueError, match="n: saved 4 vs now 8"):
+        ev.check_run_config(tmp_path, ev.EvalConfig(n=8, k="1,4"))
+
+
+def test_resolve_adapter(tmp_path, monkeypatch):
+    direct = tmp_path / "lora"
+    direct.mkdir()
+    (direct / "adapter_config.json").write_text("{}")
+    assert ev.resolve_adapter(str(direct)) == str(direct)
+    run = tmp_path / "run"  # a training output dir: checkpoints plus the final adapter/
+    for sub in ("checkpoints/step_10/adapter", "adapter"):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "adapter_config.json").write_text("{}")
+    assert ev.resolve_adapter(str(run)) == str(run / "adapter")
+    nested = tmp_path / "nested"
+    (nested / "final").mkdir(parents=True)
+    (nested / "final" / "adapter_config.json").write_text("{}")
+    assert ev.resolve_adapter(str(nested)) == str(nested / "final")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="adapters: .*without adapter_config.json"):
+        ev.resolve_adapter(str(empty))
+    with pytest.raises(ValueError, match="does not exist"):
+        ev.resolve_adapter(str(tmp_path / "missing"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        ev.resolve_adapter("someone/some-adapter")
+
+
+def test_labels():
+    assert ev.adapter_labels(["runs/grpo/", "x/apo"], []) == ["grpo", "apo"]
+    assert ev.adapter_labels(["a/run", "b/run"], []) == ["run", "run_1"]
+    assert ev.adapter_labels(["a/base"], []) == ["base_adapter"]
+    with pytest.raises(ValueError, match="labels"):
+        ev.adapter_labels(["a", "b"], ["x", "x"])
+
+
+def test_missing_adapter_fails_before_loading_anything(tmp_path, monkeypatch):
+    import apo_llm.modeling
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded before the adapter was checked")
+
+    monkeypatch.setattr(apo_llm.modeling, "load_model_and_tokenizer", boom)
+    with pytest.raises(ValueError, match="adapters: .*does not exist"):
+        ev.main(["--adapters", str(tmp_path / "nope"), "--n", "2", "--k", "1,2", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_k_larger_than_n_fails(tmp_path):
+    with pytest.raises(ValueError, match="k: pass@16 needs n >= 16"):
+        ev.main(["--n", "4", "--k", "1,16", "--out", str(tmp_path / "o")])
+
+
+def test_empty_dataset_fails(tmp_path, monkeypatch):
+    import apo_llm.modeling
+
+    monkeypatch.setattr(apo_llm.modeling, "load_model_and_tokenizer", lambda *a, **k: 1 / 0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no valid problems|no problems"):
+        ev.main(["--dataset", f"jsonl:{empty}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o")])
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="no valid problems|no problems"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev.main(["--dataset", f"jsonl:{junk}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="does not exist"):
+        ev.main(["--dataset", f"jsonl:{tmp_path / 'missing.jsonl'}", "--n", "2", "--k", "1",
+                 "--out", str(tmp_path / "o")])
+
+
+def test_markdown_and_plot(tmp_path):
+    recs = [{"model": m, "problem_id": str(i), "n": 4, "c": (i + j) % 5, "greedy_correct": i % 2 == 0,
+             "mean_reward": ((i + j) % 5) / 4} for j, m in enumerate(["base", "apo"]) for i in range(4)]
+    summary = ev.summarize(recs, [1, 2, 4])
+    table = ev.markdown_table(summary, [1, 2, 4])
+    assert table.splitlines()[0].startswith("| model | problems | greedy pass@1 | mean@n | pass@1 | pass@2 | pass@4")
+    assert len(table.splitlines()) == 4 and "| apo | 4 |" in table
+    ev.plot_pass_at_k(summary, [1, 2, 4], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
