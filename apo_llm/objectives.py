@@ -551,6 +551,9 @@ def group_advantages(
         raise ValueError(f"rewards: estimator {estimator!r} needs binary rewards in {{0, 1}}")
     if estimator == "grpo":
         adv = (g - mean) / (g.std(-1, unbiased=(std == "unbiased"), keepdim=True) + eps)
+        # all-equal groups get exactly 0: rounding in mean/std would leave up to ~0.1 in float32
+        # (e.g. four rewards of 0.998), and 0/0 = NaN with eps = 0
+        adv = torch.where((g == g[:, :1]).all(-1, keepdim=True), torch.zeros_like(adv), adv)
     elif estimator == "dr_grpo":
         adv = g - mean
     elif estimator == "rloo":
@@ -572,6 +575,11 @@ def _passk_advantages(g: Tensor, k: Optional[int], eps: float) -> Tensor:
         raise ValueError(f"k: passk needs an integer 1 <= k <= group_size={n}, got {k!r}")
     out = torch.empty_like(g)
     for row, c in enumerate(g.sum(-1).round().long().tolist()):
+        # c = 0, or n - c < k (so rho = 1): sigma = 0 and both formulas give 0 / (0 + eps) = 0;
+        # set it directly so that eps = 0 is no 0/0
+        if c == 0 or n - c < k:
+            out[row] = 0.0
+            continue
         rho = 1.0 - math.comb(n - c, k) / math.comb(n, k)
         sigma = math.sqrt(max(rho * (1.0 - rho), 0.0))
         a_pos = (1.0 - rho) / (sigma + eps)
