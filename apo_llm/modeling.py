@@ -1,0 +1,285 @@
+"""Model side of the trainer: loading, LoRA wrapping, the reference context and chunked token stats.
+
+The one expensive primitive is `completion_token_stats`: for each completion position it returns
+log pi(y_t), and optionally the Top-K of the distribution (the safe manifold M = TopK(pi_ref) when
+called on the reference), the log-probs at caller-given ids (the policy at the anchors), and the
+entropy. Logits are divided by the sampling temperature before the log-softmax and are formed in
+chunks of positions from the backbone's last hidden states and the output embedding, so no full
+[B, L, V] float32 tensor ever exists; with grad enabled each chunk is recomputed in backward
+(activation checkpointing of the head) so the autograd graph does not keep them either.
+
+The reference of a fresh adapter is the base model with the adapter switched off
+(`disable_adapter()`, no second copy). When training starts from an already trained adapter, that
+adapter is loaded a second time, frozen, under the name "ref" (as TRL does) and the reference pass
+activates it instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+REF_ADAPTER = "ref"  # name of the frozen reference adapter when starting from a trained adapter
+POLICY_ADAPTER = "default"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TokenStats:
+    """Per-position statistics of a model on the completion block (T = L - n_prompt positions)."""
+
+    logp: Tensor  # [B, T] log pi(target token)
+    topk_ids: Optional[Tensor] = None  # [B, T, K] ids of the K most likely tokens
+    topk_logp: Optional[Tensor] = None  # [B, T, K] their log-probs
+    gathered_logp: Optional[Tensor] = None  # [B, T, K'] log-probs at the caller's gather_ids
+    entropy: Optional[Tensor] = None  # [B, T] H(pi(. | context))
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked log-probs / Top-K / entropy
+# --------------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def unwrap_causal_lm(model):
+    """The transformers *ForCausalLM under peft / accelerate wrappers (LoRA layers stay injected)."""
+    m = model
+    if hasattr(m, "module") and not hasattr(m, "get_output_embeddings"):  # DDP wrapper
+        m = m.module
+    if hasattr(m, "get_base_model"):  # peft PeftModel -> the injected transformers model
+        m = m.get_base_model()
+    return m
+
+
+def _backbone_and_head(model):
+    """(decoder backbone returning last_hidden_state, output embedding) or (None, None)."""
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    prefix = getattr(lm, "base_model_prefix", None)
+    backbone = getattr(lm, prefix, None) if prefix else None
+    if head is None or backbone is None or backbone is lm:
+        return None, None
+    return backbone, head
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """bf16/fp16 logits -> float32 for the softmax; float32/float64 stay as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _chunk_stats(logits: Tensor, targets: Tensor, topk: int, gather_ids: Optional[Tensor],
+                 want_entropy: bool) -> tuple[Tensor, ...]:
+    """Stats of one chunk of rows. logits [n, V] already divided by temperature, float32."""
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    out = [logits.gather(-1, targets[:, None]).squeeze(-1) - lse]
+    if topk:
+        top_vals, top_ids = logits.detach().topk(topk, dim=-1)  # ids are data, not differentiated
+        out += [top_ids, logits.gather(-1, top_ids) - lse[:, None]]
+    if gather_ids is not None:
+        out.append(logits.gather(-1, gather_ids) - lse[:, None])
+    if want_entropy:
+        p = torch.softmax(logits, dim=-1)
+        out.append(lse - (p * logits).sum(-1))  # H = log Z - E_p[z]
+    return tuple(out)
+
+
+def completion_token_stats(
+    model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int, *, temperature: float = 1.0,
+    topk: int = 0, gather_ids: Optional[Tensor] = None, want_entropy: bool = False, chunk_size: int = 1024,
+) -> TokenStats:
+    """Token statistics of the completion block input_ids[:, n_prompt:].
+
+    Target y_t = input_ids[:, n_prompt + t] is scored by the logits at position n_prompt - 1 + t:
+        logp_t = log softmax(z / temperature)[y_t]
+    Shapes: input_ids, attention_mask [B, L]; gather_ids [B, T, K']; T = L - n_prompt.
+    chunk_size = number of (row, position) pairs whose [chunk, V] logits exist at once.
+    Differentiable when grad is enabled.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids/attention_mask: expected equal [B, L] shapes, got "
+                         f"{list(input_ids.shape)} and {list(attention_mask.shape)}")
+    B, L = input_ids.shape
+    T = L - n_prompt
+    if not (1 <= n_prompt <= L):
+        raise ValueError(f"n_prompt: must lie in [1, L={L}], got {n_prompt}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if topk < 0 or chunk_size < 1:
+        raise ValueError(f"topk/chunk_size: need topk >= 0 and chunk_size >= 1, got {topk}, {chunk_size}")
+    if gather_ids is not None and (gather_ids.dim() != 3 or tuple(gather_ids.shape[:2]) != (B, T)):
+        raise ValueError(f"gather_ids: expected shape [B, T, K]=[{B}, {T}, K], got {list(gather_ids.shape)}")
+    targets = input_ids[:, n_prompt:]  # [B, T]
+    empty = input_ids.new_zeros((B, 0))
+    if T == 0:
+        z = torch.zeros(B, 0, device=input_ids.device)
+        return TokenStats(logp=z, topk_ids=empty[..., None].expand(B, 0, topk) if topk else None,
+                          topk_logp=z[..., None].expand(B, 0, topk) if topk else None,
+                          gathered_logp=z[..., None].expand(B, 0, gather_ids.shape[-1]) if gather_ids is not None
+                          else None, entropy=z if want_entropy else None)
+
+    pos = position_ids_from_mask(attention_mask)
+    backbone, head = _backbone_and_head(model)
+    if backbone is not None:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                          use_cache=False).last_hidden_state  # [B, L, H]
+        feats = hidden[:, n_prompt - 1: L - 1].reshape(B * T, -1)  # [B*T, H] states that predict y_t
+
+        def to_logits(x: Tensor) -> Tensor:
+            return _upcast(head(x)) / temperature
+    else:  # no separable head: the model's full logits (kept in its own dtype), chunked afterwards
+        logits_full = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                            use_cache=False).logits
+        feats = logits_full[:, n_prompt - 1: L - 1].reshape(B * T, -1)  # [B*T, V]
+
+        def to_logits(x: Tensor) -> Tensor:
+            return _upcast(x) / temperature
+
+    flat_t = targets.reshape(B * T)
+    flat_g = gather_ids.reshape(B * T, -1) if gather_ids is not None else None
+
+    def run_chunk(x: Tensor, t: Tensor, g: Optional[Tensor]) -> tuple[Tensor, ...]:
+        return _chunk_stats(to_logits(x), t, topk, g, want_entropy)
+
+    pieces = []
+    use_ckpt = torch.is_grad_enabled()
+    for s in range(0, B * T, chunk_size):
+        args = (feats[s: s + chunk_size], flat_t[s: s + chunk_size],
+                flat_g[s: s + chunk_size] if flat_g is not None else None)
+        # recompute the chunk's logits in backward instead of saving [chunk, V] float32 for it
+        pieces.append(checkpoint(run_chunk, *args, use_reentrant=False) if use_ckpt else run_chunk(*args))
+    cols = [torch.cat(c, dim=0) for c in zip(*pieces)]
+    it = iter(cols)
+    stats = TokenStats(logp=next(it).view(B, T))
+    if topk:
+        stats.topk_ids = next(it).view(B, T, topk)
+        stats.topk_logp = next(it).view(B, T, topk)
+    if gather_ids is not None:
+        stats.gathered_logp = next(it).view(B, T, -1)
+    if want_entropy:
+        stats.entropy = next(it).view(B, T)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model_and_tokenizer(
+    model_name_or_path: str, *, dtype: str = "float32", device: Optional[str] = None,
+    trust_remote_code: bool = False, gradient_checkpointing: bool = False,
+    attn_implementation: Optional[str] = None,
+):
+    """(model, tokenizer) from a hub id or local directory; pad token set (eos when missing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(model_name_or_path).expanduser()
+    name = str(local) if local.exists() else model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if device is not None:
+        model.to(device)
+    if gradient_checkpointing:
+        # non-reentrant checkpointing works with a frozen base and LoRA inputs without input grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def wrap_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+              target_modules: str | Sequence[str] = "all-linear", adapter_path: Optional[str] = None):
+    """Add a trainable LoRA adapter ("default").
+
+    adapter_path: start from a trained adapter; it is loaded twice, once trainable ("default") and
+    once frozen ("ref") as the reference policy.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path:
+        peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        peft_model.load_adapter(adapter_path, adapter_name=REF_ADAPTER, is_trainable=False)
+        peft_model.set_adapter(POLICY_ADAPTER)
+        _freeze_ref(peft_model)
+        return peft_model
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _freeze_ref(peft_model) -> None:
+    for name, p in peft_model.named_parameters():
+        if f".{REF_ADAPTER}." in name:
+            p.requires_grad_(False)
+
+
+def has_ref_adapter(model) -> bool:
+    return REF_ADAPTER in getattr(model, "peft_config", {})
+
+
+@contextlib.contextmanager
+def reference_context(model) -> Iterator[None]:
+    """Run the reference policy pi_ref inside this block (always under no_grad).
+
+    Fresh adapter: the base model, `disable_adapter()`. Started from a trained adapter: the frozen
+    "ref" copy of it is activated, and the trainable adapter restored afterwards.
+    """
+    with torch.no_grad():
+        if has_ref_adapter(model):
+            active = model.active_adapter
+            model.set_adapter(REF_ADAPTER, inference_mode=True)
+            try:
+                yield
+            finally:
+                model.set_adapter(active)
+                _freeze_ref(model)
+        elif hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield
+        else:  # a plain model is its own reference (only for tests / full fine-tuning)
+            yield
+
+
+def peak_memory_mb(device: Optional[torch.device] = None) -> float:
+    """Peak accelerator memory (MB) when on GPU, else the process's peak resident set (MB)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+def git_sha(path: str | os.PathLike = ".") -> Optional[str]:
+    """The repository's HEAD commit, or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
