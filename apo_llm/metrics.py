@@ -42,8 +42,10 @@ def pass_at_k(n: ArrayLike, c: ArrayLike, k: int) -> Union[float, np.ndarray]:
 
 def pass_at_k_exact(p: ArrayLike, k: int) -> Union[float, np.ndarray]:
     """pass@k of a policy with exact success probability p: 1 - (1 - p)^k."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k: must be an integer >= 1, got {k!r}")
     p_arr = np.asarray(p, dtype=float)
-    if np.any((p_arr < 0) | (p_arr > 1)):
+    if not np.all((p_arr >= 0) & (p_arr <= 1)):  # written this way so NaN is rejected too
         raise ValueError(f"p: success probabilities must lie in [0, 1], got {p_arr.tolist()}")
     out = 1.0 - (1.0 - p_arr) ** k
     return float(out) if out.ndim == 0 else out
