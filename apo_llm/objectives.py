@@ -22,6 +22,7 @@ Shapes: B sequences, T response positions, K reference Top-K anchors per positio
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -130,7 +131,9 @@ class LossConfig:
             bad("apo_anchoring", f"choose from {APO_ANCHORINGS}")
         if self.loss_agg not in LOSS_AGGS:
             bad("loss_agg", f"choose from {LOSS_AGGS}")
-        if self.loss_norm_len is not None and (isinstance(self.loss_norm_len, bool) or int(self.loss_norm_len) < 1):
+        n = self.loss_norm_len
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Real)
+                              or not (math.isfinite(n) and n == int(n) and n >= 1)):
             bad("loss_norm_len", "must be a positive integer or None")
 
     # What a caller must compute before calling policy_loss. Trainers ask these instead of

@@ -201,7 +201,7 @@ def test_k3_and_log_ratio_clamps():
     k3 = kl_estimate("k3", logp, ref, None)
     (g,) = torch.autograd.grad(k3.sum(), logp)
     assert k3[0, 0] == K3_CLAMP and g[0, 0] == 0.0
-    assert float(k3[0, 1]) == pytest.approx(math.exp(2) - 3, abs=1e-12)
+    assert float(k3.detach()[0, 1]) == pytest.approx(math.exp(2) - 3, abs=1e-12)
     assert float(g[0, 1]) == pytest.approx(1 - math.exp(2), abs=1e-12)
     assert k3[0, 2] == K3_CLAMP and g[0, 2] == 0.0
     # delta = -30: k3 = e^-30 + 29 is also capped at 10 (k3 > 10 for every delta < -11)
@@ -221,7 +221,7 @@ def test_k3_and_log_ratio_clamps():
         loss, _ = policy_loss(cfg, lp, torch.zeros(1, 1, dtype=F64), torch.tensor([adv], dtype=F64),
                               torch.ones(1, 1))
         (g,) = torch.autograd.grad(loss, lp)
-        assert float(loss) == pytest.approx(-adv * w, rel=1e-12)
+        assert float(loss.detach()) == pytest.approx(-adv * w, rel=1e-12)
         assert float(g) == (0.0 if abs(lr) > 20 else pytest.approx(-adv * w, rel=1e-12))
 
 
@@ -301,7 +301,7 @@ def test_clipping_piecewise(seed, B, T, preset, el, eh, clip_c):
                 assert g[b, t] == 0.0  # flat means exactly flat
                 flat["pos" if Ai > 0 else "neg"] += 1
                 flat["high" if Ai > 0 else ("low" if wi < 1 - el else "dual")] += 1
-    assert float(loss) == pytest.approx(exp_loss / n, abs=1e-12)
+    assert float(loss.detach()) == pytest.approx(exp_loss / n, abs=1e-12)
     n_pos, n_neg = int((mask & (adv > 0)).sum()), int((mask & (adv < 0)).sum())
     assert m["clip_ratio/low_mean"] == pytest.approx(flat["low"] / n)
     assert m["clip_ratio/high_mean"] == pytest.approx(flat["high"] / n)
@@ -361,7 +361,7 @@ def test_token_mean_of_an_all_padded_batch_is_zero():
         loss, m = policy_loss(LossConfig(loss_agg=agg), logp, logp.detach(), torch.ones(2, dtype=F64),
                               torch.zeros(2, 3))
         (g,) = torch.autograd.grad(loss, logp)
-        assert float(loss) == 0.0 and m["loss"] == 0.0 and not g.any(), agg
+        assert float(loss.detach()) == 0.0 and m["loss"] == 0.0 and not g.any(), agg
 
 
 def _random_apo_batch(seed: int, B: int, T: int, K: int):
@@ -407,6 +407,6 @@ def test_micro_batching_matches_full_batch(seed, B, T, K, agg, apo_clip, clip_c,
         part, _ = policy_loss(cfg, **micro, global_tokens=n_tok, global_seqs=n_seq)
         total = total + part
     g_micro = torch.autograd.grad(total, leaves)
-    assert float(total) == pytest.approx(float(full), abs=1e-12)
+    assert float(total.detach()) == pytest.approx(float(full.detach()), abs=1e-12)
     for a, b in zip(g_micro, g_full):
         torch.testing.assert_close(a, b, rtol=0.0, atol=1e-12)

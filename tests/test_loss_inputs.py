@@ -1,0 +1,264 @@
+"""Bad input to the loss module is a ValueError that names the argument or field; NaN on response
+positions is reported, NaN on padded positions changes nothing; metrics are plain floats; importing
+the loss module pulls in no heavy library."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apo_llm.objectives import LossConfig, POLICY_TERMS, group_advantages, policy_loss
+
+F64 = torch.float64
+B, T, K = 3, 4, 2
+
+
+def _names(field: str) -> str:
+    """Regex: the message names `field` as a word (LossConfig.<field> or <field>:)."""
+    return rf"(^|\.|\b){field}\b"
+
+
+# --------------------------------------------------------------------------------------------
+# LossConfig
+# --------------------------------------------------------------------------------------------
+
+
+BAD_CONFIGS = [
+    ("name", "ppo"), ("eps_low", 0.0), ("eps_low", 1.0), ("eps_low", -0.1), ("eps_high", 1.5),
+    ("eps_high", 0.0), ("clip_c", 1.0), ("clip_c", 0.5), ("kl_coef", -0.1), ("kl_coef", math.nan),
+    ("kl_estimator", "k4"), ("ent_coef", -1.0), ("ent_coef", math.inf), ("apo_lambda", 0.0),
+    ("apo_lambda", -1.05), ("apo_lambda", math.inf), ("apo_beta", -0.1), ("apo_beta", math.nan),
+    ("apo_k", 0), ("apo_k", 1.5), ("apo_k", True), ("apo_clip", "both"), ("apo_anchoring", "none"),
+    ("loss_agg", "seq-mean"), ("loss_norm_len", 0), ("loss_norm_len", True),
+    ("loss_norm_len", 2.5), ("loss_norm_len", math.inf), ("loss_norm_len", math.nan), ("loss_norm_len", "8"),
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_CONFIGS)
+def test_bad_config_field_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"LossConfig\.{field}\b"):
+        LossConfig(name="apo", **{field: value}) if field != "name" else LossConfig(name=value)
+
+
+@pytest.mark.parametrize("field, value", [f for f in BAD_CONFIGS if f[0] != "name"])
+def test_config_mutated_after_construction_is_rejected_by_policy_loss(field, value):
+    """policy_loss re-validates: a field edited after construction is caught at the call."""
+    cfg = LossConfig(name="apo")
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=rf"LossConfig\.{field}\b"):
+        policy_loss(cfg, **_inputs())
+
+
+def test_kl_losses_without_kl_coef_warn():
+    for name in ("grpo_kl", "kl_on_wrong"):
+        with pytest.warns(UserWarning, match="kl_coef"):
+            LossConfig(name=name)
+
+
+def test_needs_properties():
+    """What each objective asks the caller to compute."""
+    assert LossConfig(name="apo").needs_anchors and LossConfig(name="apo").needs_reference
+    assert not LossConfig(name="grpo").needs_reference
+    kl = LossConfig(name="grpo_kl", kl_coef=0.1)
+    assert kl.needs_ref_logp and not kl.needs_kl_full and not kl.needs_anchors
+    full = LossConfig(name="kl_on_wrong", kl_coef=0.1, kl_estimator="full")
+    assert full.needs_kl_full and not full.needs_ref_logp and full.needs_reference
+    assert LossConfig(ent_coef=0.01).needs_entropy and not LossConfig().needs_entropy
+    assert set(POLICY_TERMS) >= {"grpo", "dapo", "grpo_kl", "kl_on_wrong", "apo"}
+
+
+# --------------------------------------------------------------------------------------------
+# policy_loss: shapes, missing tensors, NaN
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs(seed: int = 0, adv_per_token: bool = False) -> dict:
+    """A valid full set of inputs [B, T] / [B, T, K] (every optional tensor present)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.rand(*s, generator=g, dtype=F64)  # noqa: E731
+    old = -1.0 - 2.0 * r(B, T)
+    return dict(
+        logp=(old + 0.2 * r(B, T) - 0.1).requires_grad_(), old_logp=old,
+        advantages=(r(B, T) if adv_per_token else r(B)) * 2 - 1,
+        mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool),
+        ref_logp=old + 0.1, anchor_logp=(-1.0 - 2.0 * r(B, T, K)).requires_grad_(),
+        anchor_ref_logp=-1.0 - 2.0 * r(B, T, K), anchor_is_sampled=r(B, T, K) > 0.7,
+        kl_full=r(B, T).requires_grad_(), entropy=(1.0 + r(B, T)).requires_grad_(), weights=1.0 + r(B),
+    )
+
+
+CFG_ALL = dict(name="apo", kl_coef=0.1, ent_coef=0.01)  # needs anchors, ref_logp, entropy
+
+
+@pytest.mark.parametrize(
+    "arg, value",
+    [
+        ("logp", torch.zeros(B)), ("logp", torch.zeros(B, T, 1)), ("logp", [[0.0] * T] * B),
+        ("old_logp", torch.zeros(B, T + 1)), ("mask", torch.ones(B + 1, T)), ("advantages", torch.zeros(B + 1)),
+        ("advantages", torch.zeros(B, T + 1)), ("advantages", torch.zeros(B, T, 1)), ("ref_logp", torch.zeros(B, 1)),
+        ("entropy", torch.zeros(T, B)), ("weights", torch.ones(B, 1)), ("weights", torch.ones(B + 1)),
+        ("anchor_logp", torch.zeros(B, T)), ("anchor_logp", torch.zeros(B, T + 1, K)),
+        ("anchor_logp", torch.zeros(B, T, 0)), ("anchor_ref_logp", torch.zeros(B, T, K + 1)),
+        ("anchor_is_sampled", torch.zeros(B, T, K - 1, dtype=torch.bool)),
+    ],
+)
+def test_shape_mismatch_names_the_argument(arg, value):
+    x = _inputs()
+    x[arg] = value
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        policy_loss(LossConfig(**CFG_ALL), **x)
+
+
+def test_kl_full_shape_is_checked():
+    x = _inputs()
+    x["kl_full"] = torch.zeros(B, T, 1)
+    with pytest.raises(ValueError, match=r"^kl_full:"):
+        policy_loss(LossConfig(name="grpo_kl", kl_coef=0.1, kl_estimator="full"), **x)
+
+
+@pytest.mark.parametrize(
+    "cfg_kw, arg",
+    [
+        (dict(name="grpo_kl", kl_coef=0.1, kl_estimator="k1"), "ref_logp"),
+        (dict(name="grpo_kl", kl_coef=0.1, kl_estimator="k2"), "ref_logp"),
+        (dict(name="kl_on_wrong", kl_coef=0.1), "ref_logp"),
+        (dict(name="grpo_kl", kl_coef=0.1, kl_estimator="full"), "kl_full"),
+        (dict(name="grpo", ent_coef=0.01), "entropy"),
+        (dict(name="apo"), "anchor_logp"), (dict(name="apo"), "anchor_ref_logp"),
+        (dict(name="apo"), "anchor_is_sampled"), (dict(name="grpo"), "old_logp"), (dict(name="grpo"), "mask"),
+    ],
+)
+def test_missing_tensor_names_the_argument(cfg_kw, arg):
+    x = _inputs()
+    x[arg] = None
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        policy_loss(LossConfig(**cfg_kw), **x)
+
+
+@pytest.mark.parametrize("arg", ["logp", "old_logp", "advantages", "ref_logp", "anchor_logp", "anchor_ref_logp",
+                                 "entropy", "weights"])
+def test_nan_on_a_response_position_is_reported(arg):
+    x = _inputs(adv_per_token=True)
+    x[arg] = x[arg].detach().clone()
+    x[arg].view(-1)[0] = math.nan  # position [0, 0] (anchor [0, 0, 0], weight of sequence 0): a response
+    with pytest.raises(ValueError, match=rf"^{arg}:.*NaN"):
+        policy_loss(LossConfig(**CFG_ALL), **x)
+
+
+def test_nan_in_kl_full_and_inf_advantage_are_reported():
+    x = _inputs()
+    x["kl_full"] = x["kl_full"].detach().clone()
+    x["kl_full"][2, 3] = math.nan
+    with pytest.raises(ValueError, match=r"^kl_full:.*NaN"):
+        policy_loss(LossConfig(name="grpo_kl", kl_coef=0.1, kl_estimator="full"), **x)
+    x = _inputs()
+    x["advantages"][1] = math.inf
+    with pytest.raises(ValueError, match=r"^advantages:.*inf"):
+        policy_loss(LossConfig(), **x)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), name=st.sampled_from(["grpo", "dapo", "grpo_kl", "kl_on_wrong", "apo"]),
+       est=st.sampled_from(["k1", "k2", "k3", "full"]),
+       agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+       apo_clip=st.sampled_from(["rectified", "push_only"]), clip_c=st.one_of(st.none(), st.just(3.0)))
+def test_nan_on_padded_positions_changes_nothing(seed, name, est, agg, apo_clip, clip_c):
+    """Pads holding NaN (or -inf / +inf) give the same loss and gradients as pads holding finite
+    junk; gradients at pads are exactly zero."""
+    cfg = LossConfig(name=name, kl_coef=0.1, kl_estimator=est, ent_coef=0.01, loss_agg=agg, apo_clip=apo_clip,
+                     clip_c=clip_c)
+    results = []
+    for fill in (math.nan, 7.0, -math.inf):
+        x = _inputs(seed, adv_per_token=True)
+        pad = ~x["mask"]
+        for k in ("logp", "old_logp", "advantages", "ref_logp", "kl_full", "entropy", "anchor_logp",
+                  "anchor_ref_logp"):
+            at_pad = pad if x[k].dim() == 2 else pad[..., None]  # anchors: [B, T, K]
+            filled = torch.where(at_pad, torch.full_like(x[k], fill), x[k].detach())
+            x[k] = filled.requires_grad_() if x[k].requires_grad else filled
+        loss, m = policy_loss(cfg, **x)
+        leaves = [x[k] for k in ("logp", "anchor_logp", "kl_full", "entropy")]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(lf) if gr is None else gr for lf, gr in zip(leaves, grads)]
+        assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in m.values())
+        for gr in grads:
+            assert torch.isfinite(gr).all()
+            assert not gr[pad].any()
+        results.append((loss.detach(), grads, m))
+    for loss, grads, m in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            assert torch.equal(a, b)
+        assert m == results[0][2]
+
+
+def test_fully_padded_sequence_with_nan_advantage():
+    """A [B] advantage may be NaN for a sequence that has no response tokens at all."""
+    x = _inputs()
+    x["mask"][1] = False
+    x["advantages"][1] = math.nan
+    loss, _ = policy_loss(LossConfig(**CFG_ALL), **x)
+    assert math.isfinite(float(loss.detach()))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "grpo_kl", "kl_on_wrong", "apo"])
+@pytest.mark.parametrize("est", ["k3", "full"])
+def test_metrics_are_floats(name, est):
+    cfg = LossConfig(name=name, kl_coef=0.1, kl_estimator=est, ent_coef=0.01, clip_c=3.0)
+    loss, m = policy_loss(cfg, **_inputs())
+    assert m and all(isinstance(k, str) and type(v) is float for k, v in m.items()), m
+    assert {"loss", "pg_loss", "num_tokens", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy"} <= set(m)
+    assert m["loss"] == pytest.approx(float(loss.detach()), abs=1e-12) and m["num_tokens"] == 9.0
+    if cfg.needs_anchors:
+        assert {"apo/r_anchor_mean", "apo/pull", "apo/manifold_mass", "apo/outside_topk_frac",
+                "apo/neg_clipped_frac"} <= set(m)
+
+
+# --------------------------------------------------------------------------------------------
+# group_advantages
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(rewards=[1.0, 0.0], group_size=1), "group_size"),
+        (dict(rewards=[1.0, 0.0], group_size=0), "group_size"),
+        (dict(rewards=[1.0, 0.0, 1.0], group_size=2), "group_size"),  # G does not divide N
+        (dict(rewards=[1.0, 0.0], group_size=True), "group_size"),
+        (dict(rewards=[1.0, 0.0], group_size=2.0), "group_size"),
+        (dict(rewards=[], group_size=2), "group_size"),
+        (dict(rewards=[[1.0, 0.0]], group_size=2), "rewards"),
+        (dict(rewards=[1.0, math.nan], group_size=2), "rewards"),
+        (dict(rewards=[1.0, math.inf], group_size=2), "rewards"),
+        (dict(rewards=[1.0, 0.0], group_size=2, estimator="ppo"), "estimator"),
+        (dict(rewards=[1.0, 0.0], group_size=2, std="sample"), "std"),
+        (dict(rewards=[1.0, 0.0], group_size=2, eps=-1e-6), "eps"),
+        (dict(rewards=[1.0, 0.5], group_size=2, estimator="w_reinforce"), "rewards"),
+        (dict(rewards=[1.0, 0.5], group_size=2, estimator="passk", k=1), "rewards"),
+        (dict(rewards=[1.0, 0.0], group_size=2, estimator="passk"), "k"),
+        (dict(rewards=[1.0, 0.0], group_size=2, estimator="passk", k=0), "k"),
+        (dict(rewards=[1.0, 0.0], group_size=2, estimator="passk", k=3), "k"),
+    ],
+)
+def test_group_advantages_bad_input(kwargs, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        group_advantages(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# import hygiene
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_module_imports_no_heavy_library():
+    code = ("import apo_llm.objectives, apo_llm.metrics, sys; "
+            "heavy = [m for m in ('transformers', 'peft', 'datasets', 'accelerate') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
