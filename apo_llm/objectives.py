@@ -315,6 +315,9 @@ def aggregate(
     is only micro-batch invariant when every micro-batch has the same width).
     w_i are per-sequence weights (default 1); the simulator's exact mode uses pi_old(leaf).
     """
+    for name, count in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
+        if count is not None and not (math.isfinite(float(count)) and float(count) > 0):
+            raise ValueError(f"{name}: the whole batch's count must be finite and > 0, got {count!r}")
     m = mask.to(loss_tok.dtype)
     per_tok = torch.where(mask.bool(), loss_tok, torch.zeros_like(loss_tok))  # pad positions cannot leak NaN
     w = torch.ones(loss_tok.shape[0], dtype=loss_tok.dtype, device=loss_tok.device) if weights is None else weights
@@ -479,7 +482,8 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
     adv = adv[:, None].expand(bt) if adv.dim() == 1 else adv
     out["advantages"] = _clean("advantages", adv, m, allow_inf=False)
     out["logp"] = _clean("logp", logp, m, allow_inf=True)
-    out["old_logp"] = _clean("old_logp", old_logp, m, allow_inf=True)
+    # pi_old(y) must be > 0 for a sampled token: -inf would make w = exp(-inf + inf) = NaN or e^20
+    out["old_logp"] = _clean("old_logp", old_logp, m, allow_inf=False)
     for name in ("ref_logp", "kl_full", "entropy"):
         if given[name] is not None and (name != "ref_logp" or cfg.needs_ref_logp):
             out[name] = _clean(name, given[name], m, allow_inf=(name == "ref_logp"))

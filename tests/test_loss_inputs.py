@@ -151,6 +151,33 @@ def test_nan_on_a_response_position_is_reported(arg):
         policy_loss(LossConfig(**CFG_ALL), **x)
 
 
+@pytest.mark.parametrize("fill", [-math.inf, math.inf])
+def test_infinite_old_logp_on_a_response_position_is_reported(fill):
+    """pi_old(y) = 0 for a sampled token is impossible; with logp = -inf too it used to give a NaN loss."""
+    x = _inputs()
+    x["logp"] = x["logp"].detach().clone()
+    x["logp"][0, 0] = -math.inf
+    x["old_logp"][0, 0] = fill
+    with pytest.raises(ValueError, match=r"^old_logp:.*inf"):
+        policy_loss(LossConfig(), **x)
+
+
+def test_logp_minus_inf_is_allowed():
+    """pi_theta(y) may underflow to 0: the log-ratio is clamped at -20 and the loss stays finite."""
+    x = _inputs()
+    x["logp"] = x["logp"].detach().clone()
+    x["logp"][0, 0] = -math.inf
+    loss, _ = policy_loss(LossConfig(), **x)
+    assert math.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("arg, value", [("global_tokens", 0), ("global_tokens", -3.0), ("global_seqs", 0.0),
+                                        ("global_seqs", math.nan), ("global_tokens", math.inf)])
+def test_bad_global_counts_are_named(arg, value):
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        policy_loss(LossConfig(), **_inputs(), **{arg: value})
+
+
 def test_nan_in_kl_full_and_inf_advantage_are_reported():
     x = _inputs()
     x["kl_full"] = x["kl_full"].detach().clone()
