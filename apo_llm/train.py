@@ -1,0 +1,551 @@
+"""LoRA RLVR trainer: `python -m apo_llm.train [--config FILE.yaml] [--section.field VALUE ...]`.
+
+One step (the same calls the simulator makes, on real tokens):
+
+    prompts  --generate_completions-->  G completions each (top_k=0, top_p=1, temperature)
+             --score_completions----->  rewards r            --group_advantages--> A
+    old pass (no grad):        log pi_old(y_t), entropy                  [B, T]
+    reference pass (no grad):  log pi_ref(y_t); for APO the safe manifold
+                               M_t = TopK(pi_ref(. | y_<t)) ids + log-probs  [B, T, K]
+    ppo_epochs x minibatches x micro-batches:
+        training forward: log pi_theta(y_t) and, for APO, log pi_theta at the anchor ids of M_t
+        policy_loss(..., global_tokens=minibatch tokens, global_seqs=minibatch sequences)
+        backward; after the minibatch: clip grad norm, AdamW step, scheduler step
+
+What the loss needs is asked from LossConfig (needs_anchors / needs_ref_logp / needs_entropy),
+never from its name. With no arguments the embedded default runs APO on the project's tiny Llama
+and the synthetic arithmetic task on CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from apo_llm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from apo_llm.config import TINY_MODEL, RunConfig, load_config, save_resolved
+from apo_llm.metrics import pass_at_k
+from apo_llm.modeling import (
+    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, wrap_lora,
+)
+from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+from apo_llm.rollout import Completions, generate_completions
+
+log = logging.getLogger("apo_llm.train")
+
+TRUNCATION_WARN = 0.5  # warn when more than this share of completions hit max_new_tokens
+ZERO_STD_WARN = 0.9  # warn when more than this share of groups have identical rewards (zero gradient)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data order (resumable: the position alone determines the next prompts)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptSampler:
+    """Walks through the problems in a fresh seeded permutation per pass; `position` = prompts consumed."""
+
+    n: int
+    seed: int
+    position: int = 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(perm[i]))
+            self.position += 1
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_model_path(cfg: RunConfig) -> str:
+    if cfg.model.name_or_path == TINY_MODEL:
+        from apo_llm.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(quick=cfg.model.tiny_quick))
+    return cfg.model.name_or_path
+
+
+def load_data(cfg: RunConfig):
+    """(train problems, eval problems, reward name). Malformed rows are skipped and counted by data.py."""
+    from apo_llm.data import load_problems
+    from apo_llm.rewards import default_reward_for
+
+    d = cfg.data
+    train, stats = load_problems(d.source, d.split, path=d.path, limit=d.limit, seed=d.seed)
+    log.info(stats.summary())
+    eval_source = d.eval_source or ("math500" if d.source == "math" else d.source)
+    eval_path = d.eval_path or (d.path if eval_source == d.source else None)
+    evals = []
+    if cfg.eval.every >= 0:
+        evals, estats = load_problems(eval_source, d.eval_split, path=eval_path, limit=cfg.eval.num_problems,
+                                      seed=d.seed)
+        log.info(estats.summary())
+    reward = d.reward or default_reward_for(d.source, prompt_style=stats.prompt_style)
+    return train, evals, reward
+
+
+def format_prompts(cfg: RunConfig, tokenizer, prompts: list[str]) -> list[str]:
+    from apo_llm.evaluate import format_prompts as fmt  # the evaluator's chat-template handling
+
+    return fmt(tokenizer, prompts, "auto" if cfg.model.chat_template else "off")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step passes
+# --------------------------------------------------------------------------------------------
+
+
+def _micro_slices(n: int, size: int):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _trim(c: Completions, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids/attention_mask of `rows`, without all-padding completion columns (saves compute)."""
+    ids, am = c.input_ids[rows], c.attention_mask[rows]
+    width = int(c.completion_mask[rows].sum(-1).max().item()) if ids.shape[0] else 0
+    L = c.n_prompt + max(width, 1)
+    return ids[:, :L], am[:, :L], L - c.n_prompt
+
+
+@torch.no_grad()
+def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) -> tuple[dict, float, float]:
+    """Old log-probs + entropy, then the reference stats the loss asks for. Returns (tensors, t_old, t_ref)."""
+    N, T = comp.completion_mask.shape
+    t0 = time.perf_counter()
+    out: dict[str, torch.Tensor] = {"old_logp": torch.zeros(N, T), "entropy": torch.zeros(N, T)}
+    lc = cfg.loss
+    want_ref = lc.needs_reference
+    if want_ref:
+        out["ref_logp"] = torch.zeros(N, T)
+    if lc.needs_anchors:
+        out["anchor_ids"] = torch.zeros(N, T, lc.apo_k, dtype=torch.long)
+        out["anchor_ref_logp"] = torch.full((N, T, lc.apo_k), -math.inf)
+    was_training = model.training
+    model.eval()
+    mb = cfg.train.micro_batch_size
+    for sl in _micro_slices(N, mb):
+        ids, am, t = _trim(comp, sl)
+        st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                    temperature=cfg.rollout.temperature, want_entropy=True,
+                                    chunk_size=cfg.train.chunk_size)
+        out["old_logp"][sl, :t] = st.logp.float().cpu()
+        out["entropy"][sl, :t] = st.entropy.float().cpu()
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if want_ref:
+        with reference_context(model):
+            for sl in _micro_slices(N, mb):
+                ids, am, t = _trim(comp, sl)
+                st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                            temperature=cfg.rollout.temperature,
+                                            topk=lc.apo_k if lc.needs_anchors else 0,
+                                            chunk_size=cfg.train.chunk_size)
+                out["ref_logp"][sl, :t] = st.logp.float().cpu()
+                if lc.needs_anchors:  # only K ids + log-probs per position are kept
+                    out["anchor_ids"][sl, :t] = st.topk_ids.cpu()
+                    out["anchor_ref_logp"][sl, :t] = st.topk_logp.float().cpu()
+    model.train(was_training)
+    if lc.needs_anchors:
+        out["anchor_is_sampled"] = out["anchor_ids"] == comp.completion_ids[..., None]  # y_t in M_t
+    return out, t_old, time.perf_counter() - t0
+
+
+def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Completions, adv: torch.Tensor,
+           passes: dict, device) -> dict[str, float]:
+    """ppo_epochs over shuffled minibatches, gradient accumulation over micro-batches.
+
+    Returns token-weighted means of the policy_loss diagnostics, grad_norm, and the number of
+    optimizer steps skipped because the loss or gradient was not finite.
+    """
+    lc, tc = cfg.loss, cfg.train
+    N = comp.input_ids.shape[0]
+    mask = comp.completion_mask
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    weight = 0.0
+    grad_norms, skipped, n_updates = [], 0, 0
+    model.train()
+    for _ in range(tc.ppo_epochs):
+        order = torch.randperm(N)  # global torch RNG: restored on resume
+        for mb_start in range(0, N, tc.mini_batch_size):
+            mb_rows = order[mb_start: mb_start + tc.mini_batch_size]
+            mb_tokens = float(mask[mb_rows].sum())
+            finite = True
+            for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
+                rows = mb_rows[sl]
+                ids, am, t = _trim(comp, rows)
+                gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
+                st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                            temperature=cfg.rollout.temperature, gather_ids=gather,
+                                            want_entropy=lc.needs_entropy, chunk_size=tc.chunk_size)
+                m = mask[rows, :t].to(device)
+                if not torch.isfinite(st.logp[m.bool()]).all():
+                    finite = False
+                    break
+                kw: dict[str, Any] = {}
+                if lc.needs_ref_logp:
+                    kw["ref_logp"] = passes["ref_logp"][rows, :t].to(device)
+                if lc.needs_anchors:
+                    kw.update(anchor_logp=st.gathered_logp,
+                              anchor_ref_logp=passes["anchor_ref_logp"][rows, :t].to(device),
+                              anchor_is_sampled=passes["anchor_is_sampled"][rows, :t].to(device))
+                if lc.needs_entropy:
+                    kw["entropy"] = st.entropy
+                loss, metrics = policy_loss(
+                    lc, st.logp, passes["old_logp"][rows, :t].to(device), adv[rows].to(device), m,
+                    global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), **kw)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                accelerator.backward(loss)
+                w = float(m.sum())
+                weight += w
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + w * v
+            if finite:
+                max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+                gn = accelerator.clip_grad_norm_(params, max_norm)
+                gn = float(gn) if gn is not None else float("nan")
+                finite = math.isfinite(gn)
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                grad_norms.append(gn)
+                n_updates += 1
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    out = {k: v / weight for k, v in sums.items()} if weight else {}
+    for k in ("loss", "pg_loss"):  # losses are sums of micro-batch parts: report per-minibatch means
+        if k in out:
+            out[k] = sums[k] / weight
+    out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
+    out["nonfinite/skipped_updates"] = float(skipped)
+    out["optimizer_steps"] = float(n_updates)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out pass@k (small; the standalone evaluator is apo_llm.evaluate)
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_pass_at_k(cfg: RunConfig, model, tokenizer, problems, prompts: list[str], reward: str) -> dict:
+    """pass@k (unbiased, metrics.pass_at_k) and mean reward on held-out problems, fixed sampling seed."""
+    from apo_llm.rewards import score_completions
+
+    e = cfg.eval
+    comp = generate_completions(model, tokenizer, prompts, e.num_samples,
+                                max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                                temperature=e.temperature or cfg.rollout.temperature,
+                                batch_size=cfg.rollout.batch_size, seed=e.seed)
+    golds = [problems[i].gold for i in comp.prompt_index]
+    r = np.asarray(score_completions(reward, comp.texts, golds), dtype=float).reshape(len(problems), e.num_samples)
+    c = (r > 0.5).sum(-1)
+    out = {f"eval/pass@{k}": float(np.mean(pass_at_k(e.num_samples, c, k))) for k in e.k}
+    out["eval/mean_reward"] = float(r.mean())
+    out["eval/clipped_ratio"] = float(comp.truncated.float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per step and per evaluation) + optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, keep_lines: Optional[int] = None):
+        self.path = run_dir / "metrics.jsonl"
+        if keep_lines is not None and self.path.exists():  # resume: drop lines written after the checkpoint
+            lines = self.path.read_text().splitlines(keepends=True)[:keep_lines]
+            self.path.write_text("".join(lines))
+        elif keep_lines is None and self.path.exists():
+            self.path.unlink()
+        self.lines = sum(1 for _ in self.path.open()) if self.path.exists() else 0
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.lines += 1
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_line(step: int, m: dict) -> str:
+    parts = [f"step {step}", f"reward {m['reward']:.3f}", f"zero_std {m['frac_reward_zero_std']:.2f}",
+             f"len {m['completions/mean_length']:.1f}", f"trunc {m['completions/clipped_ratio']:.2f}",
+             f"H {m['entropy']:.3f}"]
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.4f}")
+    if "apo/manifold_mass" in m:
+        parts.append(f"M-mass {m['apo/manifold_mass']:.3f} outside {m['apo/outside_topk_frac']:.3f}")
+    parts += [f"gnorm {m['grad_norm']:.3f}", f"lr {m['learning_rate']:.2e}", f"{m['timing/step']:.1f}s"]
+    return " | ".join(parts)
+
+
+def loud_warnings(m: dict) -> None:
+    if m["completions/clipped_ratio"] > TRUNCATION_WARN:
+        msg = (f"{100 * m['completions/clipped_ratio']:.0f}% of completions hit rollout.max_new_tokens without EOS: "
+               f"rewards are mostly from truncated text; raise rollout.max_new_tokens")
+        log.warning(msg)
+    if m["frac_reward_zero_std"] > ZERO_STD_WARN:
+        msg = (f"{100 * m['frac_reward_zero_std']:.0f}% of groups have identical rewards: their advantages are 0 "
+               f"and they give no gradient (task too easy/hard, or the reward never fires)")
+        log.warning(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns a summary dict (also written to summary.json)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from apo_llm.rewards import score_completions
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
+        # Dr. GRPO's constant normaliser: the maximum completion length, the same for every micro-batch
+        cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens
+    accelerator = Accelerator(cpu=(cfg.model.device == "cpu"))
+    device = torch.device(cfg.model.device) if cfg.model.device else accelerator.device
+    run_dir = cfg.run_dir
+    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+
+    model_path = resolve_model_path(cfg)
+    base, tokenizer = load_model_and_tokenizer(
+        model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation)
+    lo = cfg.lora
+    targets = lo.target_modules if lo.target_modules == "all-linear" else [t.strip() for t in
+                                                                          lo.target_modules.split(",")]
+    model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
+                      adapter_path=lo.adapter_path)
+    train_problems, eval_problems, reward_name = load_data(cfg)
+    save_resolved(cfg, run_dir, {"model_path": model_path, "reward": reward_name,
+                                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                 "resumed_from": str(resume_from) if resume_from else None})
+
+    P, G = cfg.train.prompts_per_step, cfg.rollout.num_generations
+    updates_per_step = cfg.train.ppo_epochs * (P * G // cfg.train.mini_batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=tuple(cfg.train.adam_betas))
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.train.steps * updates_per_step)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    policy = accelerator.unwrap_model(model)
+
+    sampler = PromptSampler(len(train_problems), cfg.data.seed)
+    state: dict[str, Any] = {"step": 0, "data_position": 0, "metrics_lines": 0, "consecutive_nonfinite": 0,
+                             "nonfinite_total": 0, "eval_history": []}
+    if resume_from is not None:
+        state.update(load_checkpoint(resume_from, policy, optimizer, scheduler))
+        sampler.position = state["data_position"]
+        log.info(f"resumed from {resume_from} at step {state['step']}")
+    mlog = MetricsLog(run_dir, cfg.logging.tensorboard, keep_lines=state["metrics_lines"] if resume_from else None)
+
+    eval_prompts = format_prompts(cfg, tokenizer, [p.prompt for p in eval_problems])
+    do_eval = cfg.eval.every > 0 and bool(eval_problems)
+
+    def run_eval(step: int) -> dict:
+        t0 = time.perf_counter()
+        ev = evaluate_pass_at_k(cfg, policy, tokenizer, eval_problems, eval_prompts, reward_name)
+        ev.update(step=step, **{"timing/eval": time.perf_counter() - t0})
+        mlog.write(ev)
+        state["eval_history"].append(ev)
+        return ev
+
+    if do_eval and state["step"] == 0:
+        ev = run_eval(0)
+        log.info("eval step 0: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
+
+    show = cfg.logging.progress
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc="apo_llm.train", unit="step", disable=not show,
+               dynamic_ncols=True)
+    last_ckpt = latest_checkpoint(run_dir)
+    stop_at = cfg.train.stop_at_step
+    try:
+        while state["step"] < cfg.train.steps:
+            step = state["step"] + 1
+            t_step = time.perf_counter()
+            # 1. rollouts
+            idx = sampler.take(P)
+            problems = [train_problems[i] for i in idx]
+            prompts = format_prompts(cfg, tokenizer, [p.prompt for p in problems])
+            t0 = time.perf_counter()
+            r = cfg.rollout
+            comp = generate_completions(policy, tokenizer, prompts, G, max_new_tokens=r.max_new_tokens,
+                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        batch_size=r.batch_size)
+            t_gen = time.perf_counter() - t0
+            # 2. rewards and advantages
+            t0 = time.perf_counter()
+            golds = [problems[i].gold for i in comp.prompt_index]
+            rewards = torch.tensor(score_completions(reward_name, comp.texts, golds), dtype=torch.float32)
+            adv = group_advantages(rewards, G, cfg.train.advantage, std=cfg.train.adv_std)
+            t_reward = time.perf_counter() - t0
+            # 3. behaviour (old) and reference passes
+            passes, t_old, t_ref = behaviour_and_reference(cfg, policy, comp, device)
+            # 4. policy update
+            t0 = time.perf_counter()
+            upd = update(cfg, model, optimizer, scheduler, accelerator, comp, adv, passes, device)
+            t_upd = time.perf_counter() - t0
+
+            nonfinite = upd["nonfinite/skipped_updates"] > 0
+            state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if nonfinite else 0
+            state["nonfinite_total"] += int(nonfinite)
+            state["step"] = step
+            state["data_position"] = sampler.position
+
+            m = step_metrics(cfg, comp, rewards, passes, upd, optimizer)
+            dt = time.perf_counter() - t_step
+            m.update({"timing/generate": t_gen, "timing/reward": t_reward, "timing/old_logp": t_old,
+                      "timing/reference": t_ref, "timing/update": t_upd, "timing/step": dt,
+                      "tokens_per_second": m["num_tokens"] / dt, "memory/peak_mb": peak_memory_mb(device),
+                      "nonfinite/steps_total": float(state["nonfinite_total"])})
+            mlog.write({"step": step, **m})
+            loud_warnings(m)
+            bar.update(1)
+            if show:
+                tqdm.write(summary_line(step, m))
+            if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{state['consecutive_nonfinite']} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); stopping. "
+                    f"Last good checkpoint: {last_ckpt}")
+            if do_eval and step % cfg.eval.every == 0:
+                ev = run_eval(step)
+                if show:
+                    tqdm.write("  eval: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
+            every = cfg.checkpoint.every
+            end = step == cfg.train.steps or step == stop_at
+            if not nonfinite and ((every and step % every == 0) or end):
+                state["metrics_lines"] = mlog.lines
+                last_ckpt = save_checkpoint(run_dir, step, policy, optimizer, scheduler, state,
+                                            keep_last=cfg.checkpoint.keep_last)
+            if stop_at is not None and step >= stop_at and step < cfg.train.steps:
+                log.info(f"stopping after step {step} (train.stop_at_step); resume with --resume auto")
+                break
+    finally:
+        bar.close()
+        mlog.close()
+
+    finished = state["step"] >= cfg.train.steps
+    summary = {"steps": state["step"], "finished": finished, "run_dir": str(run_dir),
+               "nonfinite_steps": state["nonfinite_total"], "eval": state["eval_history"]}
+    if finished:
+        if do_eval and cfg.train.steps % cfg.eval.every != 0:
+            run_eval(state["step"])
+            summary["eval"] = state["eval_history"]
+        policy.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        if cfg.logging.plots:
+            from apo_llm.plots import plot_run
+
+            summary["plots"] = [str(p) for p in plot_run(run_dir)]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: dict, upd: dict,
+                 optimizer) -> dict[str, float]:
+    """TRL/verl-named metrics of one step."""
+    G = cfg.rollout.num_generations
+    groups = rewards.view(-1, G)  # [P, G]
+    lengths = comp.lengths.float()
+    mask = comp.completion_mask.bool()
+    m = {
+        "reward": float(rewards.mean()),
+        "reward_std": float(groups.std(-1, unbiased=False).mean()),  # TRL: mean within-group std
+        "frac_reward_zero_std": float((groups.std(-1, unbiased=False) == 0).float().mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(comp.truncated.float().mean()),
+        "entropy": float(passes["entropy"][mask].mean()) if mask.any() else 0.0,
+        "num_tokens": float(mask.sum()),
+        "learning_rate": float(optimizer.param_groups[0]["lr"]),
+    }
+    if "ref_logp" in passes and mask.any():
+        # KL(pi_old || pi_ref) on the sampled tokens (k3), whatever the loss: a drift diagnostic
+        m["kl"] = float(kl_estimate("k3", passes["old_logp"], passes["ref_logp"], None)[mask].mean())
+    for k, v in upd.items():
+        if k == "kl":
+            m["kl_loss_term"] = v  # the loss's own KL (current policy, its estimator)
+        elif k != "entropy":
+            m[k] = v
+    return m
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    if summary["eval"]:
+        first, last = summary["eval"][0], summary["eval"][-1]
+        keys = [k for k in first if k.startswith("eval/")]
+        print("held-out " + ", ".join(f"{k}: {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
+              + f" (step {first['step']} -> {last['step']})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
