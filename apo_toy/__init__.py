@@ -1,0 +1,42 @@
+"""apo_toy: a reasoning-tree bandit simulator that reproduces Recursive Space Contraction exactly.
+
+A prompt is a complete b-ary tree of depth D (nodes = token positions, children = tokens, leaves =
+responses with a 0/1 reward); a reference policy per node plays the base model; the policy is a
+tabular logits tensor initialised at the reference. Every method is trained through the project's
+one loss, `apo_llm.objectives.policy_loss`, in two modes: `sampled` (rollouts, group advantages,
+PPO epochs/minibatches) and `exact` (the expected surrogate, no sampling noise; see
+apo_toy/dynamics.py for what exact means).
+
+Python API (what the notebooks use)::
+
+    from apo_toy import build_suite, SuiteSpec, run, RunConfig, METHODS, PRESETS, base_measures, measure
+
+    suite = build_suite(SuiteSpec(n_prompts=32, branching=10, depth=3, top_k=8, seed=0))
+    base_measures(suite)                      # dict: pass@1..pass@256, coverage, distinct@256, ...
+    table = run(SuiteSpec(), ["grpo", "grpo_kl", "apo"], RunConfig(mode="exact", steps=200), seeds=5)
+    table.rows                                # list of dicts, one per (method, seed, step); "base" rows too
+    table.where(method="apo").column("pass@1")
+    table.summary()                           # final mean / std over seeds per method
+    run_preset("rsc", seeds=5)                # a named experiment (PRESETS: squeeze, rsc, tradeoff,
+                                              # recovery, ablation)
+    get_method("apo", apo_beta=0.3)           # a variant of a named method (METHODS)
+
+Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final logits),
+`exact_update` / `sampled_update` / `exact_loss` / `sampled_loss` (apo_toy.dynamics), `npg_update`
+(natural-PG yardstick, not a loss). CLI: `python -m apo_toy.run --preset rsc --out runs/rsc`.
+
+Importing apo_toy never imports transformers, peft or datasets.
+"""
+
+from .dynamics import exact_batch, exact_loss, exact_update, npg_update, sample_rollouts, sampled_loss, sampled_update
+from .measures import PASS_KS, base_measures, measure, per_prompt_success
+from .methods import METHODS, Method, get_method
+from .presets import PRESETS, Preset, RunConfig, Table, collapse, get_preset, run, run_preset, train_method
+from .tree import BRANCH_NAMES, Suite, SuiteSpec, build_suite
+
+__all__ = [
+    "BRANCH_NAMES", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset", "RunConfig", "Suite", "SuiteSpec",
+    "Table", "base_measures", "build_suite", "collapse", "exact_batch", "exact_loss", "exact_update",
+    "get_method", "get_preset", "measure", "npg_update", "per_prompt_success", "run", "run_preset",
+    "sample_rollouts", "sampled_loss", "sampled_update", "train_method",
+]

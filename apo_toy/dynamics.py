@@ -1,0 +1,288 @@
+"""Sampled and exact updates of tabular tree policies, both through `policy_loss`.
+
+Both modes build token tensors and call `apo_llm.objectives.policy_loss`, the function the LLM
+trainer uses: clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation
+behave here exactly as there.
+
+Sampled mode (`sampled_update`): ancestral sampling of G responses per prompt from pi_old, rewards,
+`group_advantages`, token tensors [B = P*G, T = D] (logp of each chosen child, old logp, ref logp,
+anchors = log pi_theta at the reference Top-K children of each visited node [B, D, K]), then
+`epochs` passes of `minibatches` optimizer steps each, as PPO does.
+
+Exact mode (`exact_update`): the expected surrogate, with no sampling noise. For binary rewards
+and the GRPO-family estimators the sign of A_i is fixed by r_i (A >= 0 if correct, <= 0 if wrong)
+and every per-token loss is linear in A within a sign, so
+
+    E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) sum_t loss_t(theta; leaf, c_{r(leaf)}(p, G)) / N
+
+with c_r(p, G) = E[A | r] (`expected_group_advantage`, theory.md section 4). This identity holds
+for every theta (not only at theta_old), clipping included, because the loss at depth t depends on
+the leaf only through the edge (node s_t, child a_t) and the advantage. We therefore group leaves
+by edge: one "sequence" of length T = 1 per (edge, reward class) with weight
+
+    W_r(s, a) = d_old(s) pi_old(a|s) P_old(r | s, a)       (P_old(1 | s, a) = Q_old(s, a))
+
+so the cost is linear in the number of nodes (b * N edges, not D * b^D leaf tokens). The
+normaliser that makes this equal the sampled token-mean is N = P * D (each prompt's edge weights
+sum to 1 per depth): `global_tokens = P * D` (token-mean), `global_seqs = P * D`
+(seq-mean-token-mean; seq-mean-token-sum-norm with the default length), `global_seqs = P` with
+an explicit `loss_norm_len` L (the sampled loss divides by G * L per prompt).
+KL-on-Wrong puts its KL only on A < 0 tokens, and a wrong response in a group without any
+success has A = 0: for that scope the wrong class is split into A < 0 (probability
+q_0 = P(A != 0 | r = 0), advantage c_0 / q_0) and A = 0, which keeps the identity exact.
+
+What "exact" means with several epochs: each epoch is one full-batch step on the expected
+surrogate with theta_old fixed (so PPO clipping acts as in the sampled loss). That is the
+deterministic counterpart of sampled PPO epochs, not the expectation of the sampled parameter
+trajectory (which is nonlinear in the samples). With epochs = 1 the update is exactly the
+expected first update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from apo_llm.objectives import POLICY_TERMS, LossConfig, expected_group_advantage, group_advantages, policy_loss
+
+from .tree import Suite, path_to_leaf, reach_and_leaf_logp, success_q
+
+
+# --------------------------------------------------------------------------------------------
+# Node-level quantities used by the full-distribution terms (exact KL, entropy)
+# --------------------------------------------------------------------------------------------
+
+
+def node_kl_full(logpi: Tensor, ref_logpi: Tensor) -> Tensor:
+    """KL(pi || pi_ref) per node: sum_a pi (log pi - log pi_ref). [P, N, b] -> [P, N]."""
+    return (logpi.exp() * (logpi - ref_logpi)).sum(-1)
+
+
+def node_entropy(logpi: Tensor) -> Tensor:
+    """H(pi) = -sum_a pi log pi per node. [P, N, b] -> [P, N]."""
+    return -(logpi.exp() * logpi).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact mode
+# --------------------------------------------------------------------------------------------
+
+
+def _check_sign_structure(group_size: int, adv_kwargs: dict) -> tuple[Tensor, Tensor]:
+    """A(r; m) for r in {0, 1}, m successes among the G-1 others: [2, G] via `group_advantages`.
+
+    Exact mode needs A(0; m) <= 0 <= A(1; m) for all m (loss linear in A within a sign).
+    """
+    G = group_size
+    groups = [[r] + [1.0] * m + [0.0] * (G - 1 - m) for r in (0.0, 1.0) for m in range(G)]
+    a = group_advantages(torch.tensor(groups, dtype=torch.float64).reshape(-1), G, **adv_kwargs)
+    a = a.view(2, G, G)[:, :, 0]
+    if (a[0] > 1e-12).any() or (a[1] < -1e-12).any():
+        raise ValueError(f"adv: estimator {adv_kwargs} gives a wrong response A > 0 or a correct one A < 0; "
+                         "exact mode needs the sign of A fixed by the reward (use sampled mode)")
+    return a[0], a[1]
+
+
+def _nonzero_prob(p: Tensor, a_r: Tensor) -> Tensor:
+    """q_r = P(A != 0 | r) = sum_m Binom(m; G-1, p) 1[A(r; m) != 0]. p [P], a_r [G] -> [P]."""
+    G = a_r.numel()
+    m = torch.arange(G, dtype=p.dtype)
+    comb = torch.tensor([math.comb(G - 1, k) for k in range(G)], dtype=p.dtype)
+    pmf = comb * p[:, None] ** m * (1 - p[:, None]) ** (G - 1 - m)  # [P, G]; 0**0 = 1
+    return (pmf * (a_r != 0)).sum(-1)
+
+
+@torch.no_grad()
+def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: int, adv_kwargs: dict) -> dict:
+    """Everything of the exact surrogate that depends on theta_old only.
+
+    Returns classes x edges tensors: weights [C, P, N, b], advantages [C, P] and the normaliser.
+    """
+    logpi_old = torch.log_softmax(logits_old.detach(), -1)  # [P, N, b]
+    pi_old = logpi_old.exp()
+    log_reach, _ = reach_and_leaf_logp(logpi_old, suite.depth)
+    q, v = success_q(pi_old, suite.rewards, suite.depth)  # Q_old(s, a), V_old(s)
+    p = v[:, 0]  # [P] success probability of each prompt
+    a0, a1 = _check_sign_structure(group_size, adv_kwargs)
+    c0, c1 = expected_group_advantage(p, group_size, **adv_kwargs)  # E[A | r] per prompt
+    w = log_reach.exp()[..., None] * pi_old  # [P, N, b] d_old(s) pi_old(a|s): sums to 1 per depth
+    w1, w0 = w * q, w * (1.0 - q)  # mass of correct / wrong leaves below each edge
+    split = cfg.kl_coef > 0 and POLICY_TERMS[cfg.name].kl_scope == "negative"
+    if split:  # wrong (A < 0), correct (A > 0), and the A = 0 responses of zero-variance groups
+        q0, q1 = _nonzero_prob(p, a0), _nonzero_prob(p, a1)
+        safe = lambda c, qq: torch.where(qq > 0, c / qq.clamp(min=1e-300), torch.zeros_like(c))  # noqa: E731
+        qb0, qb1 = q0[:, None, None], q1[:, None, None]
+        weights = torch.stack([w0 * qb0, w1 * qb1, w0 * (1 - qb0) + w1 * (1 - qb1)])
+        adv = torch.stack([safe(c0, q0), safe(c1, q1), torch.zeros_like(c0)])
+    else:
+        weights = torch.stack([w0, w1])
+        adv = torch.stack([c0, c1])
+    P, N, b = logits_old.shape
+    D = suite.depth
+    if cfg.loss_agg == "token-mean":
+        norm = {"global_tokens": float(P * D)}
+    elif cfg.loss_agg == "seq-mean-token-mean" or cfg.loss_norm_len is None:
+        norm = {"global_seqs": float(P * D)}
+    else:  # seq-mean-token-sum-norm with an explicit length L: sampled divides by P G L
+        norm = {"global_seqs": float(P)}
+    return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1}
+
+
+def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges."""
+    logpi = torch.log_softmax(logits, -1)  # [P, N, b]
+    C = batch["weights"].shape[0]
+    P, N, b = logpi.shape
+    E = P * N * b
+
+    def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [C * E, 1], class-major
+        return x.reshape(1, E).expand(C, E).reshape(C * E, 1)
+
+    def per_node(x: Tensor) -> Tensor:  # [P, N] -> [C * E, 1]
+        return per_edge(x[..., None].expand(P, N, b))
+
+    kw = {}
+    if cfg.needs_ref_logp:
+        kw["ref_logp"] = per_edge(suite.ref_logpi)
+    if cfg.needs_kl_full:
+        kw["kl_full"] = per_node(node_kl_full(logpi, suite.ref_logpi))
+    if cfg.needs_entropy:
+        kw["entropy"] = per_node(node_entropy(logpi))
+    if cfg.needs_anchors:
+        topk = suite.topk(cfg.apo_k)  # [P, N, K]
+        K = topk.shape[-1]
+
+        def anchors(x: Tensor) -> Tensor:  # [P, N, K] -> [C * E, 1, K], same for every child of a node
+            return x[None, :, :, None, :].expand(C, P, N, b, K).reshape(C * E, 1, K)
+
+        kw["anchor_logp"] = anchors(logpi.gather(-1, topk))
+        kw["anchor_ref_logp"] = anchors(suite.ref_logpi.gather(-1, topk))
+        sampled = topk[:, :, None, :] == torch.arange(b)[None, None, :, None]  # [P, N, b, K] child a is anchor k
+        kw["anchor_is_sampled"] = sampled[None].expand(C, P, N, b, K).reshape(C * E, 1, K)
+    adv = batch["adv"][:, :, None, None].expand(C, P, N, b).reshape(C * E)
+    weights = batch["weights"].reshape(C * E)
+    mask = torch.ones(C * E, 1, dtype=torch.bool)
+    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weights,
+                       **kw, **batch["norm"])
+
+
+def exact_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
+                 adv_kwargs: dict, epochs: int = 1) -> dict:
+    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate."""
+    batch = exact_batch(suite, cfg, logits, group_size, adv_kwargs)
+    metrics: dict = {}
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        loss, metrics = exact_loss(suite, cfg, logits, batch)
+        loss.backward()
+        opt.step()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled mode
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_rollouts(suite: Suite, logits: Tensor, group_size: int, generator: torch.Generator) -> dict:
+    """G ancestral samples per prompt from softmax(logits): consecutive blocks of G per prompt.
+
+    Returns prompt [B], nodes [B, D] (visited internal nodes), actions [B, D], leaf [B], reward [B].
+    """
+    P, N, b = logits.shape
+    pi_flat = torch.softmax(logits.detach(), -1).reshape(P * N, b)
+    prompt = torch.arange(P).repeat_interleave(group_size)  # [B]
+    node = torch.zeros_like(prompt)
+    nodes, actions = [], []
+    for _ in range(suite.depth):
+        a = torch.multinomial(pi_flat[prompt * N + node], 1, generator=generator)[:, 0]
+        nodes.append(node)
+        actions.append(a)
+        node = node * b + 1 + a
+    leaf = node - N
+    return {"prompt": prompt, "nodes": torch.stack(nodes, 1), "actions": torch.stack(actions, 1),
+            "leaf": leaf, "reward": suite.rewards[prompt, leaf]}
+
+
+def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
+    """The rollout dict of given (prompt, leaf) pairs (for enumeration tests)."""
+    nodes, actions = path_to_leaf(leaf, suite.branching, suite.depth)
+    return {"prompt": prompt, "nodes": nodes, "actions": actions, "leaf": leaf,
+            "reward": suite.rewards[prompt, leaf]}
+
+
+def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
+                 idx: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
+    """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given)."""
+    P, N, b = logits.shape
+    if idx is None:
+        idx = torch.arange(roll["prompt"].numel())
+    flat = roll["prompt"][idx, None] * N + roll["nodes"][idx]  # [B, D] global node id
+    act = roll["actions"][idx]  # [B, D]
+    logpi = torch.log_softmax(logits, -1).reshape(P * N, b)
+    ref = suite.ref_logpi.reshape(P * N, b)
+    kw = {}
+    if cfg.needs_ref_logp:
+        kw["ref_logp"] = ref[flat, act]
+    if cfg.needs_kl_full:
+        kw["kl_full"] = node_kl_full(logpi[flat], ref[flat])
+    if cfg.needs_entropy:
+        kw["entropy"] = node_entropy(logpi[flat])
+    if cfg.needs_anchors:
+        topk = suite.topk(cfg.apo_k).reshape(P * N, -1)[flat]  # [B, D, K] reference Top-K of each visited node
+        kw["anchor_logp"] = logpi[flat[..., None], topk]
+        kw["anchor_ref_logp"] = ref[flat[..., None], topk]
+        kw["anchor_is_sampled"] = topk == act[..., None]
+    mask = torch.ones_like(act, dtype=torch.bool)
+    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm)
+
+
+def sampled_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
+                   adv_kwargs: dict, generator: torch.Generator, epochs: int = 1, minibatches: int = 1) -> dict:
+    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches."""
+    roll = sample_rollouts(suite, logits, group_size, generator)
+    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
+    P, N, b = logits.shape
+    with torch.no_grad():
+        old = torch.log_softmax(logits, -1).reshape(P * N, b)
+        old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]  # [B, D]
+    B = adv.numel()
+    sums: dict = {}
+    n = 0
+    for _ in range(epochs):
+        perm = torch.randperm(B, generator=generator)
+        for idx in perm.chunk(minibatches):
+            opt.zero_grad(set_to_none=True)
+            loss, m = sampled_loss(suite, cfg, logits, roll, old_logp, adv, idx)
+            loss.backward()
+            opt.step()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    out = {k: v / n for k, v in sums.items()}
+    r = roll["reward"].view(P, group_size)
+    out["zero_var_frac"] = float((r.std(-1) == 0).double().mean())
+    out["reward"] = float(r.mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Natural policy gradient yardstick (not a loss of the project)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def npg_update(suite: Suite, logits: Tensor, lr: float) -> dict:
+    """YARDSTICK: tabular natural policy gradient, dz_{s,a} = lr (Q(s,a) - V(s)).
+
+    The exact policy gradient is d(s) pi(a|s) (Q - V) (theory.md section 5); the Fisher
+    preconditioner removes the reach d(s) and the pi(a|s) factor, so rare branches learn as fast
+    as common ones. Computed directly from the tree, not through policy_loss.
+    """
+    q, v = success_q(torch.softmax(logits, -1), suite.rewards, suite.depth)
+    logits += lr * (q - v[..., None])
+    return {}

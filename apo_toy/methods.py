@@ -1,0 +1,95 @@
+"""Named training methods: a LossConfig + an advantage estimator + optimizer settings.
+
+Every method except `npg` is trained through `apo_llm.objectives.policy_loss`, the function the
+LLM trainer uses. `npg` (natural policy gradient, dz_{s,a} = lr (Q(s,a) - V(s))) is a
+NON-TRAINABLE YARDSTICK computed directly from the tree; it is not a loss of the project.
+
+Build variants for sweeps with `get_method("grpo_kl", kl_coef=0.1)` or `method.variant(...)`:
+LossConfig fields go to the loss, `lr` / `optimizer` to the optimizer, the rest is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from apo_llm.objectives import LossConfig
+
+OPTIMIZERS = ("sgd", "adam")
+_LOSS_FIELDS = {f.name for f in dataclasses.fields(LossConfig)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm of an experiment."""
+
+    name: str = field(metadata={"help": "label used in tables and figures"})
+    loss: dict = field(default_factory=dict, metadata={"help": "LossConfig fields"})
+    adv: dict = field(default_factory=lambda: {"estimator": "grpo"}, metadata={"help": "group_advantages kwargs"})
+    lr: Optional[float] = field(default=None, metadata={"help": "learning rate; None = the run's lr"})
+    optimizer: Optional[str] = field(default=None, metadata={"help": "sgd | adam; None = the run's optimizer"})
+    yardstick: bool = field(default=False, metadata={"help": "True: natural PG, computed directly (not a loss)"})
+    help: str = ""
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(**self.loss)
+
+    def variant(self, name: Optional[str] = None, **kw) -> "Method":
+        """A copy with LossConfig fields / advantage kwargs / lr / optimizer overridden."""
+        loss, adv, top = dict(self.loss), dict(self.adv), {}
+        for key, value in kw.items():
+            if key in ("lr", "optimizer"):
+                top[key] = value
+            elif key in _LOSS_FIELDS:
+                loss[key] = value
+            elif key in ("estimator", "std", "lambda_pos", "k", "eps"):
+                adv[key] = value
+            else:
+                raise ValueError(f"method {self.name!r}: unknown setting {key!r}")
+        label = name or self.name + "".join(f"[{k}={v}]" for k, v in kw.items())
+        m = dataclasses.replace(self, name=label, loss=loss, adv=adv, **top)
+        if not m.yardstick:
+            m.loss_config()  # validate now, errors name the field
+        if m.optimizer is not None and m.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: {m.optimizer!r} not in {OPTIMIZERS}")
+        return m
+
+
+KL_COEF = 0.05  # default KL strength of the KL baselines (tradeoff preset sweeps it)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("grpo", {"name": "grpo"}, help="GRPO: PPO clip 0.2, group-normalised advantages"),
+        Method("dr_grpo", {"name": "grpo", "loss_agg": "seq-mean-token-sum-norm"}, {"estimator": "dr_grpo"},
+               help="Dr. GRPO: r - mean, constant normaliser"),
+        Method("dapo", {"name": "dapo"}, help="DAPO clip-higher (0.2/0.28), token-mean; no dynamic sampling"),
+        Method("w_reinforce", {"name": "grpo"}, {"estimator": "w_reinforce", "lambda_pos": 0.1},
+               help="W-REINFORCE: +0.1 on correct, -1 on wrong"),
+        Method("grpo_kl", {"name": "grpo_kl", "kl_coef": KL_COEF, "kl_estimator": "k3"},
+               help="GRPO + k3 KL in the loss (in expectation a forward-KL pull)"),
+        Method("grpo_kl_full", {"name": "grpo_kl", "kl_coef": KL_COEF, "kl_estimator": "full"},
+               help="GRPO + exact reverse KL(pi || pi_ref) per visited node"),
+        Method("kl_on_wrong", {"name": "kl_on_wrong", "kl_coef": KL_COEF, "kl_estimator": "k3"},
+               help="GRPO + k3 KL only on negative-advantage tokens"),
+        Method("apo", {"name": "apo", "apo_clip": "rectified"},
+               help="APO, rectified ratio lambda w - beta r_anchor clipped as a whole"),
+        Method("apo_push_only", {"name": "apo", "apo_clip": "push_only"},
+               help="APO, clip the push only, pull unclipped"),
+        Method("apo_inclusive", {"name": "apo", "apo_anchoring": "inclusive"},
+               help="APO with S = TopK (sampled token kept in the anchor set): ablation"),
+        Method("entropy", {"name": "grpo", "ent_coef": 0.01}, help="GRPO + entropy bonus 0.01"),
+        Method("npg", {}, {"estimator": "grpo"}, yardstick=True,
+               help="natural PG yardstick dz = lr (Q - V); not a loss, not trainable at LLM scale"),
+    ]
+}
+
+
+def get_method(spec: Union[str, Method], **overrides) -> Method:
+    """Method by name (ValueError naming it if unknown), optionally with overrides."""
+    if isinstance(spec, Method):
+        return spec.variant(**overrides) if overrides else spec
+    if spec not in METHODS:
+        raise ValueError(f"method: unknown {spec!r}; choose from {sorted(METHODS)}")
+    return METHODS[spec].variant(**overrides) if overrides else METHODS[spec]

@@ -1,0 +1,273 @@
+"""Named experiments and the runner that turns (suite, methods, settings) into a tidy table.
+
+Seeds: seed i builds the suite with `SuiteSpec.seed = spec.seed + i` (a different random suite
+per seed) and, in sampled mode, also seeds the rollout sampler with i. Exact runs are otherwise
+deterministic, so their spread over seeds is the spread over suites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .dynamics import exact_update, npg_update, sampled_update
+from .measures import DEFAULT_BUDGET, base_measures, measure
+from .methods import OPTIMIZERS, Method, get_method
+from .tree import Suite, SuiteSpec, build_suite
+
+MODES = ("exact", "sampled")
+SUMMARY_KEYS = ("pass@1", "pass@4", "pass@16", "pass@64", "pass@256", "coverage", "distinct@256", "rsc_lost",
+                "entropy", "manifold_mass", "branch_dominant", "branch_secondary", "branch_rare_in", "branch_rare_out")
+
+
+@dataclass
+class RunConfig:
+    """Training settings shared by all methods of a run (a method may override lr / optimizer)."""
+
+    mode: str = field(default="exact", metadata={"help": "exact (expected update) | sampled (rollouts)"})
+    steps: int = field(default=200, metadata={"help": "RL steps (one rollout batch each)"})
+    lr: float = field(default=30.0, metadata={"help": "learning rate on the logits"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam (torch.optim on the logits tensor)"})
+    group_size: int = field(default=8, metadata={"help": "G responses per prompt"})
+    epochs: int = field(default=1, metadata={"help": "PPO epochs per step (exact: full-batch steps on the expected surrogate)"})
+    minibatches: int = field(default=1, metadata={"help": "minibatches per epoch (sampled mode)"})
+    npg_lr: float = field(default=0.05, metadata={"help": "step size of the natural-PG yardstick"})
+    budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "coverage threshold tau = 1/budget"})
+    eval_every: int = field(default=1, metadata={"help": "measure every n steps (and the last)"})
+    init_steps: int = field(default=0, metadata={"help": "collapse phase: GRPO steps before the methods start (recovery)"})
+    init_lr: float = field(default=0.0, metadata={"help": "lr of the collapse phase (0: the run's lr)"})
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"RunConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.mode not in MODES:
+            bad("mode", f"choose from {MODES}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"choose from {OPTIMIZERS}")
+        for name in ("steps", "group_size", "epochs", "minibatches", "budget", "eval_every", "init_steps"):
+            v = getattr(self, name)
+            lo = 0 if name in ("steps", "init_steps") else (2 if name == "group_size" else 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(name, f"must be an integer >= {lo}")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+
+
+class Table:
+    """A pandas-free tidy table: a list of dict rows with a few helpers."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __repr__(self) -> str:
+        return f"Table({len(self.rows)} rows, columns={self.columns()[:8]}...)"
+
+    def columns(self) -> list[str]:
+        cols: dict = {}
+        for r in self.rows:
+            cols.update(dict.fromkeys(r))
+        return list(cols)
+
+    def where(self, **eq) -> "Table":
+        """Rows whose columns equal the given values."""
+        return Table(r for r in self.rows if all(r.get(k) == v for k, v in eq.items()))
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([r.get(key, np.nan) for r in self.rows], dtype=float)
+
+    def unique(self, key: str) -> list:
+        return list(dict.fromkeys(r[key] for r in self.rows if key in r))
+
+    def final(self) -> "Table":
+        """The last step of every (method, seed)."""
+        last: dict = {}
+        for r in self.rows:
+            k = (r.get("method"), r.get("seed"))
+            if k not in last or r["step"] >= last[k]["step"]:
+                last[k] = r
+        return Table(last.values())
+
+    def summary(self, keys: Sequence[str] = SUMMARY_KEYS, by: str = "method") -> list[dict]:
+        """Mean and std over seeds of the final values, one dict per `by` value (table order)."""
+        fin = self.final()
+        out = []
+        for value in fin.unique(by):
+            sub = fin.where(**{by: value})
+            row = {by: value, "n_seeds": len(sub)}
+            for k in keys:
+                col = sub.column(k)
+                if np.isfinite(col).any():
+                    row[k] = float(np.nanmean(col))
+                    row[k + "_std"] = float(np.nanstd(col))
+            out.append(row)
+        return out
+
+
+def _optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+
+
+def train_method(suite: Suite, method: Method, cfg: RunConfig, seed: int = 0,
+                 init_logits: Optional[torch.Tensor] = None,
+                 on_step: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], torch.Tensor]:
+    """Train one method on one suite from init_logits (default: the reference). Rows per measured step."""
+    cfg.validate()
+    logits = (suite.ref_logits if init_logits is None else init_logits).detach().clone().requires_grad_(True)
+    lr = method.lr if method.lr is not None else cfg.lr
+    opt = None if method.yardstick else _optimizer(method.optimizer or cfg.optimizer, [logits], lr)
+    loss_cfg = None if method.yardstick else method.loss_config()
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    rows = []
+
+    def record(step: int, train: dict) -> None:
+        row = {"method": method.name, "seed": seed, "step": step, "mode": cfg.mode}
+        row.update(measure(suite, logits, cfg.budget))
+        row.update({k: v for k, v in train.items()})
+        rows.append(row)
+        if on_step:
+            on_step(row)
+
+    record(0, {})
+    for step in range(1, cfg.steps + 1):
+        if method.yardstick:
+            train = npg_update(suite, logits, method.lr if method.lr is not None else cfg.npg_lr)
+        elif cfg.mode == "exact":
+            train = exact_update(suite, loss_cfg, logits, opt, cfg.group_size, method.adv, cfg.epochs)
+        else:
+            train = sampled_update(suite, loss_cfg, logits, opt, cfg.group_size, method.adv, gen,
+                                   cfg.epochs, cfg.minibatches)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record(step, train)
+    return rows, logits.detach()
+
+
+def collapse(suite: Suite, cfg: RunConfig, seed: int = 0) -> torch.Tensor:
+    """Logits after `cfg.init_steps` GRPO steps from the reference (start of the recovery preset)."""
+    c = dataclasses.replace(cfg, steps=cfg.init_steps, eval_every=max(cfg.init_steps, 1),
+                            lr=cfg.init_lr or cfg.lr, init_steps=0)
+    _, logits = train_method(suite, get_method("grpo"), c, seed)
+    return logits
+
+
+def run(spec: Union[SuiteSpec, Suite, None] = None, methods: Sequence[Union[str, Method]] = ("grpo", "apo"),
+        cfg: Optional[RunConfig] = None, seeds: int = 1, preset: str = "custom", progress: bool = False,
+        **cfg_overrides) -> Table:
+    """Run methods x seeds; returns a Table with one row per measured step, method and seed.
+
+    The base policy appears as method "base" at step 0 of every seed. A `Suite` is used as is
+    for every seed (only the sampler changes); a `SuiteSpec` is re-seeded per seed.
+    """
+    cfg = dataclasses.replace(cfg or RunConfig(), **cfg_overrides)
+    cfg.validate()
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: must be an integer >= 1, got {seeds!r}")
+    meths = [get_method(m) for m in methods]
+    if not meths:
+        raise ValueError("methods: need at least one method")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=seeds * len(meths) * cfg.steps, desc=f"apo_toy {preset}", unit="step")
+    rows = []
+    for seed in range(seeds):
+        if isinstance(spec, Suite):
+            suite = spec
+        else:
+            base_spec = spec or SuiteSpec()
+            suite = build_suite(dataclasses.replace(base_spec, seed=base_spec.seed + seed))
+        base = {"preset": preset, "method": "base", "seed": seed, "step": 0, "mode": cfg.mode}
+        base.update(base_measures(suite, cfg.budget))
+        rows.append(base)
+        init = collapse(suite, cfg, seed) if cfg.init_steps > 0 else None
+        for m in meths:
+            t0 = time.perf_counter()
+            on_step = (lambda row: bar.update(cfg.eval_every if row["step"] % cfg.eval_every == 0 else
+                                              cfg.steps % cfg.eval_every) if row["step"] else None) if bar else None
+            r, _ = train_method(suite, m, cfg, seed, init, on_step)
+            for row in r:
+                row["preset"] = preset
+            r[-1]["wall_s"] = time.perf_counter() - t0
+            rows.extend(r)
+    if bar:
+        bar.close()
+    return Table(rows)
+
+
+@dataclass
+class Preset:
+    """A named experiment: suite, methods and run settings."""
+
+    name: str
+    description: str
+    spec: SuiteSpec
+    methods: tuple
+    cfg: RunConfig
+    seeds: int = 1
+
+
+def _kl_sweep() -> tuple:
+    ms = [get_method("grpo")]
+    for c in (0.01, 0.05, 0.2, 0.5):
+        ms.append(get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c))
+        ms.append(get_method("grpo_kl_full", name=f"grpo_kl_full@{c}", kl_coef=c))
+    for beta in (0.05, 0.1, 0.3, 1.0):
+        ms.append(get_method("apo", name=f"apo@beta={beta}", apo_beta=beta))
+    return tuple(ms)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("squeeze", "one decision node, b=16: negative squeezing / positive sharpening (theory.md 2-3)",
+               SuiteSpec(n_prompts=16, branching=16, depth=1, n_extra_correct=0),
+               ("grpo", "w_reinforce", "apo", "npg"), RunConfig(steps=150)),
+        Preset("rsc", "GRPO vs KL variants vs APO on a 32-prompt suite (b=10, D=3, K=8): recursive space contraction",
+               SuiteSpec(), ("grpo", "dr_grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "entropy", "apo",
+                             "apo_push_only", "npg"), RunConfig(steps=200)),
+        Preset("tradeoff", "Pass@1 vs Pass@256 frontier: kl_coef sweep of k3 / full KL, beta sweep of APO",
+               SuiteSpec(), _kl_sweep(), RunConfig(steps=200)),
+        Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO",
+               SuiteSpec(), ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only", "npg"),
+               RunConfig(steps=200, init_steps=100)),
+        Preset("ablation", "APO clip placement, exclusive vs inclusive anchoring, K; 4 PPO epochs per step",
+               SuiteSpec(), (get_method("grpo"), get_method("apo"), get_method("apo_push_only"),
+                             get_method("apo_inclusive"), get_method("apo", name="apo@K=2", apo_k=2),
+                             get_method("apo", name="apo@K=4", apo_k=4)),
+               RunConfig(steps=200, epochs=4)),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def run_preset(name: str, mode: Optional[str] = None, methods: Optional[Sequence[str]] = None,
+               seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False) -> Table:
+    """Run a named preset with optional overrides (what the CLI calls)."""
+    p = get_preset(name)
+    cfg = dataclasses.replace(p.cfg, **({"mode": mode} if mode else {}), **({"steps": steps} if steps is not None else {}))
+    meths = p.methods if not methods else [_lookup(p, m) for m in methods]
+    return run(p.spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
+
+
+def _lookup(p: Preset, name: str) -> Method:
+    for m in p.methods:
+        if (m.name if isinstance(m, Method) else m) == name:
+            return get_method(m)
+    return get_method(name)
