@@ -268,6 +268,7 @@ def test_apo_with_lambda_one_beta_zero_is_grpo(seed, B, T, K, apo_clip, anchorin
 @QUICK
 @example(seed=1, B=1, T=1, K=1, apo_clip="push_only", lam=0.75, beta=0.0, el=0.5, eh=0.5, clip_c=1.5)
 @example(seed=3, B=3, T=4, K=2, apo_clip="push_only", lam=1.9, beta=0.2, el=0.05, eh=0.3, clip_c=1.2)
+@example(seed=0, B=1, T=1, K=1, apo_clip="push_only", lam=2.0, beta=0.0, el=0.125, eh=0.5, clip_c=1.5)
 @given(seed=st.integers(0, 2**31), B=st.integers(1, 4), T=st.integers(1, 5), K=st.integers(1, 4),
        apo_clip=st.sampled_from(["rectified", "push_only"]), lam=st.floats(0.5, 2.0), beta=st.floats(0.0, 0.6),
        el=st.floats(0.05, 0.5), eh=st.floats(0.05, 0.5), clip_c=st.one_of(st.none(), st.floats(1.05, 3.0)))
@@ -313,9 +314,10 @@ def test_apo_clipping_piecewise(seed, B, T, K, apo_clip, lam, beta, el, eh, clip
             else:
                 lp, dlp = piecewise_grpo(wi, A, el, eh, None)
                 push, dpush = lam * lp, lam * dlp
-                is_dual = clip_c is not None and push > -A * clip_c and dlp != 0.0  # not already low-flat
-                if is_dual:
+                capped = clip_c is not None and push > -A * clip_c
+                if capped:
                     push, dpush = -A * clip_c, 0.0
+                is_dual = capped and dlp != 0.0  # counted as dual only if not already flat (low)
                 li, dw, dra = push + A * beta * rai, dpush, A * beta
                 flat = dpush == 0.0
             if A < 0:
