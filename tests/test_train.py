@@ -1,0 +1,216 @@
+"""The training loop: resume equivalence, NaN guard, run directory contents, reference passes.
+
+These use a tiny random character-level Llama and a deterministic stand-in reward (so groups have
+reward variance and the adapter really moves); the reward-rises test on the SFT tiny model is in
+tests/test_train_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+import torch
+
+import apo_llm.rewards
+import apo_llm.train as train_mod
+from apo_llm.checkpoint import latest_checkpoint, load_checkpoint
+from apo_llm.config import load_config
+from apo_llm.modeling import load_model_and_tokenizer, wrap_lora
+from tests.test_modeling import build_char_llama
+
+torch.set_num_threads(1)  # see tests/test_modeling.py
+
+VOLATILE = ("timing/", "tokens_per_second", "memory/")  # wall-clock measurements differ between runs
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory):
+    return build_char_llama(tmp_path_factory.mktemp("char_llama_train"), seed=6)
+
+
+@pytest.fixture(autouse=True)
+def parity_reward(monkeypatch):
+    """Reward = parity of a checksum of the text: varied rewards, no dependence on model quality."""
+    def score(name, completions, golds, **kw):
+        return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+    monkeypatch.setattr(apo_llm.rewards, "score_completions", score)
+
+
+def _cfg(char_dir, out, *extra):
+    return load_config([
+        "--model.name_or_path", str(char_dir), "--data.limit", "40", "--train.prompts_per_step", "2",
+        "--rollout.num_generations", "4", "--rollout.max_new_tokens", "6", "--train.mini_batch_size", "4",
+        "--train.micro_batch_size", "2", "--train.ppo_epochs", "2", "--train.lr", "5e-2", "--train.warmup_steps", "1",
+        "--train.scheduler", "linear", "--eval.every", "2", "--eval.num_problems", "2", "--eval.num_samples", "2",
+        "--eval.k", "1,2", "--logging.output_dir", str(out), "--logging.progress", "false",
+        "--logging.plots", "false", "--lora.dropout", "0.1", *extra])
+
+
+def _metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.mark.parametrize("loss", ["apo", "grpo_kl"])
+def test_resume_gives_identical_metrics(char_dir, tmp_path, loss):
+    """4 steps straight == 2 steps, exit, resume for 2 more (rollouts regenerated after resume)."""
+    extra = ["--loss.name", loss] + (["--loss.kl_coef", "0.1"] if loss == "grpo_kl" else [])
+    straight = _cfg(char_dir, tmp_path, "--train.steps", "4", "--checkpoint.every", "2",
+                    "--logging.run_name", "straight", *extra)
+    train_mod.train(straight)
+    first = _cfg(char_dir, tmp_path, "--train.steps", "4", "--checkpoint.every", "2", "--train.stop_at_step", "2",
+                 "--logging.run_name", "resumed", *extra)
+    s1 = train_mod.train(first)
+    assert s1["steps"] == 2 and not s1["finished"]
+    again = _cfg(char_dir, tmp_path, "--train.steps", "4", "--checkpoint.every", "2", "--resume", "auto",
+                 "--logging.run_name", "resumed", *extra)
+    s2 = train_mod.train(again)
+    assert s2["steps"] == 4 and s2["finished"]
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert len(a) == len(b) == 4 + 3  # 4 steps + evals at steps 0, 2, 4
+    assert a == b
+    # the adapter moved (the test would be vacuous with zero gradients)
+    steps = [r for r in a if "reward" in r]
+    assert all(r["optimizer_steps"] == 4 for r in steps) and all(r["grad_norm"] > 0 for r in steps)
+    assert any(r["frac_reward_zero_std"] < 1 for r in steps)
+    base, _ = load_model_and_tokenizer(str(char_dir))
+    m1 = wrap_lora(base, r=16, alpha=32)
+    load_checkpoint(latest_checkpoint(tmp_path / "straight"), m1, restore_rng=False)
+    w1 = {n: p.detach().clone() for n, p in m1.named_parameters() if "lora_" in n}
+    load_checkpoint(latest_checkpoint(tmp_path / "resumed"), m1, restore_rng=False)
+    assert all(torch.equal(w1[n], p) for n, p in m1.named_parameters() if "lora_" in n)
+    assert any(p.abs().max() > 0 for n, p in w1.items() if "lora_B" in n)
+
+
+def test_run_directory_and_metric_names(char_dir, tmp_path):
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "2", "--logging.run_name", "r", "--logging.plots", "true",
+               "--logging.tensorboard", "true")
+    summary = train_mod.train(cfg)
+    run = tmp_path / "r"
+    for f in ("config.yaml", "run_info.json", "metrics.jsonl", "summary.json", "curves.png",
+              "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (run / f).exists(), f
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in rows if "reward" in r][0]
+    for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+              "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm", "learning_rate",
+              "num_tokens", "timing/generate", "timing/reference", "timing/update", "tokens_per_second",
+              "memory/peak_mb", "apo/manifold_mass", "apo/outside_topk_frac", "apo/r_anchor_mean", "apo/pull",
+              "apo/neg_clipped_frac"):
+        assert k in step and math.isfinite(step[k]), k
+    assert 0 <= step["apo/manifold_mass"] <= 1 + 1e-6 and 0 <= step["apo/outside_topk_frac"] <= 1
+    assert any("eval/pass@2" in r for r in rows)
+    assert summary["finished"] and load_config(["--config", str(run / "config.yaml")]) == cfg
+    # the final adapter loads with plain peft
+    from peft import PeftModel
+
+    base, _ = load_model_and_tokenizer(str(char_dir))
+    PeftModel.from_pretrained(base, str(run / "adapter"))
+
+
+def test_grpo_runs_without_reference_pass(char_dir, tmp_path, monkeypatch):
+    calls = []
+    real = train_mod.reference_context
+
+    def spy(model):
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(train_mod, "reference_context", spy)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--loss.name", "grpo", "--logging.run_name", "g",
+               "--eval.every", "0")
+    train_mod.train(cfg)
+    assert not calls
+    row = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "kl" not in row and "apo/manifold_mass" not in row and row["timing/reference"] < 0.05
+
+
+def test_truncation_and_zero_variance_warnings(char_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(apo_llm.rewards, "score_completions", lambda name, c, g, **kw: [0.0] * len(c))
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--logging.run_name", "w", "--eval.every", "0",
+               "--rollout.max_new_tokens", "2")
+    with caplog.at_level("WARNING", logger="apo_llm.train"):
+        train_mod.train(cfg)
+    text = caplog.text
+    assert "hit rollout.max_new_tokens" in text and "identical rewards" in text
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss with a poisoned gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _poison_steps(monkeypatch, bad_steps, how: str):
+    """Make policy_loss non-finite (loss, or only its gradient) during the given RL steps."""
+    real_loss, real_update = train_mod.policy_loss, train_mod.update
+    step = {"n": 0}
+
+    def counting_update(*a, **k):
+        step["n"] += 1
+        return real_update(*a, **k)
+
+    def patched(*a, **k):
+        loss, m = real_loss(*a, **k)
+        if step["n"] in bad_steps:
+            loss = loss * float("nan") if how == "loss" else _NanGrad.apply(loss)
+        return loss, m
+
+    monkeypatch.setattr(train_mod, "update", counting_update)
+    monkeypatch.setattr(train_mod, "policy_loss", patched)
+
+
+@pytest.mark.parametrize("how", ["loss", "grad"])
+def test_nonfinite_steps_are_skipped_then_stop(char_dir, tmp_path, monkeypatch, how):
+    _poison_steps(monkeypatch, range(3, 100), how=how)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "6", "--checkpoint.every", "1", "--eval.every", "0",
+               "--train.max_consecutive_nonfinite", "2", "--logging.run_name", "nan")
+    with pytest.raises(train_mod.NonFiniteError, match="2 consecutive steps"):
+        train_mod.train(cfg)
+    run = tmp_path / "nan"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["nonfinite/skipped_updates"] > 0 for r in rows] == [False, False, True, True]
+    assert rows[-1]["nonfinite/steps_total"] == 2
+    latest = latest_checkpoint(run)
+    assert latest.name == "step-000002"  # no checkpoint of a non-finite step
+    base, _ = load_model_and_tokenizer(str(char_dir))
+    model = wrap_lora(base, r=16, alpha=32)
+    load_checkpoint(latest, model, restore_rng=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_single_nonfinite_step_is_skipped_and_training_continues(char_dir, tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, {2}, how="grad")
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--logging.run_name", "one")
+    summary = train_mod.train(cfg)
+    assert summary["finished"] and summary["nonfinite_steps"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    # 2 ppo_epochs x 2 minibatches = 4 optimizer steps per step; none in the poisoned one
+    assert [r["optimizer_steps"] for r in rows] == [4, 0, 4]
+    assert [r["nonfinite/skipped_updates"] for r in rows] == [0, 4, 0]
+
+
+def test_main_reports_config_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(["--train.lr", "-1"])
+    assert e.value.code == 2 and "train.lr" in capsys.readouterr().err
+
+
+def test_prompt_sampler_positions_are_resumable():
+    a = train_mod.PromptSampler(5, seed=3)
+    seq = a.take(12)
+    b = train_mod.PromptSampler(5, seed=3, position=7)
+    assert b.take(5) == seq[7:12]
+    assert sorted(seq[:5]) == list(range(5)) and sorted(seq[5:10]) == list(range(5))  # each pass a permutation
