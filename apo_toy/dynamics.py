@@ -216,8 +216,11 @@ def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
 
 
 def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
-                 idx: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
-    """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given)."""
+                 idx: Optional[Tensor] = None, weights: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
+    """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
+
+    `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
+    """
     P, N, b = logits.shape
     if idx is None:
         idx = torch.arange(roll["prompt"].numel())
@@ -238,6 +241,8 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
         kw["anchor_ref_logp"] = ref[flat[..., None], topk]
         kw["anchor_is_sampled"] = topk == act[..., None]
     mask = torch.ones_like(act, dtype=torch.bool)
+    if weights is not None:
+        kw["weights"] = weights[idx]
     return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm)
 
 

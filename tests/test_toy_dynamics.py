@@ -1,0 +1,190 @@
+"""apo_toy dynamics: exact mode = expectation of the sampled loss; sampled mode mechanics.
+
+The exact-mode identity is checked two independent ways:
+  * by enumeration: every group of G leaves of a tiny tree, weighted by its probability under
+    pi_old, goes through the sampled path (`sampled_loss` -> policy_loss) in one batch; the
+    expected loss and its gradient must equal `exact_loss` at theta != theta_old (clipping on);
+  * statistically: the mean gradient of many sampled first updates against the exact gradient,
+    with a tolerance of a few standard errors (1/sqrt(samples)).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from apo_llm.objectives import group_advantages
+from apo_toy import METHODS, Suite, SuiteSpec, build_suite, get_method
+from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_rollouts, sampled_loss, sampled_update
+
+torch.set_default_dtype(torch.float64)
+
+LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
+
+
+def tiny_suite(seed=0, b=3, depth=2, prompts=1, top_k=2) -> Suite:
+    return build_suite(SuiteSpec(n_prompts=prompts, branching=b, depth=depth, top_k=top_k, seed=seed,
+                                 n_extra_correct=1, hardness_high=1.0))
+
+
+def enumerated_expectation(suite, cfg, logits, logits_old, G, adv_kwargs):
+    """E over all G-tuples of leaves (P = 1) of the sampled loss, via one weighted policy_loss call."""
+    L, D = suite.n_leaves, suite.depth
+    pi_old = torch.softmax(logits_old, -1)
+    from apo_toy.tree import reach_and_leaf_logp
+
+    _, leaf_logp = reach_and_leaf_logp(torch.log_softmax(logits_old, -1), D)
+    groups = torch.tensor(list(itertools.product(range(L), repeat=G)))  # [L^G, G]
+    prob = leaf_logp[0].exp()[groups].prod(-1)  # [L^G] probability of the ordered group
+    leaf = groups.reshape(-1)
+    roll = leaf_rollouts(suite, torch.zeros_like(leaf), leaf)
+    adv = group_advantages(roll["reward"], G, **adv_kwargs)
+    old = torch.log_softmax(logits_old, -1)[0]
+    old_logp = old[roll["nodes"], roll["actions"]]
+    weights = prob.repeat_interleave(G)
+    if cfg.loss_agg == "token-mean":
+        norm = {"global_tokens": float(G * D)}
+    else:
+        norm = {"global_seqs": float(G)}
+    del pi_old
+    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=weights, **norm)
+
+
+CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2"]
+
+
+def case_method(name, k=2):
+    """The named method (or a variant), with the anchor set size fitted to the tiny trees."""
+    m = _case_method(name)
+    return m.variant(name=m.name, apo_k=k) if m.loss_config().needs_anchors else m
+
+
+def _case_method(name):
+    extra = {
+        "apo_dual": ("apo", {"clip_c": 3.0}),
+        "grpo_seqmean": ("grpo", {"loss_agg": "seq-mean-token-mean"}),
+        "kl_on_wrong_full": ("kl_on_wrong", {"kl_estimator": "full", "kl_coef": 0.3}),
+        "grpo_k2": ("grpo_kl", {"kl_estimator": "k2", "kl_coef": 0.3}),
+    }
+    if name in extra:
+        base, kw = extra[name]
+        return get_method(base, **kw)
+    return get_method(name)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_exact_equals_enumerated_expectation_off_policy(name):
+    """exact_loss(theta) == E[sampled loss](theta) and same gradient, at theta far from theta_old."""
+    m = case_method(name)
+    cfg = m.loss_config()
+    suite = tiny_suite(seed=3)
+    G = 3
+    g = torch.Generator().manual_seed(1)
+    logits_old = suite.ref_logits + 0.5 * torch.randn(suite.ref_logits.shape, generator=g)
+    # a large move so that clipping binds for many tokens
+    theta = (logits_old + 0.8 * torch.randn(logits_old.shape, generator=g)).requires_grad_(True)
+    want, _ = enumerated_expectation(suite, cfg, theta, logits_old, G, m.adv)
+    (g_want,) = torch.autograd.grad(want, theta)
+    batch = exact_batch(suite, cfg, logits_old, G, m.adv)
+    got, met = exact_loss(suite, cfg, theta, batch)
+    (g_got,) = torch.autograd.grad(got, theta)
+    assert met["clip_ratio/region_mean"] > 0  # the check covers the clipped regime
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10, abs=1e-12)
+    assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_equals_enumeration_on_unnormalised_sum_norm_with_length():
+    """seq-mean-token-sum-norm with an explicit loss_norm_len (constant normaliser)."""
+    m = get_method("dr_grpo", loss_norm_len=5)
+    cfg = m.loss_config()
+    suite = tiny_suite(seed=4)
+    logits_old = suite.ref_logits.clone()
+    theta = (logits_old + 0.3).requires_grad_(True)
+    theta.data[0, 0, 0] += 0.7
+    want, _ = enumerated_expectation(suite, cfg, theta, logits_old, 2, m.adv)
+    got, _ = exact_loss(suite, cfg, theta, exact_batch(suite, cfg, logits_old, 2, m.adv))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["grpo", "apo", "grpo_kl", "kl_on_wrong"])
+def test_exact_gradient_matches_mean_of_sampled_first_updates(name):
+    """Statistical: mean gradient of n sampled first updates -> exact gradient (5 standard errors).
+
+    n = chunks x per_chunk batches of G rollouts per prompt. One policy_loss call per chunk sees
+    per_chunk batches side by side (groups are consecutive blocks of G samples of one prompt), so
+    its token-mean is the mean of the per-batch losses; the chunk means give the standard error.
+    """
+    m = case_method(name, k=3)
+    cfg = m.loss_config()
+    suite = build_suite(SuiteSpec(n_prompts=3, branching=4, depth=2, top_k=3, seed=7, n_extra_correct=2))
+    G, chunks, per_chunk = 4, 40, 50
+    z0 = suite.ref_logits
+    z = z0.clone().requires_grad_(True)
+    exact, _ = exact_loss(suite, cfg, z, exact_batch(suite, cfg, z0, G, m.adv))
+    (g_exact,) = torch.autograd.grad(exact, z)
+    gen = torch.Generator().manual_seed(123)
+    P, N, b = z0.shape
+    old = torch.log_softmax(z0, -1).reshape(P * N, b)
+    means = []
+    for _ in range(chunks):
+        roll = sample_rollouts(suite, z0, G * per_chunk, gen)  # per prompt: per_chunk groups of G
+        adv = group_advantages(roll["reward"], G, **m.adv)
+        old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]
+        loss, _ = sampled_loss(suite, cfg, z, roll, old_logp, adv)
+        means.append(torch.autograd.grad(loss, z)[0])
+    gs = torch.stack(means)
+    mean, se = gs.mean(0), gs.std(0) / math.sqrt(chunks)
+    err = (mean - g_exact).abs()
+    assert g_exact.abs().max() > 1e-3
+    assert (err <= 5 * se + 1e-12).all(), float((err / (se + 1e-12)).max())
+    # the test has power: a gradient off by a factor 1.5 is rejected
+    assert not ((mean - 1.5 * g_exact).abs() <= 5 * se + 1e-12).all()
+
+
+def test_sampled_update_reports_diagnostics_and_moves_logits():
+    suite = build_suite(SuiteSpec(n_prompts=4, branching=6, depth=2, top_k=4, seed=0))
+    m = case_method("apo", k=4)
+    z = suite.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.1)
+    out = sampled_update(suite, m.loss_config(), z, opt, 8, m.adv, torch.Generator().manual_seed(0),
+                         epochs=2, minibatches=2)
+    for key in ("zero_var_frac", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_frac/neg",
+                "apo/manifold_mass", "reward"):
+        assert key in out
+    assert 0.0 <= out["zero_var_frac"] <= 1.0
+    assert not torch.equal(z.detach(), suite.ref_logits)
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_zero_support_irreversibility_sampled(name):
+    """A child with pi = 0 stays at exactly 0 under every sampled-token estimator."""
+    suite = build_suite(SuiteSpec(n_prompts=2, branching=6, depth=2, top_k=4, seed=1))
+    z = suite.ref_logits.clone()
+    # kill the reference's top-2 child at the root (inside the safe manifold): pi = exp(-1e4) = 0
+    dead = suite.ref_topk[:, 0, 1]
+    z[torch.arange(2), 0, dead] = -1e4
+    z.requires_grad_(True)
+    m = case_method(name, k=4)
+    opt = torch.optim.SGD([z], lr=5.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sampled_update(suite, m.loss_config(), z, opt, 8, m.adv, gen, epochs=2, minibatches=2)
+    p_dead = torch.softmax(z.detach(), -1)[torch.arange(2), 0, dead]
+    assert torch.all(p_dead == 0.0)
+    assert torch.all(z.detach()[torch.arange(2), 0, dead] == -1e4)  # not even the logit moved
+
+
+def test_natural_pg_is_not_bound_by_zero_support():
+    """Contrast: the natural-PG yardstick (dz = Q - V) moves a dead correct child."""
+    from apo_toy.dynamics import npg_update
+
+    suite = build_suite(SuiteSpec(n_prompts=1, branching=6, depth=1, top_k=4, seed=2))
+    correct = int(suite.rewards[0].argmax())
+    z = suite.ref_logits.clone()
+    z[0, 0, correct] = -50.0
+    before = float(z[0, 0, correct])
+    npg_update(suite, z, 1.0)
+    assert float(z[0, 0, correct]) > before
