@@ -1,0 +1,307 @@
+"""Problems for RLVR: GSM8K, MATH, MATH-500, a synthetic arithmetic task, local jsonl/parquet files.
+
+Every source becomes a list of `Problem(id, question, prompt, gold, solution)`:
+`prompt` = question + the task's instruction suffix (raw text; the trainer applies a chat template
+when configured), `gold` = the short answer the reward function compares with.
+Malformed rows are skipped and counted per reason in `DataStats`, never a crash.
+
+The hub loaders (`datasets.load_dataset`) need network access; the row parsers they call
+(`gsm8k_row`, `math_row`, `local_row`) are plain functions tested on hand-made rows.
+`datasets` is imported lazily so `import apo_llm.data` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apo_llm.rewards import last_boxed
+
+# verl's instruction suffixes (examples/data_preprocess/gsm8k.py and math_dataset.py).
+PROMPT_SUFFIX: dict[str, str] = {
+    "gsm8k": 'Let\'s think step by step and output the final answer after "####".',
+    "math": "Let's think step by step and output the final answer within \\boxed{}.",
+}
+
+HUB_IDS = {  # source -> (hub id, config name)
+    "gsm8k": ("openai/gsm8k", "main"),
+    "math": ("DigitalLearningGmbH/MATH-lighteval", None),
+    "math500": ("HuggingFaceH4/MATH-500", None),
+}
+SOURCES = ("gsm8k", "math", "math500", "synthetic", "jsonl", "parquet")
+
+_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    prompt: str  # question + " " + instruction suffix
+    gold: str  # short reference answer (a number for GSM8K, LaTeX for MATH)
+    solution: str | None = None  # reference worked solution, when the source has one
+
+
+@dataclass
+class DataStats:
+    """What `load_problems` read: counts of loaded and skipped rows, skips per reason."""
+
+    source: str
+    split: str
+    rows: int = 0  # rows read from the source (before skipping and `limit`)
+    loaded: int = 0  # problems returned
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    prompt_style: str = "gsm8k"  # which PROMPT_SUFFIX the prompts carry ("gsm8k" or "math")
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (f"{self.source}/{self.split}: {self.loaded} problems loaded from {self.rows} rows, "
+                f"{self.n_skipped} skipped ({reasons})")
+
+
+class RowError(ValueError):
+    """A malformed row; `reason` is the short counter key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def make_prompt(question: str, style: str) -> str:
+    """Raw-text prompt: the question followed by verl's instruction suffix for `style`."""
+    return f"{question.strip()} {PROMPT_SUFFIX[style]}"
+
+
+def gsm8k_gold(answer: str) -> str:
+    """GSM8K gold: the number after the last '#### ' of the reference solution, commas removed."""
+    if "####" not in answer:
+        raise RowError("no_####_in_answer")
+    gold = answer.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "").rstrip(".")
+    if not _NUMBER.match(gold):
+        raise RowError("gold_not_a_number")
+    return gold
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(f"missing_{key}")
+    return value
+
+
+def gsm8k_row(row: dict, index: int, split: str) -> Problem:
+    """openai/gsm8k row {question, answer} -> Problem (gold from '#### N')."""
+    question, answer = _text(row, "question"), _text(row, "answer")
+    return Problem(f"gsm8k-{split}-{index}", question, make_prompt(question, "gsm8k"), gsm8k_gold(answer), answer)
+
+
+def math_row(row: dict, index: int, split: str, source: str = "math") -> Problem:
+    """MATH row {problem, solution[, answer]} -> Problem; gold = `answer` field (MATH-500) else the
+    content of the solution's last \\boxed{} / \\fbox{}."""
+    question, solution = _text(row, "problem"), _text(row, "solution")
+    gold = row.get("answer") if isinstance(row.get("answer"), str) and row["answer"].strip() else last_boxed(solution)
+    if gold is None or not gold.strip():
+        raise RowError("no_boxed_in_solution")
+    pid = row.get("unique_id") or f"{source}-{split}-{index}"
+    return Problem(str(pid), question, make_prompt(question, "math"), gold.strip(), solution)
+
+
+def local_row(row: dict, index: int, split: str) -> tuple[str, str, str | None]:
+    """Local file row {question (or problem), gold or answer[, solution]} -> (question, gold, solution).
+
+    `gold` is used as is; an `answer` holding a GSM8K solution ('#### N') or a LaTeX solution
+    (\\boxed{}) gives its final answer, any other `answer` is the gold itself.
+    """
+    if not isinstance(row, dict):
+        raise RowError("row_not_an_object")
+    question = row.get("question", row.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise RowError("missing_question")
+    solution = row.get("solution") if isinstance(row.get("solution"), str) else None
+    gold = row.get("gold")
+    if gold is None:
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            raise RowError("missing_answer_or_gold")
+        if "####" in answer:
+            gold, solution = gsm8k_gold(answer), solution or answer
+        elif "\\boxed" in answer or "\\fbox" in answer:
+            gold, solution = last_boxed(answer), solution or answer
+            if gold is None:
+                raise RowError("no_boxed_in_solution")
+        else:
+            gold = answer
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        gold = str(gold)
+    if not isinstance(gold, str) or not gold.strip():
+        raise RowError("missing_answer_or_gold")
+    return question, gold.strip(), solution
+
+
+def _is_number(s: str) -> bool:
+    return bool(_NUMBER.match(s.replace(",", "")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic task: arithmetic word problems with GSM8K-style answers ("... \n#### N").
+# Several solution paths are valid (story order, or all gains first then all losses), so the
+# SFT'd tiny model spreads its mass over paths: RL has something to sharpen and something to lose.
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = ["Tom", "Ann", "Sam", "Mia", "Leo", "Eva", "Ben", "Zoe", "Max", "Ivy", "Dan", "Amy"]
+_ITEMS = ["apples", "pens", "cards", "coins", "books", "stamps", "shells", "marbles", "eggs", "cups"]
+_GAINS = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more", "wins {n} more"]
+_LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "breaks {n}", "uses {n}"]
+_GROUPS = ["buys {m} boxes of {k}", "gets {m} bags of {k}"]  # gain of m * k
+
+
+def _synthetic_one(rng: random.Random, index: int, split: str) -> Problem:
+    """One problem: start amount, then 1-3 events (gain, loss, or m groups of k); answer = final amount."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    total = rng.randint(2, 15)
+    events: list[tuple[str, int, str, str | None]] = []  # (kind, amount, story text, product step)
+    for _ in range(rng.choice((1, 1, 2, 2, 3))):
+        kind = rng.choice(("gain", "gain", "loss", "loss", "group"))
+        if kind == "loss" and total < 2:
+            kind = "gain"
+        if kind == "gain":
+            n = rng.randint(1, 9)
+            events.append(("gain", n, rng.choice(_GAINS).format(n=n), None))
+        elif kind == "loss":
+            n = rng.randint(1, min(total, 9))
+            events.append(("loss", n, rng.choice(_LOSSES).format(n=n), None))
+        else:
+            m, k = rng.randint(2, 3), rng.randint(2, 5)
+            n = m * k
+            events.append(("group", n, rng.choice(_GROUPS).format(m=m, k=k), f"{m} * {k} = {n}"))
+        total += n if kind != "loss" else -n
+    start = total - sum(n if kind != "loss" else -n for kind, n, *_ in events)
+    sentences = [f"{name} has {start} {item}."] + [f"{name} {text}." for _, _, text, _ in events]
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    steps, answer = _solution_steps(start, events, gains_first=rng.random() < 0.5)
+    assert answer == total, "synthetic solution does not reach the story's total"
+    solution = "\n".join(steps + [f"#### {answer}"])
+    return Problem(f"synthetic-{split}-{index}", question, make_prompt(question, "gsm8k"), str(answer), solution)
+
+
+def _solution_steps(start: int, events: list, gains_first: bool) -> tuple[list[str], int]:
+    """Worked solution lines 'a + b = c'; groups are multiplied out first ('m * k = n').
+    gains_first=True adds every gain before subtracting losses (another valid path)."""
+    steps = [tpl for kind, _, _, tpl in events if kind == "group"]  # products first, any path
+    order = sorted(events, key=lambda e: e[0] == "loss") if gains_first else events
+    acc = start
+    for kind, n, _, _ in order:
+        new = acc - n if kind == "loss" else acc + n
+        steps.append(f"{acc} {'-' if kind == 'loss' else '+'} {n} = {new}")
+        acc = new
+    return steps, acc
+
+
+def synthetic_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
+    """n synthetic word problems; deterministic in (seed, split); splits use different streams."""
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    rng = random.Random(f"apo-synthetic-{seed}-{split}")  # str seeds hash deterministically (sha512)
+    return [_synthetic_one(rng, i, split) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_local(path: str, kind: str, stats: DataStats) -> list:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"path: no such file {path!r} (source={kind!r})")
+    if kind == "parquet":
+        import pyarrow.parquet as pq  # shipped with `datasets`
+
+        return pq.read_table(p).to_pylist()
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            stats.skipped["invalid_json"] += 1
+            stats.rows += 1
+    return rows
+
+
+def _load_hub(source: str, split: str):
+    from datasets import load_dataset  # lazy: heavy import, and needs the hub (or its cache)
+
+    hub_id, config = HUB_IDS[source]
+    return load_dataset(hub_id, config, split=split)
+
+
+def load_problems(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
+                  seed: int = 0, shuffle: bool = False, synthetic_n: int | None = None,
+                  prompt_style: str | None = None) -> tuple[list[Problem], DataStats]:
+    """Load problems from `source` (one of SOURCES); malformed rows are skipped, counted, warned.
+
+    shuffle uses `seed`; `limit` keeps the first `limit` valid problems (after shuffling).
+    synthetic: `synthetic_n` problems (default: limit, else 2000 train / 500 otherwise).
+    jsonl/parquet: `prompt_style` "gsm8k" or "math" picks the suffix; None infers it from the
+    golds (all numeric -> gsm8k). Raises ValueError for an unknown source, a missing path, or
+    when no valid problem remains.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source: unknown {source!r}; expected one of {SOURCES}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1 or None, got {limit}")
+    if prompt_style is not None and prompt_style not in PROMPT_SUFFIX:
+        raise ValueError(f"prompt_style: expected one of {tuple(PROMPT_SUFFIX)} or None, got {prompt_style!r}")
+    stats = DataStats(source, split, prompt_style="math" if source in ("math", "math500") else "gsm8k")
+    problems: list[Problem] = []
+    if source == "synthetic":
+        n = synthetic_n if synthetic_n is not None else (limit or (2000 if split == "train" else 500))
+        problems = synthetic_problems(n, seed, split)
+        stats.rows = len(problems)
+    elif source in ("jsonl", "parquet"):
+        if not path:
+            raise ValueError(f"path: source={source!r} needs path= to a local file")
+        rows = _read_local(path, source, stats)
+        parsed = []
+        for i, row in enumerate(rows):
+            stats.rows += 1
+            try:
+                parsed.append((i, *local_row(row, i, split)))
+            except RowError as e:
+                stats.skipped[e.reason] += 1
+        style = prompt_style or ("gsm8k" if parsed and all(_is_number(g) for _, _, g, _ in parsed) else "math")
+        stats.prompt_style = style
+        stem = Path(path).stem
+        problems = [Problem(f"{stem}-{i}", q, make_prompt(q, style), g, s) for i, q, g, s in parsed]
+    else:
+        if source == "math500" and split != "test":
+            raise ValueError(f"split: HuggingFaceH4/MATH-500 has only a 'test' split, got {split!r}")
+        for i, row in enumerate(_load_hub(source, split)):
+            stats.rows += 1
+            try:
+                problems.append(gsm8k_row(row, i, split) if source == "gsm8k" else math_row(row, i, split, source))
+            except RowError as e:
+                stats.skipped[e.reason] += 1
+    if shuffle:
+        random.Random(seed).shuffle(problems)
+    if limit is not None:
+        problems = problems[:limit]
+    stats.loaded = len(problems)
+    if stats.n_skipped:
+        warnings.warn(f"load_problems: skipped malformed rows: {stats.summary()}", stacklevel=2)
+    if not problems:
+        raise ValueError(f"source: no valid problems in {source!r} split={split!r} ({stats.summary()})")
+    return problems, stats
