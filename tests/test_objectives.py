@@ -410,3 +410,32 @@ def test_micro_batching_matches_full_batch(seed, B, T, K, agg, apo_clip, clip_c,
     assert float(total.detach()) == pytest.approx(float(full.detach()), abs=1e-12)
     for a, b in zip(g_micro, g_full):
         torch.testing.assert_close(a, b, rtol=0.0, atol=1e-12)
+
+
+@QUICK
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 5), T=st.integers(1, 6),
+       est=st.sampled_from(["k1", "k2", "k3", "full"]), coef=st.floats(0.01, 1.0),
+       agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]))
+def test_kl_on_wrong_applies_kl_only_to_negative_tokens(seed, B, T, est, coef, agg):
+    """Token by token: kl_on_wrong has grpo_kl's gradient where A < 0 and plain GRPO's where
+    A >= 0 (no KL there at all: kl_full gets no gradient)."""
+    old = _rand(seed, B, T, scale=2.0) - 2.5
+    mask = _rand(seed + 4, B, T) > -0.5
+    adv = torch.round(_rand(seed + 3, B, T, scale=2.0), decimals=1)
+    ref = old + _rand(seed + 5, B, T, scale=0.5)
+    kl_full0 = _rand(seed + 6, B, T) + 1.0
+
+    def grads(name: str, kl_coef: float):
+        logp = (old + _rand(seed + 1, B, T, scale=0.4)).requires_grad_()
+        kl_full = kl_full0.clone().requires_grad_()
+        cfg = LossConfig(name=name, kl_coef=kl_coef, kl_estimator=est, loss_agg=agg)
+        loss, _ = policy_loss(cfg, logp, old, adv, mask, ref_logp=ref, kl_full=kl_full)
+        return torch.autograd.grad(loss, [logp, kl_full], allow_unused=True)
+
+    g_wrong, g_wrong_full = grads("kl_on_wrong", coef)
+    g_all, g_all_full = grads("grpo_kl", coef)
+    g_plain, _ = grads("grpo", 0.0)
+    neg = adv < 0
+    assert torch.equal(g_wrong[neg], g_all[neg]) and torch.equal(g_wrong[~neg], g_plain[~neg])
+    if est == "full":
+        assert torch.equal(g_wrong_full[neg], g_all_full[neg]) and not g_wrong_full[~neg].any()
