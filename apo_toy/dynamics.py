@@ -105,7 +105,7 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     pi_old = logpi_old.exp()
     log_reach, _ = reach_and_leaf_logp(logpi_old, suite.depth)
     q, v = success_q(pi_old, suite.rewards, suite.depth)  # Q_old(s, a), V_old(s)
-    p = v[:, 0]  # [P] success probability of each prompt
+    p = v[:, 0].clamp(0.0, 1.0)  # [P] success probability (rounding can leave [0, 1])
     a0, a1 = _check_sign_structure(group_size, adv_kwargs)
     c0, c1 = expected_group_advantage(p, group_size, **adv_kwargs)  # E[A | r] per prompt
     w = log_reach.exp()[..., None] * pi_old  # [P, N, b] d_old(s) pi_old(a|s): sums to 1 per depth
