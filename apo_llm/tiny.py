@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -51,7 +52,7 @@ class TinySpec:
     intermediate: int = 384  # MLP width
     vocab_size: int = 512  # BPE vocabulary incl. byte alphabet and specials
     batch_size: int = 32  # SFT sequences per step
-    lr: float = 3e-3  # AdamW, linear warmup then constant
+    lr: float = 3e-3  # AdamW peak; linear warmup, then cosine decay to lr/10 at max_steps
     warmup: int = 30
     max_steps: int = 1500  # SFT step cap
     min_steps: int = 150  # no early stop before this
@@ -155,6 +156,14 @@ def sampled_pass_at_1(model, tokenizer, problems: list[Problem], *, samples: int
     return sum(rewards) / len(rewards)
 
 
+def _lr_factor(step: int, spec: TinySpec) -> float:
+    """Linear warmup over spec.warmup steps, then cosine from 1 down to 0.1 at spec.max_steps."""
+    if step < spec.warmup:
+        return (step + 1) / spec.warmup
+    frac = min(1.0, (step - spec.warmup) / max(1, spec.max_steps - spec.warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
     """SFT on synthetic (prompt, solution) pairs until the sampled pass@1 check reaches
     spec.target_pass1 (checked every spec.eval_every steps after spec.min_steps) or spec.max_steps."""
@@ -162,7 +171,7 @@ def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
     pairs = _encode_pairs(tokenizer, synthetic_problems(spec.n_train, spec.seed, "train"))
     held_out = synthetic_problems(spec.eval_problems, spec.seed, "validation")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     model.train()
     order, pos, checks = list(range(len(pairs))), len(pairs), []
     step = 0

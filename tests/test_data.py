@@ -1,0 +1,192 @@
+"""Data loading: row parsers on hand-made rows, malformed-row counting, local files, synthetic task."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apo_llm import data
+from apo_llm.data import PROMPT_SUFFIX, RowError, gsm8k_row, load_problems, math_row, synthetic_problems
+from apo_llm.rewards import gsm8k_strict
+
+
+def test_prompt_suffixes_are_verls():
+    assert PROMPT_SUFFIX["gsm8k"] == 'Let\'s think step by step and output the final answer after "####".'
+    assert PROMPT_SUFFIX["math"] == "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def test_gsm8k_row():
+    row = {"question": "Tom has 1,000 pens. How many?", "answer": "He has 1,000 + 234 = <<1000+234=1234>>1234\n#### 1,234"}
+    p = gsm8k_row(row, 7, "train")
+    assert p.gold == "1234" and p.id == "gsm8k-train-7" and p.solution == row["answer"]
+    assert p.prompt == row["question"] + " " + PROMPT_SUFFIX["gsm8k"]
+    assert gsm8k_row({"question": "q", "answer": "x\n#### -3.5"}, 0, "test").gold == "-3.5"
+    for bad, reason in [({"question": "q", "answer": "no marker"}, "no_####_in_answer"),
+                        ({"question": "q", "answer": "#### many"}, "gold_not_a_number"),
+                        ({"answer": "#### 3"}, "missing_question"),
+                        ({"question": "q", "answer": None}, "missing_answer")]:
+        with pytest.raises(RowError) as e:
+            gsm8k_row(bad, 0, "train")
+        assert e.value.reason == reason
+
+
+def test_math_row_gold_is_last_box_with_nesting():
+    sol = r"First \boxed{1}. Then $\boxed{\frac{\sqrt{2}}{2}}$ is the answer."
+    p = math_row({"problem": "Compute.", "solution": sol}, 3, "test")
+    assert p.gold == r"\frac{\sqrt{2}}{2}" and p.prompt.endswith(PROMPT_SUFFIX["math"]) and p.id == "math-test-3"
+    assert math_row({"problem": "p", "solution": r"so \fbox{5}"}, 0, "train").gold == "5"
+    # MATH-500 rows carry `answer` and `unique_id`
+    p500 = math_row({"problem": "p", "solution": r"\boxed{2}", "answer": "2", "unique_id": "test/x/1.json"}, 0,
+                    "test", "math500")
+    assert p500.gold == "2" and p500.id == "test/x/1.json"
+    with pytest.raises(RowError, match="no_boxed"):
+        math_row({"problem": "p", "solution": "no box here"}, 0, "train")
+    with pytest.raises(RowError, match="no_boxed"):
+        math_row({"problem": "p", "solution": r"\boxed{unclosed"}, 0, "train")
+
+
+def _fake_hub(rows):
+    return lambda source, split: rows
+
+
+def test_hub_sources_count_malformed_rows(monkeypatch):
+    rows = [{"question": "a", "answer": "#### 1"}, {"question": "b", "answer": "oops"},
+            {"question": "", "answer": "#### 2"}, {"question": "c", "answer": "#### 3"}]
+    monkeypatch.setattr(data, "_load_hub", _fake_hub(rows))
+    with pytest.warns(UserWarning, match="skipped"):
+        problems, stats = load_problems("gsm8k", "train")
+    assert [p.gold for p in problems] == ["1", "3"]
+    assert stats.rows == 4 and stats.loaded == 2 and stats.n_skipped == 2
+    assert stats.skipped == {"no_####_in_answer": 1, "missing_question": 1}
+    assert "2 skipped" in stats.summary()
+
+
+def test_hub_math_and_errors(monkeypatch):
+    rows = [{"problem": "p1", "solution": r"\boxed{3}"}, {"problem": "p2", "solution": "none"}]
+    monkeypatch.setattr(data, "_load_hub", _fake_hub(rows))
+    with pytest.warns(UserWarning):
+        problems, stats = load_problems("math", "test")
+    assert len(problems) == 1 and stats.prompt_style == "math" and stats.skipped == {"no_boxed_in_solution": 1}
+    monkeypatch.setattr(data, "_load_hub", _fake_hub([{"problem": "p", "solution": "none"}]))
+    with pytest.raises(ValueError, match="no valid problems"), pytest.warns(UserWarning):
+        load_problems("math", "test")
+    monkeypatch.setattr(data, "_load_hub", _fake_hub([]))
+    with pytest.raises(ValueError, match="no valid problems"):
+        load_problems("gsm8k", "test")
+    with pytest.raises(ValueError, match="split"):
+        load_problems("math500", "train")
+    with pytest.raises(ValueError, match="source"):
+        load_problems("nope")
+    with pytest.raises(ValueError, match="limit"):
+        load_problems("synthetic", limit=0)
+
+
+def test_hub_ids_are_the_real_ones():
+    assert data.HUB_IDS == {"gsm8k": ("openai/gsm8k", "main"), "math": ("DigitalLearningGmbH/MATH-lighteval", None),
+                            "math500": ("HuggingFaceH4/MATH-500", None)}
+
+
+def test_jsonl_file_with_malformed_rows(tmp_path):
+    lines = [json.dumps({"question": "q1", "answer": "work\n#### 1,500"}),
+             "{not json",
+             json.dumps({"question": "q2", "gold": 7}),
+             json.dumps({"question": "q3", "answer": "12", "solution": "6+6"}),
+             json.dumps({"answer": "4"}),
+             json.dumps({"question": "q5"}),
+             json.dumps([1, 2]),
+             ""]
+    f = tmp_path / "probs.jsonl"
+    f.write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match="skipped"):
+        problems, stats = load_problems("jsonl", path=str(f))
+    assert [(p.question, p.gold) for p in problems] == [("q1", "1500"), ("q2", "7"), ("q3", "12")]
+    assert problems[2].solution == "6+6" and problems[0].id == "probs-0"
+    assert stats.skipped == {"invalid_json": 1, "missing_question": 1, "missing_answer_or_gold": 1,
+                             "row_not_an_object": 1}
+    assert stats.rows == 7 and stats.loaded == 3
+    assert stats.prompt_style == "gsm8k" and problems[0].prompt.endswith(PROMPT_SUFFIX["gsm8k"])
+
+
+def test_local_math_style_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": r"so \boxed{\frac{1}{2}}"},
+                                         {"question": "b", "answer": r"\sqrt{2}"}]), f)
+    problems, stats = load_problems("parquet", path=str(f))
+    assert [p.gold for p in problems] == [r"\frac{1}{2}", r"\sqrt{2}"]
+    assert stats.prompt_style == "math" and problems[0].prompt.endswith(PROMPT_SUFFIX["math"])
+    forced, st2 = load_problems("parquet", path=str(f), prompt_style="gsm8k")
+    assert st2.prompt_style == "gsm8k" and forced[0].prompt.endswith(PROMPT_SUFFIX["gsm8k"])
+    with pytest.raises(ValueError, match="path"):
+        load_problems("jsonl")
+    with pytest.raises(ValueError, match="path"):
+        load_problems("jsonl", path=str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no valid problems"):
+        load_problems("jsonl", path=str(empty))
+    with pytest.raises(ValueError, match="prompt_style"):
+        load_problems("jsonl", path=str(empty), prompt_style="chat")
+
+
+def test_shuffle_and_limit():
+    base, _ = load_problems("synthetic", "train", synthetic_n=50)
+    first, _ = load_problems("synthetic", "train", synthetic_n=50, limit=10)
+    assert [p.id for p in first] == [p.id for p in base[:10]]
+    sh1, _ = load_problems("synthetic", "train", synthetic_n=50, shuffle=True, seed=3, limit=10)
+    sh2, _ = load_problems("synthetic", "train", synthetic_n=50, shuffle=True, seed=3, limit=10)
+    assert [p.id for p in sh1] == [p.id for p in sh2] != [p.id for p in first]
+    assert len(load_problems("synthetic", "test", limit=7)[0]) == 7
+
+
+_EVENT = re.compile(r"(\w+) (buys|finds|gets|is given|wins|gives away|loses|sells|breaks|uses) "
+                    r"(?:(\d+) (?:boxes|bags) of (\d+)|(\d+))")
+
+
+def _answer_from_story(question: str) -> int:
+    """Independent reading of the story text: start, then gains (+), losses (-), m groups of k (+m*k)."""
+    total = int(re.match(r"\w+ has (\d+) ", question).group(1))
+    for _, verb, m, k, n in _EVENT.findall(question):
+        amount = int(m) * int(k) if m else int(n)
+        total += -amount if verb in ("gives away", "loses", "sells", "breaks", "uses") else amount
+    return total
+
+
+def test_synthetic_problems_are_consistent():
+    problems = synthetic_problems(400, seed=1, split="train")
+    orders = set()
+    for p in problems:
+        assert p.prompt == p.question + " " + PROMPT_SUFFIX["gsm8k"]
+        assert int(p.gold) == _answer_from_story(p.question) >= 0
+        lines = p.solution.split("\n")
+        assert lines[-1] == f"#### {p.gold}" and gsm8k_strict(p.solution, p.gold) == 1.0
+        for line in lines[:-1]:  # every worked step is correct arithmetic
+            a, op, b, c = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", line).groups()
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c) >= 0
+        orders.add(tuple(line.split()[1] for line in lines[:-1] if "*" not in line))
+    # several solution paths: both loss-before-gain and gain-before-loss orders occur
+    assert ("-", "+") in orders and ("+", "-") in orders
+    assert len({p.gold for p in problems}) > 20  # a spread of answers, not a constant
+
+
+def test_synthetic_is_deterministic_per_seed_and_split():
+    a, b = synthetic_problems(20, 0, "train"), synthetic_problems(20, 0, "train")
+    assert a == b
+    assert [p.question for p in a] != [p.question for p in synthetic_problems(20, 0, "test")]
+    assert [p.question for p in a] != [p.question for p in synthetic_problems(20, 1, "train")]
+    with pytest.raises(ValueError, match="n"):
+        synthetic_problems(-1, 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_synthetic_any_seed_solutions_score_one(seed):
+    for p in synthetic_problems(5, seed, "train"):
+        assert int(p.gold) == _answer_from_story(p.question)
+        assert gsm8k_strict(p.solution, p.gold) == 1.0
