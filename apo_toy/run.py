@@ -99,7 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (each seed = a different suite)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(args.threads, 1))
     try:
         p = get_preset(args.preset)
         methods = [m for m in args.methods.split(",") if m] if args.methods else None
