@@ -402,19 +402,56 @@ def summarize(records: Sequence[dict], ks: Sequence[int], *, labels: Optional[Se
     return out
 
 
-def _fmt(stat: Optional[dict]) -> str:
+def paired_deltas(records: Sequence[dict], ks: Sequence[int], reference: str, labels: Sequence[str],
+                  problem_ids: Optional[Sequence[str]] = None) -> dict:
+    """pass@k(label) - pass@k(reference) per problem, averaged over the problems both have.
+
+    Paired differences remove the between-problem variance, so their SE is the right one for
+    "is the apo adapter better than the grpo one / the base" (much smaller than either SE alone).
+    """
+    keep = None if problem_ids is None else set(problem_ids)
+    table: dict[str, dict[str, tuple[int, int]]] = {}
+    for rec in records:
+        if keep is None or rec["problem_id"] in keep:
+            table.setdefault(rec["model"], {})[rec["problem_id"]] = (rec["n"], rec["c"])
+    out = {}
+    for label in labels:
+        shared = sorted(set(table.get(label, {})) & set(table.get(reference, {})))
+        if label == reference or not shared:
+            continue
+        n1, c1 = np.array([table[label][p] for p in shared]).T
+        n0, c0 = np.array([table[reference][p] for p in shared]).T
+        out[label] = {"reference": reference, "problems": len(shared),
+                      "pass@k": {str(k): mean_se(np.atleast_1d(pass_at_k(n1, c1, k) - pass_at_k(n0, c0, k)))
+                                 for k in ks}}
+    return out
+
+
+def _fmt(stat: Optional[dict], signed: bool = False) -> str:
     if not stat:
         return "-"
-    return f"{stat['mean']:.3f}" + ("" if stat["se"] is None else f" ± {stat['se']:.3f}")
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return mean + ("" if stat["se"] is None else f" ± {stat['se']:.3f}")
 
 
 def markdown_table(summary: dict, ks: Sequence[int]) -> str:
     """One row per model: problems, greedy pass@1, mean@n, pass@k for each k (mean ± SE)."""
-    head = ["model", "problems", "greedy pass@1", "mean@n"] + [f"pass@{k}" for k in ks]
+    head = ["model", "problems", "greedy pass@1", "mean@n"] + [f"pass@{k}" for k in ks] + ["truncated"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in summary.items():
         cells = [label, str(e["problems"]), _fmt(e.get("greedy_pass@1")), _fmt(e.get("mean@n"))]
         cells += [_fmt(e["pass@k"].get(str(k))) for k in ks]
+        cells.append("-" if "truncated_frac" not in e else f"{100 * e['truncated_frac']:.1f}%")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def markdown_deltas(deltas: dict, ks: Sequence[int]) -> str:
+    """Paired differences to the reference model, one row per other model (mean ± SE)."""
+    head = ["model - reference", "problems"] + [f"Δ pass@{k}" for k in ks]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, d in deltas.items():
+        cells = [f"{label} - {d['reference']}", str(d["problems"])] + [_fmt(d["pass@k"][str(k)], signed=True) for k in ks]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -448,13 +485,22 @@ def write_summary(out_dir: Path, cfg: EvalConfig, labels: Optional[Sequence[str]
                   problem_ids: Optional[Sequence[str]]) -> dict:
     """summary.json + pass_at_k.png + the markdown table on stdout, from per_problem.jsonl alone."""
     ks = cfg.ks
-    summary = summarize(read_records(out_dir / PER_PROBLEM_FILE), ks, labels=labels, problem_ids=problem_ids)
+    records = read_records(out_dir / PER_PROBLEM_FILE)
+    summary = summarize(records, ks, labels=labels, problem_ids=problem_ids)
     if not summary:
         raise ValueError(f"out: {out_dir / PER_PROBLEM_FILE} holds no records to summarize")
-    payload = {"config": dataclasses.asdict(cfg), "ks": ks, "models": summary}
+    names = list(summary)
+    deltas = paired_deltas(records, ks, BASE_LABEL if BASE_LABEL in summary else names[0], names, problem_ids)
+    payload = {"config": dataclasses.asdict(cfg), "ks": ks, "models": summary, "paired_deltas": deltas}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     plot_pass_at_k(summary, ks, out_dir / PLOT_FILE, title=f"{cfg.dataset} (n={cfg.n}, T={cfg.temperature})")
     print(markdown_table(summary, ks))
+    if deltas:
+        print("\n" + markdown_deltas(deltas, ks))
+    for label, e in summary.items():
+        if e.get("truncated_frac", 0.0) > 0.5:
+            warnings.warn(f"{label}: {100 * e['truncated_frac']:.0f}% of the samples hit max_new_tokens without "
+                          f"an EOS; their answers are likely cut off (raise --max-new-tokens)")
     return payload
 
 

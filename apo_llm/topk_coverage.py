@@ -230,6 +230,7 @@ def plot_coverage(report: dict, path: str | Path, title: str = "") -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K")
     ax.set_ylabel("P(true next token in Top-K)")
+    ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)

@@ -270,3 +270,123 @@ def test_markdown_and_plot(tmp_path):
     assert len(table.splitlines()) == 4 and "| apo | 4 |" in table
     ev.plot_pass_at_k(summary, [1, 2, 4], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_paired_deltas_against_direct_differences():
+    recs = []
+    rng = np.random.default_rng(0)
+    cs = {m: rng.integers(0, 5, size=5) for m in ("base", "grpo", "apo")}
+    for m, c in cs.items():
+        recs += [{"model": m, "problem_id": f"p{i}", "n": 4, "c": int(c[i])} for i in range(5 if m != "apo" else 4)]
+    d = ev.paired_deltas(recs, [1, 4], "base", ["base", "grpo", "apo"])
+    assert set(d) == {"grpo", "apo"} and d["apo"]["problems"] == 4
+    from apo_llm.metrics import pass_at_k
+
+    for m, P in (("grpo", 5), ("apo", 4)):
+        for k in (1, 4):
+            diff = [pass_at_k(4, int(cs[m][i]), k) - pass_at_k(4, int(cs["base"][i]), k) for i in range(P)]
+            assert d[m]["pass@k"][str(k)]["mean"] == pytest.approx(np.mean(diff), abs=1e-12)
+            assert d[m]["pass@k"][str(k)]["se"] == pytest.approx(np.std(diff, ddof=1) / np.sqrt(P), abs=1e-12)
+    assert "| apo - base | 4 |" in ev.markdown_deltas(d, [1, 4])
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on the tiny model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run ~10x faster on one thread when pytest-xdist workers share two cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def cli(model_dir, out, *extra, limit=3):
+    return ["--model", str(model_dir), "--dataset", "synthetic", "--n", "4", "--k", "1,2,4", "--max-new-tokens", "48",
+            "--limit", str(limit), "--batch-size", "8", "--seed", "3", "--out", str(out), "--save-completions", *extra]
+
+
+def test_tiny_model_reproducible_and_rescored(tiny_model_dir, one_thread, tmp_path):
+    """Same seed -> identical per-problem records; saved (n, c) agree with re-scored completions."""
+    from apo_llm.rewards import score_completions
+
+    a = ev.main(cli(tiny_model_dir, tmp_path / "a"))
+    ev.main(cli(tiny_model_dir, tmp_path / "b"))
+    ra = ev.read_records(tmp_path / "a" / ev.PER_PROBLEM_FILE)
+    rb = ev.read_records(tmp_path / "b" / ev.PER_PROBLEM_FILE)
+    assert len(ra) == 3 and ra == rb
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"per_problem.jsonl", "summary.json", "pass_at_k.png"}
+    assert json.loads((tmp_path / "a" / ev.SUMMARY_FILE).read_text())["models"] == a["models"]
+    for r in ra:
+        rewards = score_completions("synthetic", r["completions"], [r["gold"]] * r["n"])
+        assert r["c"] == sum(x > 0.5 for x in rewards)
+        assert r["greedy_correct"] == (score_completions("synthetic", [r["greedy_completion"]], [r["gold"]])[0] > 0.5)
+    # a different seed draws other samples
+    ev.main(cli(tiny_model_dir, tmp_path / "c", "--seed", "4"))
+    rc = ev.read_records(tmp_path / "c" / ev.PER_PROBLEM_FILE)
+    assert [r["completions"] for r in rc] != [r["completions"] for r in ra]
+    # greedy does not depend on the seed
+    assert [r["greedy_completion"] for r in rc] == [r["greedy_completion"] for r in ra]
+
+
+def test_tiny_model_resume_equals_fresh_run(tiny_model_dir, one_thread, tmp_path, monkeypatch):
+    """Interrupted after 2 problems (torn last line), resumed to 4: only the missing problems are
+    sampled, and the result equals a fresh 4-problem run."""
+    import apo_llm.rollout
+
+    ev.main(cli(tiny_model_dir, tmp_path / "r", limit=2))
+    path = tmp_path / "r" / ev.PER_PROBLEM_FILE
+    with open(path, "a") as fh:
+        fh.write('{"model": "base", "problem_id": "synthetic-te')  # killed mid-write
+    real = apo_llm.rollout.generate_completions
+    seen = []
+
+    def counting(model, tokenizer, prompts, *a, **k):
+        seen.extend(prompts if k.get("do_sample", True) else [])
+        return real(model, tokenizer, prompts, *a, **k)
+
+    monkeypatch.setattr(apo_llm.rollout, "generate_completions", counting)
+    with pytest.warns(UserWarning, match="torn"):
+        resumed = ev.main(cli(tiny_model_dir, tmp_path / "r", limit=4))
+    assert len(seen) == 2
+    again = ev.main(cli(tiny_model_dir, tmp_path / "r", limit=4))  # nothing left to do
+    assert len(seen) == 2 and again["models"] == resumed["models"]
+    fresh = ev.main(cli(tiny_model_dir, tmp_path / "f", limit=4))
+    assert ev.read_records(path) == ev.read_records(tmp_path / "f" / ev.PER_PROBLEM_FILE)
+    assert resumed["models"] == fresh["models"]
+    with pytest.raises(ValueError, match="n: saved 4 vs now 8"):
+        ev.main(cli(tiny_model_dir, tmp_path / "r", "--n", "8", limit=4))
+
+
+def test_tiny_model_base_and_adapter_side_by_side(tiny_model_dir, one_thread, tmp_path):
+    """A training-output-style dir with a LoRA adapter: 'base' equals the base model alone
+    (adapter disabled), the adapter is evaluated under its label and differs from the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    peft_model.save_pretrained(tmp_path / "run_apo" / "adapter")
+
+    alone = ev.main(cli(tiny_model_dir, tmp_path / "alone", limit=2))
+    both = ev.main(cli(tiny_model_dir, tmp_path / "both", "--adapters", str(tmp_path / "run_apo"),
+                       "--labels", "apo", limit=2))
+    assert list(both["models"]) == ["base", "apo"]
+    recs = ev.read_records(tmp_path / "both" / ev.PER_PROBLEM_FILE)
+    base = [r for r in recs if r["model"] == "base"]
+    apo = [r for r in recs if r["model"] == "apo"]
+    assert base == ev.read_records(tmp_path / "alone" / ev.PER_PROBLEM_FILE)
+    assert both["models"]["base"] == alone["models"]["base"]
+    assert [r["completions"] for r in apo] != [r["completions"] for r in base]
+    assert set(both["paired_deltas"]) == {"apo"}
+    # --summary-only recomputes other k from the saved counts without sampling
+    only = ev.main(["--summary-only", "--out", str(tmp_path / "both"), "--n", "4", "--k", "1,3"])
+    assert set(only["models"]["apo"]["pass@k"]) == {"1", "3"}
