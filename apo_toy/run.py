@@ -40,7 +40,21 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
     }
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
+    (out / "table.md").write_text(markdown_table(summary))
     plot(table, out, preset)
+
+
+TABLE_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256")
+
+
+def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
+    """Final mean +- std over seeds per method, with the base policy first (README format)."""
+    head = "| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    rows = []
+    for r in [dict(summary["base"], method="base (reference)")] + summary["methods"]:
+        cells = [f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a" for k in keys]
+        rows.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:
@@ -117,7 +131,8 @@ def main(argv=None) -> int:
     settings = {"spec": dataclasses.asdict(p.spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
-    print(f"wrote {args.out}/metrics.jsonl, summary.json, curves.png, pass_at_k.png")
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png")
     return 0
 
 

@@ -93,3 +93,16 @@ def test_every_preset_is_well_formed():
         p.cfg.validate()
         for m in p.methods:
             get_method(m)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_on_a_small_suite(name):
+    """Each preset's methods and settings (mode, epochs, collapse phase) run end to end, shortened."""
+    import dataclasses
+
+    p = PRESETS[name]
+    cfg = dataclasses.replace(p.cfg, steps=1, init_steps=min(p.cfg.init_steps, 2))
+    spec = dataclasses.replace(p.spec, n_prompts=2, depth=min(p.spec.depth, 2))
+    for mode in ("exact", "sampled"):
+        t = run(spec, p.methods, dataclasses.replace(cfg, mode=mode), preset=name)
+        assert len(t.where(step=1)) == len(p.methods)
