@@ -171,7 +171,7 @@ def _synthetic_one(rng: random.Random, index: int, split: str) -> Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     total = rng.randint(2, 15)
     events: list[tuple[str, int, str, str | None]] = []  # (kind, amount, story text, product step)
-    for _ in range(rng.choice((1, 1, 2, 2, 3))):
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
         kind = rng.choice(("gain", "gain", "loss", "loss", "group"))
         if kind == "loss" and total < 2:
             kind = "gain"

@@ -89,11 +89,19 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced
 
 
+FIRST_CALL_TIMEOUT_S = 30  # per process: one-time math-verify initialisation took ~7 s on a loaded CPU
+_MV_WARM = False
+
+
 def _math_verify_equal(gold: str, pred: str, timeout_s: float | None) -> bool:
     """math-verify: parse both as LaTeX inside $...$, then verify(gold, pred) (gold first)."""
     from math_verify import parse, verify  # lazy: pulls sympy
 
+    global _MV_WARM
     t = None if timeout_s is None else max(1, math.ceil(timeout_s))  # signal.alarm takes whole seconds
+    if not _MV_WARM and t is not None:
+        t = max(t, FIRST_CALL_TIMEOUT_S)  # the first call pays sympy/ANTLR set-up: don't time it out
+    _MV_WARM = True
     gold_p = parse(f"${gold}$", parsing_timeout=t)
     pred_p = parse(f"${pred}$", parsing_timeout=t)
     if not gold_p or not pred_p:
