@@ -85,6 +85,7 @@ class EvalConfig:
     chat_template: str = field(default="auto", metadata={"help": "auto (use the tokenizer's chat template if it has one) | on | off"})
     dtype: Optional[str] = field(default=None, metadata={"help": "model dtype (default: bfloat16 on GPU, float32 on CPU)"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda | ... (default: cuda if available)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default; 1 is fastest for the tiny model on a busy machine)"})
     summary_only: bool = field(default=False, metadata={"help": "only recompute summary/plot/table from per_problem.jsonl (no sampling)"})
 
     @property
@@ -107,6 +108,8 @@ class EvalConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 when given, got {self.limit}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
         if self.chat_template not in ("auto", "on", "off"):
             raise ValueError(f"chat_template: must be auto, on or off, got {self.chat_template!r}")
         if self.labels and len(self.labels) != len(self.adapters):
@@ -580,6 +583,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         from apo_llm.modeling import load_model_and_tokenizer
         from apo_llm.tiny import ensure_tiny_model
 
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
