@@ -1,0 +1,103 @@
+"""CLI: regenerate every figure. `python -m paper_figures --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import ALL_FIGURES, SIM_FIGURES
+
+DEFAULT_OUT = Path(__file__).parent / "figures"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for the PNG and PDF files")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (seconds, for CI); figures are not for reading")
+    ap.add_argument("--only", nargs="*", default=None, choices=ALL_FIGURES, help="make only these figures")
+    ap.add_argument("--train-runs", nargs="*", type=Path, default=[], help="apo_llm.train output dirs")
+    ap.add_argument("--eval-dirs", nargs="*", type=Path, default=[], help="apo_llm.evaluate output dirs")
+    ap.add_argument("--topk", type=Path, default=None,
+                    help="apo_llm.topk_coverage output dir (default: compute on the tiny model)")
+    ap.add_argument("--no-topk", action="store_true", help="skip the Top-K coverage figure")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the simulator is small)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from . import llm, sim, style
+
+    torch.set_num_threads(max(args.threads, 1))
+    style.setup()
+    sz = sim.QUICK if args.quick else sim.FULL
+    want = set(args.only) if args.only else set(SIM_FIGURES) | {"topk_coverage"}
+    if args.train_runs:
+        want.add("training_curves")
+    if args.eval_dirs:
+        want.add("eval_passk")
+    if args.no_topk:
+        want.discard("topk_coverage")
+    for flag, name, given in (("--train-runs", "training_curves", args.train_runs),
+                              ("--eval-dirs", "eval_passk", args.eval_dirs)):
+        if name in want and not given:
+            print(f"error: figure {name} needs {flag}", file=sys.stderr)
+            return 2
+    out = args.out
+    written, numbers = [], {}
+
+    def make(name: str, fn) -> None:
+        if name not in want:
+            return
+        t0 = time.perf_counter()
+        paths, info = fn()
+        written.extend(paths)
+        numbers[name] = info
+        print(f"[paper_figures] {name}: {time.perf_counter() - t0:.1f} s -> {paths[0]}", flush=True)
+
+    make("squeezing", lambda: sim.fig_squeezing(out, sz))
+    if want & {"rsc_trajectories", "passk_curves"}:
+        t0 = time.perf_counter()
+        table = sim.run_main(sz)
+        print(f"[paper_figures] main simulator runs: {time.perf_counter() - t0:.1f} s", flush=True)
+        make("rsc_trajectories", lambda: sim.fig_rsc(out, sz, table))
+        make("passk_curves", lambda: sim.fig_passk(out, sz, table))
+    make("frontier", lambda: sim.fig_frontier(out, sz, sim.run_sweep(sz)))
+    make("elastic_recovery", lambda: sim.fig_recovery(out, sz))
+    make("ablation_clip_anchoring", lambda: sim.fig_ablation(out, sz))
+
+    def topk():
+        if args.topk is not None:
+            path = args.topk / "topk_coverage.json"
+            if not path.is_file():
+                raise SystemExit(f"error: --topk {args.topk} has no topk_coverage.json")
+            report, source = json.loads(path.read_text()), Path(str(json.loads(path.read_text()).get("model", "model"))).name
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:  # the coverage tool's own files are not figures
+                report = llm.compute_topk_report(Path(tmp), quick=args.quick)
+            source = "tiny Llama (quick build)" if args.quick else "tiny Llama"
+        return llm.fig_topk(out, report, source)
+
+    make("topk_coverage", topk)
+    make("training_curves", lambda: llm.fig_training(out, args.train_runs))
+    make("eval_passk", lambda: llm.fig_eval(out, args.eval_dirs))
+    num_file = out / "numbers.json"
+    if args.only and num_file.is_file():  # a partial rerun keeps the other figures' numbers
+        numbers = {**json.loads(num_file.read_text()), **numbers}
+    num_file.write_text(json.dumps(numbers, indent=1, default=float) + "\n")
+    print(f"[paper_figures] wrote {len(written)} files into {out}; plotted numbers in {out / 'numbers.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

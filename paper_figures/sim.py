@@ -1,0 +1,319 @@
+"""Figures from the tree simulator (apo_toy): every number goes through apo_llm.objectives.policy_loss.
+
+Each `fig_*` function runs its experiment at the given `Sizes`, draws one figure, saves it as
+PNG + PDF and returns the written paths together with a small dict of the plotted final numbers
+(the CLI prints them, so a run's log states what its figures show).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apo_llm.objectives import LossConfig, policy_loss
+from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, run
+
+from . import style
+
+
+@dataclass
+class Sizes:
+    """How big the simulator experiments are (full: the committed figures; quick: the CI test)."""
+
+    n_prompts: int = field(default=32, metadata={"help": "prompts (trees) per suite"})
+    steps: int = field(default=200, metadata={"help": "RL steps per run"})
+    seeds: int = field(default=3, metadata={"help": "seeds (suites) per method: the error bands"})
+    sweep_seeds: int = field(default=2, metadata={"help": "seeds of the frontier sweep (13 arms)"})
+    eval_every: int = field(default=5, metadata={"help": "measure every n steps"})
+    init_steps: int = field(default=100, metadata={"help": "GRPO collapse steps before the recovery runs"})
+
+
+FULL = Sizes()
+QUICK = Sizes(n_prompts=6, steps=12, seeds=2, sweep_seeds=1, eval_every=4, init_steps=10)
+
+MAIN_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "apo")
+
+
+def _spec(sz: Sizes) -> SuiteSpec:
+    return SuiteSpec(n_prompts=sz.n_prompts)
+
+
+def _curves(table, method: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps [S], values [seeds, S]) of one method's measured steps."""
+    sub = table.where(method=method)
+    seeds = sub.unique("seed")
+    steps = np.array(sorted({r["step"] for r in sub.rows}))
+    vals = np.full((len(seeds), len(steps)), np.nan)
+    for i, s in enumerate(seeds):
+        for r in sub.where(seed=s).rows:
+            vals[i, np.searchsorted(steps, r["step"])] = r.get(key, np.nan)
+    return steps, vals
+
+
+def _final(table, method: str, key: str) -> np.ndarray:
+    """Final value of `key` per seed."""
+    return table.final().where(method=method).column(key)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Negative squeezing at one node (theory.md section 2)
+# --------------------------------------------------------------------------------------------
+
+
+def squeeze_step(pi: torch.Tensor, ybar: int, eta: float) -> torch.Tensor:
+    """Logits after one SGD step of GRPO's policy_loss with A = -1 on the single token ybar.
+
+    At theta = theta_old the ratio is 1 and unclipped, so the gradient of -A w is
+    grad log pi_ybar = e_ybar - pi: the step is one descent step on log pi_ybar.
+    """
+    z = pi.log().clone().requires_grad_(True)  # logits whose softmax is pi
+    logp = torch.log_softmax(z, -1)[ybar].view(1, 1)  # [B=1, T=1]
+    loss, _ = policy_loss(LossConfig(name="grpo"), logp, logp.detach(), torch.tensor([-1.0], dtype=pi.dtype),
+                          torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    return (z - eta * z.grad).detach()
+
+
+def fig_squeezing(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
+    import matplotlib.pyplot as plt
+
+    # a peaky node: mode 0.55, a rare *valid* token (index 5), the wrong token ybar (index 3)
+    pi = torch.tensor([0.55, 0.15, 0.10, 0.06, 0.05, 0.03, 0.025, 0.02, 0.015, 0.01], dtype=torch.float64)
+    pi = pi / pi.sum()  # a proper distribution (the numbers above sum to 1.01)
+    ybar, valid = 3, 5
+    eta = 0.3
+    z1 = squeeze_step(pi, ybar, eta)
+    pi1 = torch.softmax(z1, -1)
+    measured = (pi1.log() - pi.log()).numpy()
+    sq = float((pi**2).sum())
+    first_order = (eta * (pi - sq + pi[ybar])).numpy()
+    first_order[ybar] = -eta * (1 + sq - 2 * float(pi[ybar]))
+    thr = sq - float(pi[ybar])
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    idx = np.arange(len(pi))
+    a1.bar(idx - 0.2, pi.numpy(), 0.4, color=style.OKABE_ITO["grey"], label="before")
+    a1.bar(idx + 0.2, pi1.numpy(), 0.4, color=style.OKABE_ITO["blue"], label=f"after one step (eta={eta})")
+    a1.set_xticks(idx, [f"{i}" + ("\nwrong" if i == ybar else "\nvalid" if i == valid else "") for i in idx])
+    a1.set_xlabel("token k (sorted by pi)")
+    a1.set_ylabel("probability pi_k")
+    a1.set_title("Pushing down a wrong token: freed mass goes to the mode")
+    a1.legend()
+    cols = [style.OKABE_ITO["vermillion"] if i == ybar else style.OKABE_ITO["green"] if i == valid
+            else style.OKABE_ITO["sky"] for i in idx]
+    a2.bar(idx, measured, color=cols, label="measured  log pi'_k - log pi_k")
+    a2.plot(idx, first_order, "k_", ms=18, mew=2, label="first order  eta (pi_k - ||pi||^2 + pi_ybar)")
+    a2.axhline(0, color="k", lw=0.8)
+    gain_cut = np.interp(thr, pi.numpy()[::-1], idx[::-1].astype(float))
+    a2.axvline(gain_cut, color=style.OKABE_ITO["orange"], ls="--",
+               label=f"gain threshold pi_k = ||pi||^2 - pi_ybar = {thr:.3f}")
+    a2.set_xticks(idx)
+    a2.set_xlabel("token k (sorted by pi)")
+    a2.set_ylabel("change of log-probability (nats)")
+    a2.set_title("Only tokens above the threshold gain")
+    a2.legend(loc="lower right", fontsize=7)
+    info = {"threshold": thr, "dlogpi_mode": float(measured[0]), "dlogpi_rare_valid": float(measured[valid])}
+    return style.save(fig, out, "squeezing"), info
+
+
+# --------------------------------------------------------------------------------------------
+# 2-4. RSC trajectories, pass@k curves, accuracy-diversity frontier
+# --------------------------------------------------------------------------------------------
+
+
+def run_main(sz: Sizes, mode: str = "exact"):
+    """GRPO vs KL variants vs APO on the default suite (the rsc preset's arms)."""
+    cfg = RunConfig(mode=mode, steps=sz.steps, eval_every=sz.eval_every)
+    return run(_spec(sz), MAIN_METHODS, cfg, seeds=sz.seeds, preset="rsc")
+
+
+def fig_rsc(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
+    import matplotlib.pyplot as plt
+
+    panels = [("pass@1", "Pass@1 (success probability)"), ("pass@256", "Pass@256"),
+              ("coverage", "share of base-valid leaves kept"), ("distinct@256", "distinct correct leaves in 256 samples")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    info = {}
+    base = table.where(method="base")
+    for ax, (key, ylab) in zip(axes, panels):
+        for m in MAIN_METHODS:
+            steps, vals = _curves(table, m, key)
+            style.band(ax, steps, vals, m)
+            info[f"{m}/{key}"] = float(np.nanmean(vals[:, -1]))
+        b = base.column(key)
+        ax.axhline(float(np.mean(b)), color=style.color("base"), ls="--", lw=1.2, label=style.label("base"))
+        info[f"base/{key}"] = float(np.mean(b))
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylab)
+        ax.set_title(key)
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"Recursive Space Contraction in the tree simulator (exact dynamics, {sz.n_prompts} prompts, "
+                 f"b=10, D=3; mean +- std over {sz.seeds} suites)", fontsize=11)
+    return style.save(fig, out, "rsc_trajectories"), info
+
+
+def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    info = {}
+    base = np.array([table.where(method="base").column(f"pass@{k}") for k in PASS_KS])  # [k, seeds]
+    for m in ("base",) + MAIN_METHODS:
+        vals = base if m == "base" else np.array([_final(table, m, f"pass@{k}") for k in PASS_KS])
+        mean, std = vals.mean(1), vals.std(1)
+        a1.errorbar(PASS_KS, mean, yerr=std, color=style.color(m), ls=style.linestyle(m), marker="o", ms=4,
+                    capsize=3, label=style.label(m))
+        if m != "base":
+            d = vals - base  # paired by suite
+            a2.errorbar(PASS_KS, d.mean(1), yerr=d.std(1), color=style.color(m), marker="o", ms=4, capsize=3,
+                        label=style.label(m))
+        info[m] = {f"pass@{k}": float(v) for k, v in zip(PASS_KS, mean)}
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(PASS_KS, [str(k) for k in PASS_KS])
+        a.set_xlabel("k (samples per prompt)")
+    a1.set_ylabel("pass@k = 1 - (1 - p)^k, mean over prompts")
+    a1.set_title(f"pass@k after {sz.steps} steps")
+    a1.legend(loc="lower right")
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_ylabel("pass@k(method) - pass@k(base)")
+    a2.set_title("Gain over the base policy (paired by suite)")
+    return style.save(fig, out, "passk_curves"), info
+
+
+def run_sweep(sz: Sizes):
+    """kl_coef sweep of the k3 and full-KL arms and beta sweep of APO (the tradeoff preset)."""
+    ms = [get_method("grpo")]
+    for c in (0.01, 0.05, 0.2, 0.5):
+        ms.append(get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c))
+        ms.append(get_method("grpo_kl_full", name=f"grpo_kl_full@{c}", kl_coef=c))
+    for beta in (0.05, 0.1, 0.3, 1.0):
+        ms.append(get_method("apo", name=f"apo@{beta}", apo_beta=beta))
+    cfg = RunConfig(mode="exact", steps=sz.steps, eval_every=sz.steps)
+    return run(_spec(sz), ms, cfg, seeds=sz.sweep_seeds, preset="tradeoff")
+
+
+def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    info = {}
+    fams = {}
+    for m in table.final().unique("method"):
+        if m != "base":
+            fams.setdefault(style.family(m), []).append(m)
+    for ax, ykey, ylab in ((axes[0], "pass@256", "Pass@256"), (axes[1], "coverage", "share of base-valid leaves kept")):
+        b = table.where(method="base")
+        ax.plot(np.mean(b.column("pass@1")), np.mean(b.column(ykey)), "k*", ms=12, label=style.label("base"))
+        for fam, ms in fams.items():
+            xs = [np.mean(_final(table, m, "pass@1")) for m in ms]
+            ys = [np.mean(_final(table, m, ykey)) for m in ms]
+            ax.plot(xs, ys, marker="o", color=style.color(fam), ls="-" if len(ms) > 1 else "none",
+                    label=style.label(fam) + (" (sweep)" if len(ms) > 1 else ""))
+            for m, x, y in zip(ms, xs, ys):
+                if "@" in m:
+                    ax.annotate(m.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                                color=style.color(fam))
+                info[f"{m}/{ykey}"] = float(y)
+                info[f"{m}/pass@1"] = float(x)
+        ax.set_xlabel("Pass@1 (accuracy)")
+        ax.set_ylabel(ylab + " (diversity)")
+    axes[0].set_title("Accuracy-diversity frontier: Pass@1 vs Pass@256")
+    axes[1].set_title("... and vs coverage of base-valid leaves")
+    axes[1].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"Labels: KL coefficient (KL arms) or beta (APO); {sz.steps} exact steps, "
+                 f"mean over {sz.sweep_seeds} suites", fontsize=9)
+    return style.save(fig, out, "frontier"), info
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Elastic recovery
+# --------------------------------------------------------------------------------------------
+
+RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only")
+
+
+def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
+    """Start every arm from the same GRPO-collapsed policy and watch the squeezed branches."""
+    import matplotlib.pyplot as plt
+
+    cfg = RunConfig(mode="exact", steps=sz.steps, eval_every=sz.eval_every, init_steps=sz.init_steps)
+    table = run(_spec(sz), RECOVERY_METHODS, cfg, seeds=sz.seeds, preset="recovery")
+    panels = [("branch_rare_in", "P(rare valid leaf inside Top-K)"), ("branch_secondary", "P(secondary valid leaf)"),
+              ("coverage", "share of base-valid leaves kept"), ("pass@1", "Pass@1")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    info = {}
+    base = table.where(method="base")
+    for ax, (key, ylab) in zip(axes, panels):
+        for m in RECOVERY_METHODS:
+            steps, vals = _curves(table, m, key)
+            style.band(ax, steps, vals, m)
+            info[f"{m}/{key}"] = [float(np.nanmean(vals[:, 0])), float(np.nanmean(vals[:, -1]))]
+        ax.axhline(float(np.mean(base.column(key))), color=style.color("base"), ls="--", lw=1.2,
+                   label=style.label("base"))
+        ax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
+        ax.set_ylabel(ylab)
+        if key.startswith("branch"):
+            ax.set_yscale("log")
+    axes[0].legend(loc="best")
+    fig.suptitle("Elastic recovery: every arm starts from the same GRPO-collapsed policy "
+                 f"(exact dynamics, mean +- std over {sz.seeds} suites)", fontsize=11)
+    return style.save(fig, out, "elastic_recovery"), info
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Ablations: clip placement and anchoring
+# --------------------------------------------------------------------------------------------
+
+
+HATCH = {"apo@K=2": "//", "apo@K=4": ".."}  # K variants share APO's colour
+VARIANT_LS = {"apo@K=2": "-.", "apo@K=4": ":"}
+
+
+def fig_ablation(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
+    """Rectified vs push-only clipping, exclusive vs inclusive anchoring, K; sampled, 4 PPO epochs."""
+    import matplotlib.pyplot as plt
+
+    arms = [get_method("grpo"), get_method("apo"), get_method("apo_push_only"), get_method("apo_inclusive"),
+            get_method("apo", name="apo@K=2", apo_k=2), get_method("apo", name="apo@K=4", apo_k=4)]
+    cfg = RunConfig(mode="sampled", steps=sz.steps, eval_every=sz.eval_every, epochs=4)
+    table = run(_spec(sz), arms, cfg, seeds=sz.seeds, preset="ablation")
+    names = [a.name for a in arms]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    info = {}
+    x = np.arange(len(names))
+    for ax, key, ylab in ((axes[0], "pass@1", "Pass@1"), (axes[1], "coverage", "share of base-valid leaves kept"),
+                          (axes[2], "distinct@256", "distinct correct leaves in 256 samples")):
+        vals = [_final(table, m, key) for m in names]
+        bars = ax.bar(x, [v.mean() for v in vals], yerr=[v.std() for v in vals], capsize=3,
+                      color=[style.color(m) for m in names], edgecolor="white")
+        for bar, m in zip(bars, names):
+            bar.set_hatch(HATCH.get(m, ""))
+        ax.axhline(float(np.mean(table.where(method="base").column(key))), color="k", ls="--", lw=1,
+                   label="base")
+        ax.set_xticks(x, [style.label(m).replace(" (", "\n(") for m in names], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(ylab)
+        ax.set_title(f"final {key}")
+        info.update({f"{m}/{key}": float(v.mean()) for m, v in zip(names, vals)})
+    axes[0].legend(loc="lower right")
+    ax = axes[3]
+    for m in names[1:]:
+        steps, vals = _curves(table, m, "apo/neg_clipped_frac")
+        ok = steps > 0
+        style.band(ax, steps[ok], vals[:, ok], m, lbl=style.label(m), ls=VARIANT_LS.get(m, style.linestyle(m)))
+        info[f"{m}/neg_clipped_frac"] = float(np.nanmean(vals[:, ok]))
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("clipped share of A<0 tokens")
+    ax.set_title("How often negative tokens are clipped")
+    ax.legend(fontsize=6)
+    fig.suptitle(f"APO ablations: clip placement, anchoring, K (sampled dynamics, G=8, 4 PPO epochs; "
+                 f"mean +- std over {sz.seeds} seeds)", fontsize=11)
+    return style.save(fig, out, "ablation_clip_anchoring"), info
+
+
+def quick_sizes(**kw) -> Sizes:
+    return dataclasses.replace(QUICK, **kw)
