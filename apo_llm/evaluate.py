@@ -528,12 +528,28 @@ def load_eval_problems(dataset: str, split: str, limit: Optional[int]) -> tuple[
     return problems, stats
 
 
-def load_adapters(model: Any, specs: Sequence[str], labels: Sequence[str]) -> Any:
-    """Wrap `model` with every adapter (peft PeftModel.from_pretrained / load_adapter), by label."""
-    from peft import PeftModel
+def _same_model(a: Optional[str], b: str) -> bool:
+    if a is None:
+        return True  # the adapter does not say; nothing to check
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def load_adapters(model: Any, specs: Sequence[str], labels: Sequence[str], model_path: str = "") -> Any:
+    """Wrap `model` with every adapter (peft PeftModel.from_pretrained / load_adapter), by label.
+
+    Warns when an adapter says it was trained on another base model than the one evaluated."""
+    from peft import PeftConfig, PeftModel
 
     peft_model = model
     for i, (spec, label) in enumerate(zip(specs, labels)):
+        try:
+            trained_on = PeftConfig.from_pretrained(spec).base_model_name_or_path
+        except Exception:  # unreadable config: the load below reports it
+            trained_on = None
+        if model_path and not _same_model(trained_on, model_path):
+            warnings.warn(f"adapters: {spec!r} was trained on {trained_on!r} but the base model is {model_path!r}")
         try:
             if i == 0:
                 peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
@@ -589,7 +605,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
-        model = load_adapters(model, adapter_specs, labels[0 if cfg.no_base else 1:])
+        model = load_adapters(model, adapter_specs, labels[0 if cfg.no_base else 1:], model_path)
         model.eval()
         prompts = format_prompts(tokenizer, [p.prompt for p in problems], cfg.chat_template)
         for label in labels:

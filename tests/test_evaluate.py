@@ -387,6 +387,18 @@ def test_tiny_model_base_and_adapter_side_by_side(tiny_model_dir, one_thread, tm
     assert both["models"]["base"] == alone["models"]["base"]
     assert [r["completions"] for r in apo] != [r["completions"] for r in base]
     assert set(both["paired_deltas"]) == {"apo"}
+    # an adapter trained on another base model is flagged
+    cfg_path = tmp_path / "run_apo" / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "someone/other-model"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="trained on 'someone/other-model'"):
+        ev.load_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), [str(cfg_path.parent)], ["apo"],
+                         str(tiny_model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ev.load_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), [str(cfg_path.parent)], ["apo"],
+                         "someone/other-model")
     # --summary-only recomputes other k from the saved counts without sampling
     only = ev.main(["--summary-only", "--out", str(tmp_path / "both"), "--n", "4", "--k", "1,3"])
     assert set(only["models"]["apo"]["pass@k"]) == {"1", "3"}
