@@ -201,6 +201,16 @@ def resolve_adapter(spec: str) -> str:
     return spec  # a hub id; peft downloads it (errors are wrapped in load_adapters)
 
 
+def check_model_spec(spec: Optional[str]) -> None:
+    """A --model that is neither a local directory nor (with the hub reachable) a hub id: ValueError now."""
+    if spec is None or Path(spec).expanduser().is_dir():
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if Path(spec).expanduser().exists() or offline or re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", spec) is None:
+        raise ValueError(f"model: {spec!r} is not a local model directory"
+                         + (" (and HF_HUB_OFFLINE is set, so it cannot be a hub id)" if offline else ""))
+
+
 def adapter_labels(specs: Sequence[str], labels: Sequence[str]) -> list[str]:
     """Given labels, or the last path component of each adapter; unique and never 'base'."""
     out: list[str] = []
@@ -574,6 +584,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Validate, resolve adapters, load data and model, sample what is missing, summarize."""
     cfg.validate()
     adapter_specs = [resolve_adapter(a) for a in cfg.adapters]  # missing adapter: error before anything heavy
+    if not cfg.summary_only:
+        check_model_spec(cfg.model)
     labels = ([] if cfg.no_base else [BASE_LABEL]) + adapter_labels(cfg.adapters, cfg.labels)
     out_dir = Path(cfg.out)
     if cfg.summary_only:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from apo_llm.evaluate import build_parser, format_prompts, load_eval_problems, parse_ks
+from apo_llm.evaluate import build_parser, check_model_spec, format_prompts, load_eval_problems, parse_ks
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
 SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between prompt and solution
@@ -277,6 +277,7 @@ def run_coverage(cfg: CoverageConfig) -> dict:
     """Load model and problems, count Top-K hits, write topk_coverage.{json,md,png}."""
     cfg.validate()
     ks, edges = parse_ks(cfg.k), parse_buckets(cfg.buckets)
+    check_model_spec(cfg.model)
     problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit)
     from apo_llm.modeling import load_model_and_tokenizer
     from apo_llm.tiny import ensure_tiny_model

@@ -238,6 +238,17 @@ def test_missing_adapter_fails_before_loading_anything(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_missing_model_fails_early(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="model: .*not a local model directory"):
+        ev.main(["--model", str(tmp_path / "nope"), "--n", "2", "--k", "1", "--out", str(tmp_path / "o")])
+    from apo_llm.topk_coverage import main as coverage_main
+
+    with pytest.raises(ValueError, match="model: .*HF_HUB_OFFLINE"):
+        coverage_main(["--model", "Qwen/Qwen2.5-Math-7B", "--limit", "2", "--out", str(tmp_path / "c")])
+    ev.check_model_spec(str(tmp_path))  # an existing directory passes
+
+
 def test_k_larger_than_n_fails(tmp_path):
     with pytest.raises(ValueError, match="k: pass@16 needs n >= 16"):
         ev.main(["--n", "4", "--k", "1,16", "--out", str(tmp_path / "o")])
