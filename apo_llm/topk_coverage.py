@@ -252,13 +252,19 @@ def tokenize_examples(tokenizer: Any, problems: Sequence[Any], chat_template: st
     """(prompt_ids, solution_ids) per problem with a solution; counts skipped and cut problems.
 
     Both are tokenized without added special tokens, separately, as `generate_completions` and
-    the tiny model's SFT do. solution_prefix 'auto': a newline after a raw-text prompt (the tiny
-    model's completions start on a new line), nothing after a chat-templated one.
+    the tiny model's SFT do. solution_prefix 'auto': after a raw-text prompt the tiny model's
+    COMPLETION_PREFIX (a newline: its completions start on a new line), nothing after a
+    chat-templated prompt (the assistant turn starts right there).
     """
+    from apo_llm.tiny import COMPLETION_PREFIX
+
     with_solution = [p for p in problems if p.solution]
     prompts = format_prompts(tokenizer, [p.prompt for p in with_solution], chat_template)
     templated = bool(with_solution) and prompts[0] != with_solution[0].prompt
-    prefix = ("" if templated else "\n") if solution_prefix == "auto" else SOLUTION_PREFIXES[solution_prefix]
+    if solution_prefix == "auto":
+        prefix = "" if templated else COMPLETION_PREFIX
+    else:
+        prefix = SOLUTION_PREFIXES[solution_prefix]
     examples, cut = [], 0
     for problem, prompt in zip(with_solution, prompts):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

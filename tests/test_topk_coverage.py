@@ -222,3 +222,32 @@ def test_cli_on_tiny_model(tiny_model_dir, one_thread, tmp_path):
     assert saved["tokens"] == total
     for k in hits:
         assert saved["coverage"][str(k)] == pytest.approx(hits[k] / total, abs=1e-12)
+
+
+def test_prompts_and_targets_as_in_training(tiny_model_dir):
+    """Raw prompt: the tiny model's newline prefix before the solution; chat template: the
+    templated prompt and no prefix; 'on' without a template is an error."""
+    from transformers import AutoTokenizer
+
+    from apo_llm.data import synthetic_problems
+    from apo_llm.evaluate import format_prompts
+    from apo_llm.topk_coverage import tokenize_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = synthetic_problems(2, 0, "test")
+    problems[1].solution = None
+    examples, stats = tokenize_examples(tok, problems, "auto", 1024, append_eos=True)
+    assert stats["skipped_no_solution"] == 1 and len(examples) == 1
+    prompt_ids, target = examples[0]
+    assert prompt_ids == tok(problems[0].prompt, add_special_tokens=False)["input_ids"]
+    assert target == tok("\n" + problems[0].solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with pytest.raises(ValueError, match="chat_template"):
+        format_prompts(tok, ["x"], "on")
+
+    tok.chat_template = ("{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}"
+                         "{% if add_generation_prompt %}<bot>{% endif %}")
+    examples, stats = tokenize_examples(tok, problems[:1], "auto", 5, append_eos=False)
+    assert tok.decode(examples[0][0]) == f"<user>{problems[0].prompt}</user><bot>"
+    assert examples[0][1] == tok(problems[0].solution, add_special_tokens=False)["input_ids"][:5]
+    assert stats["cut_to_max_target_tokens"] == 1 and stats["solution_prefix"] == ""
+    assert format_prompts(tok, ["x"], "off") == ["x"]
