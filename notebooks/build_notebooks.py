@@ -350,13 +350,15 @@ for ax, key in zip(axes, ("pass@256", "coverage")):
     ax.set(xlabel="Pass@1 (accuracy)", ylabel=key + " (diversity)", title=f"Pass@1 vs {key} after 60 exact steps")
 axes[1].legend(fontsize=7); plt.show()'''),
 ("md", """What this shows, honestly: the KL arms trade Pass@1 for coverage as their coefficient grows (the
-accuracy-diversity trade-off); GRPO sits at the high-Pass@1, low-coverage end. Where APO lands
-relative to the KL frontier in this small suite is printed above; in our runs of this simulator
-APO stays close to GRPO rather than breaking the trade-off (see the README's simulator section and
-`paper_figures/figures/frontier.png` for the full-size sweep)."""),
+accuracy-diversity trade-off); GRPO sits at the high-Pass@1, low-coverage end. APO at the paper's
+`beta = 0.1` stays next to GRPO in this simulator (it keeps little extra coverage). At `beta = 1.0`
+it keeps most of the coverage while losing less Pass@1 than the exact reverse-KL arm at 0.5, i.e.
+it lies on the favourable side of that arm; the full-size sweep over KL coefficients and beta is
+`paper_figures/figures/frontier.png`."""),
 ("md", """**Closing checks.** The enumeration identities hold to float64 precision; the reverse-KL gradient
 opposes the reward gradient on a sharpened correct token while APO equals GRPO there; a strong
-KL costs Pass@1 and keeps more coverage than GRPO."""),
+KL costs Pass@1 and keeps more coverage than GRPO; APO with `beta = 1` keeps more coverage than
+GRPO and dominates the reverse-KL arm at 0.5 (higher Pass@1, at least its coverage)."""),
 ("code", '''for name, (got, want) in checks.items():
     assert torch.allclose(got, want, atol=1e-12, rtol=0), name
 assert not torch.allclose(checks["k3"][0], checks["k2"][0], atol=1e-3)    # k3 is not the reverse KL
@@ -366,6 +368,9 @@ for kl in ("grpo_kl@0.5", "grpo_kl_full@0.5"):
     assert fin[kl]["pass@1"] < fin["grpo"]["pass@1"], kl
     assert fin[kl]["coverage"] >= fin["grpo"]["coverage"], kl
 assert fin["grpo_kl_full@0.5"]["pass@1"] < fin["grpo_kl_full@0.05"]["pass@1"]   # stronger shape matching, less accuracy
+assert fin["apo@1.0"]["coverage"] > fin["grpo"]["coverage"] + 0.1                # a strong pull keeps support
+assert fin["apo@1.0"]["pass@1"] > fin["grpo_kl_full@0.5"]["pass@1"]              # ... at a smaller accuracy cost
+assert fin["apo@1.0"]["coverage"] >= fin["grpo_kl_full@0.5"]["coverage"]
 print("all checks passed")'''),
 ]
 
@@ -421,7 +426,7 @@ print("pull gradient vs -(beta|A|/Z_ref) grad M_S: max diff", float((pull_grad -
 pi = torch.softmax(z, -1)
 inS = torch.zeros(b, dtype=torch.float64); inS[S] = 1
 onehot = torch.zeros(b, dtype=torch.float64); onehot[y] = 1
-closed = abs(A) * (1.05 * 1.0 * (pi - onehot) + (beta / Z_ref) * pi * (inS - float(M_S)))
+closed = abs(A) * (1.05 * 1.0 * (pi - onehot) + (beta / Z_ref) * pi * (inS - float(M_S.detach())))
 print("full -dL/dz vs closed form (rectified clip, inside the window): max diff",
       float((-apo_grad(beta, clip="rectified")[0] - closed).abs().max()))'''),
 ("md", """**Elastic force.** The extra push-up of an anchor per unit `pi_j` is `(beta/Z_ref)(1 - M_S)`. Shrink
@@ -566,7 +571,7 @@ pol = completion_token_stats(policy, ids, am, n_prompt, gather_ids=ref_stats.top
 targets = ids[:, n_prompt:]                                          # y_t, [B, T]
 is_sampled = ref_stats.topk_ids == targets[..., None]                # [B, T, K] is y_t this anchor?
 r_anchor, z_ref = anchor_ratio(pol.gathered_logp, ref_stats.topk_logp, ~is_sampled)   # exclusive anchoring
-manifold = pol.gathered_logp.exp().sum(-1)                           # pi_theta mass on TopK(pi_ref), [B, T]
+manifold = pol.gathered_logp.detach().exp().sum(-1)                           # pi_theta mass on TopK(pi_ref), [B, T]
 inside = is_sampled.any(-1)
 print(f"tokens: {int(mask.sum())}; sampled token inside reference Top-{K}: {float(inside[mask].float().mean()):.3f}")
 print(f"safe-manifold mass of the policy: mean {float(manifold[mask].mean()):.3f}; "
@@ -583,6 +588,13 @@ policy.zero_grad()
 losses["apo"][0].backward()
 grad_ok = all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 print("APO loss backpropagates through the chunked stats into the model:", grad_ok)"""),
+("md", """Look at `apo/z_ref_mean`, `apo/r_anchor_mean` and `apo/neg_clipped_frac` above. When the sampled
+token `y_t` is the reference's own top token (the usual case for a confident model), the anchor
+set `S = TopK \\ {y_t}` holds little reference mass, so `Z_ref` is small and `r_anchor = M_S / Z_ref`
+is large as soon as the policy has moved some mass onto `S`. Under the *rectified* clip placement
+`r_APO = lambda w - beta r_anchor` then falls below `1 - eps_low` and the whole token, push included,
+gets zero gradient (apo_method.md section 3, the OPEN clip placement). `apo_clip="push_only"`
+avoids this; the trainer logs the share so a run can be checked."""),
 ("md", """**A 2-step APO training run** through the trainer's Python API (LoRA on the tiny model, 2 prompts x
 4 completions per step, evaluation before and after), then what its `metrics.jsonl` means."""),
 ("code", """from apo_llm.config import build_config

@@ -31,14 +31,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from . import llm, sim, style
-
-    torch.set_num_threads(max(args.threads, 1))
-    style.setup()
-    sz = sim.QUICK if args.quick else sim.FULL
     want = set(args.only) if args.only else set(SIM_FIGURES) | {"topk_coverage"}
     if args.train_runs:
         want.add("training_curves")
@@ -51,6 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name in want and not given:
             print(f"error: figure {name} needs {flag}", file=sys.stderr)
             return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from . import llm, sim, style
+
+    torch.set_num_threads(max(args.threads, 1))
+    style.setup()
+    sz = sim.QUICK if args.quick else sim.FULL
     out = args.out
     written, numbers = [], {}
 
@@ -58,7 +58,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name not in want:
             return
         t0 = time.perf_counter()
-        paths, info = fn()
+        try:
+            paths, info = fn()
+        except ValueError as err:  # bad input paths / files: a clear message, not a traceback
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         written.extend(paths)
         numbers[name] = info
         print(f"[paper_figures] {name}: {time.perf_counter() - t0:.1f} s -> {paths[0]}", flush=True)

@@ -47,15 +47,18 @@ def fig_topk(out: Path, report: dict, source: str) -> tuple[list[Path], dict]:
     paper = sorted(PAPER_COVERAGE.items())
     ax.plot([k for k, _ in paper], [100 * v for _, v in paper], "x:", color=style.OKABE_ITO["black"], ms=8,
             label="paper: Qwen2.5-Math-7B on MATH")
+    lows = [report["coverage"][str(k)] for k in ks] + [v for _, v in paper]
+    lows += [b["coverage"][str(k)] for b in report["buckets"] if b["tokens"] for k in ks]
+    bottom = max(0.0, 100 * min(lows) - 5)
     ax.axvline(8, color=style.OKABE_ITO["grey"], lw=0.8)
-    ax.text(8.3, 2, "K = 8 (APO default)", fontsize=8, color=style.OKABE_ITO["grey"])
+    ax.text(8.3, bottom + 0.55 * (100 - bottom), "K = 8 (APO default)", fontsize=8, color=style.OKABE_ITO["grey"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (size of the reference Top-K)")
     ax.set_ylabel("true next token inside TopK(pi_ref) (%)")
-    ax.set_ylim(0, 101)
+    ax.set_ylim(bottom, 100.5)
     ax.set_title("Top-K coverage of reference solutions (teacher forcing)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     info = {f"coverage@{k}": report["coverage"][str(k)] for k in ks}
     return style.save(fig, out, "topk_coverage"), info
 
