@@ -5,9 +5,10 @@ No hub is reachable here, so the project builds its own "base model" for the syn
 
   1. train a byte-level BPE tokenizer (digits split one per token) on the task text;
   2. build a tiny LlamaConfig model from scratch;
-  3. supervised fine-tuning on (prompt, worked solution) pairs, loss on completion tokens only,
-     evaluating sampled pass@1 (temperature 1) every few steps and stopping once it passes
-     `target_pass1`, so the policy is right often but not always: RL has something to sharpen;
+  3. supervised fine-tuning on (prompt, worked solution) pairs (next-token loss on the story and the
+     solution; the story's repeated names teach the copying the solutions need), evaluating sampled
+     pass@1 (temperature 1) every few steps and stopping once it reaches `target_pass1`, so the policy
+     is right often but not always: RL has something to sharpen and something to lose;
   4. save_pretrained (model + tokenizer) and build_info.json (pass@1, params, seconds).
 
 Builds are seeded and deterministic on CPU, run under a file lock, and are written to a temporary
