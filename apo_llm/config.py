@@ -72,7 +72,7 @@ class DataSection:
 @dataclass
 class RolloutSection:
     num_generations: int = _f(8, "G: completions per prompt (group size)")
-    max_new_tokens: int = _f(32, "completion length limit (>= 512 GSM8K, >= 1024 MATH)")
+    max_new_tokens: int = _f(64, "completion length limit (>= 512 GSM8K, >= 1024 MATH)")
     temperature: float = _f(1.0, "sampling temperature; log-probs use logits / temperature")
     top_p: float = _f(1.0, "nucleus sampling (1.0 keeps log-probs equal to the sampling distribution)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
@@ -83,10 +83,10 @@ class RolloutSection:
 class TrainSection:
     steps: int = _f(30, "number of RL steps (each: sample, score, update)")
     prompts_per_step: int = _f(8, "prompts sampled per step (rows = prompts_per_step * G)")
-    ppo_epochs: int = _f(1, "passes over each step's rollouts")
-    mini_batch_size: int = _f(64, "sequences per optimizer step (must divide the rollout rows)")
+    ppo_epochs: int = _f(2, "passes over each step's rollouts")
+    mini_batch_size: int = _f(32, "sequences per optimizer step (must divide the rollout rows)")
     micro_batch_size: int = _f(32, "sequences per forward/backward (gradient accumulation within a minibatch)")
-    lr: float = _f(2e-3, "AdamW learning rate (LoRA: ~1e-5..3e-5 on real models; tiny model higher)")
+    lr: float = _f(1e-3, "AdamW learning rate (LoRA: ~1e-5..3e-5 on real models; the tiny model takes 1e-3)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     warmup_steps: int = _f(2, "linear warmup optimizer steps")

@@ -195,6 +195,7 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
     sums: dict[str, float] = {}
     weight = 0.0
     grad_norms, skipped, n_updates = [], 0, 0
+    mb_losses: list[float] = []  # each minibatch's loss = the sum of its micro-batch parts
     model.train()
     for _ in range(tc.ppo_epochs):
         order = torch.randperm(N)  # global torch RNG: restored on resume
@@ -202,6 +203,7 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
             mb_rows = order[mb_start: mb_start + tc.mini_batch_size]
             mb_tokens = float(mask[mb_rows].sum())
             finite = True
+            mb_loss = 0.0
             for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
                 rows = mb_rows[sl]
                 ids, am, t = _trim(comp, rows)
@@ -229,6 +231,7 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
                     finite = False
                     break
                 accelerator.backward(loss)
+                mb_loss += float(loss.detach())
                 w = float(m.sum())
                 weight += w
                 for k, v in metrics.items():
@@ -242,14 +245,14 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
                 optimizer.step()
                 scheduler.step()
                 grad_norms.append(gn)
+                mb_losses.append(mb_loss)
                 n_updates += 1
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-    out = {k: v / weight for k, v in sums.items()} if weight else {}
-    for k in ("loss", "pg_loss"):  # losses are sums of micro-batch parts: report per-minibatch means
-        if k in out:
-            out[k] = sums[k] / weight
+    # diagnostics: token-weighted means over micro-batches (fractions and means of token quantities)
+    out = {k: v / weight for k, v in sums.items() if k not in ("loss", "pg_loss", "num_tokens")} if weight else {}
+    out["loss"] = float(np.mean(mb_losses)) if mb_losses else float("nan")
     out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
     out["nonfinite/skipped_updates"] = float(skipped)
     out["optimizer_steps"] = float(n_updates)
@@ -486,7 +489,8 @@ def train(cfg: RunConfig) -> dict:
     summary = {"steps": state["step"], "finished": finished, "run_dir": str(run_dir),
                "nonfinite_steps": state["nonfinite_total"], "eval": state["eval_history"]}
     if finished:
-        if do_eval and cfg.train.steps % cfg.eval.every != 0:
+        evaluated = [e["step"] for e in state["eval_history"]]
+        if do_eval and state["step"] not in evaluated:
             run_eval(state["step"])
             summary["eval"] = state["eval_history"]
         policy.save_pretrained(run_dir / "adapter")
@@ -523,8 +527,8 @@ def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passe
         m["kl"] = float(kl_estimate("k3", passes["old_logp"], passes["ref_logp"], None)[mask].mean())
     for k, v in upd.items():
         if k == "kl":
-            m["kl_loss_term"] = v  # the loss's own KL (current policy, its estimator)
-        elif k != "entropy":
+            m["kl_loss_term"] = v  # the loss's own KL term (current policy, its estimator)
+        elif k != "entropy":  # entropy is logged from the behaviour pass above
             m[k] = v
     return m
 

@@ -1,0 +1,126 @@
+"""Per-step time and peak memory of grpo (no reference pass), grpo_kl and apo, side by side.
+
+Each (model, loss) runs the real training loop (`python -m apo_llm.train`) in its own process
+(so CPU peak RSS is per run), with the same seeds, and the per-step timings of metrics.jsonl are
+averaged over the steps after the first (warm-up). Split: generate / old log-probs / reference /
+update. Targets from issue 4: apo <= 1.10x grpo and apo <= 1.03x grpo_kl (step time).
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                     # tiny + random ~25M Llama
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --models tiny --steps 6
+    python benchmarks/bench_train.py --device cuda --models tiny,random25m --max-new-tokens 256
+
+Timings on a shared CPU are noisy: rerun, and compare only numbers from the same machine and run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOSSES = {"grpo": [], "grpo_kl": ["--loss.kl_coef", "0.001"], "apo": []}
+PHASES = ["timing/generate", "timing/old_logp", "timing/reference", "timing/update", "timing/step"]
+
+
+def build_random_llama(out: Path, tokenizer_from: str, hidden: int = 512, layers: int = 8) -> Path:
+    """A random-init Llama (~25M parameters at the defaults) with the tiny model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"[bench] random Llama: {model.num_parameters() / 1e6:.1f}M parameters at {out}", flush=True)
+    return out
+
+
+def run_one(model_path: str, loss: str, out_dir: Path, args) -> dict:
+    name = f"{Path(model_path).name}-{loss}"
+    cmd = [sys.executable, "-m", "apo_llm.train", "--model.name_or_path", model_path, "--loss.name", loss,
+           *LOSSES[loss], "--train.steps", str(args.steps), "--train.prompts_per_step", str(args.prompts),
+           "--rollout.num_generations", str(args.G), "--rollout.max_new_tokens", str(args.max_new_tokens),
+           "--train.mini_batch_size", str(args.prompts * args.G), "--train.micro_batch_size", str(args.micro),
+           "--eval.every", "0", "--checkpoint.every", "0", "--logging.plots", "false",
+           "--logging.progress", "false", "--logging.output_dir", str(out_dir), "--logging.run_name", name]
+    if args.device:
+        cmd += ["--model.device", args.device]
+    if args.dtype:
+        cmd += ["--model.dtype", args.dtype]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "timing/step" in r][1:]  # drop the warm-up step
+    res = {k: sum(r[k] for r in rows) / len(rows) for k in PHASES}
+    res["memory/peak_mb"] = max(r["memory/peak_mb"] for r in rows)
+    res["num_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,random25m", help="comma list: tiny | random25m | a model path")
+    ap.add_argument("--losses", default="grpo,grpo_kl,apo")
+    ap.add_argument("--steps", type=int, default=4, help="steps per run (the first is dropped as warm-up)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--micro", type=int, default=32)
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: the accelerator's)")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    ap.add_argument("--tiny-path", default=None, help="use this tiny model dir instead of ensure_tiny_model()")
+    ap.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    results: dict[str, dict] = {}
+    tiny_path = args.tiny_path
+    if tiny_path is None and ({"tiny", "random25m"} & set(args.models.split(","))):
+        from apo_llm.tiny import ensure_tiny_model
+
+        tiny_path = str(ensure_tiny_model())
+    for model in args.models.split(","):
+        if model == "tiny":
+            path = tiny_path
+        elif model == "random25m":
+            path = str(build_random_llama(work / "random25m", tiny_path))
+        else:
+            path = model
+        results[model] = {}
+        for loss in args.losses.split(","):
+            print(f"[bench] {model} / {loss} ...", flush=True)
+            results[model][loss] = run_one(path, loss, work, args)
+
+    cols = ["generate", "old_logp", "reference", "update", "step"]
+    print(f"\nseconds per step (mean of steps 2..{args.steps}), prompts={args.prompts} G={args.G} "
+          f"max_new_tokens={args.max_new_tokens}; peak memory in MB")
+    print(f"{'model':<12}{'loss':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'peak MB':>10}{'tokens':>8}")
+    for model, by_loss in results.items():
+        for loss, r in by_loss.items():
+            print(f"{model:<12}{loss:<10}" + "".join(f"{r['timing/' + c]:>11.3f}" for c in cols)
+                  + f"{r['memory/peak_mb']:>10.0f}{r['num_tokens']:>8.0f}")
+        if {"apo", "grpo", "grpo_kl"} <= by_loss.keys():
+            a, g, k = by_loss["apo"], by_loss["grpo"], by_loss["grpo_kl"]
+            train_side = lambda r: r["timing/step"] - r["timing/generate"]  # noqa: E731
+            print(f"  {model}: apo/grpo step {a['timing/step'] / g['timing/step']:.3f}x (target <= 1.10), "
+                  f"apo/grpo_kl step {a['timing/step'] / k['timing/step']:.3f}x (target <= 1.03); "
+                  f"without generation: {train_side(a) / train_side(g):.3f}x, {train_side(a) / train_side(k):.3f}x; "
+                  f"peak memory apo/grpo {a['memory/peak_mb'] / g['memory/peak_mb']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
