@@ -115,7 +115,7 @@ def main() -> None:
     z2 = suite.ref_logits.clone().requires_grad_(True)
     vec, _ = exact_loss(suite, cfg, z2, exact_batch(suite, cfg, suite.ref_logits, 8, m.adv))
     vec.backward()
-    print(f"check (256 leaves): loop loss {float(loop):.12f} vs exact {float(vec):.12f}, "
+    print(f"check (256 leaves): loop loss {float(loop.detach()):.12f} vs exact {float(vec.detach()):.12f}, "
           f"max grad diff {float((z1.grad - z2.grad).abs().max()):.2e}")
 
 
