@@ -105,12 +105,12 @@ def fig_squeezing(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     a1.legend()
     cols = [style.OKABE_ITO["vermillion"] if i == ybar else style.OKABE_ITO["green"] if i == valid
             else style.OKABE_ITO["sky"] for i in idx]
-    a2.bar(idx, measured, color=cols, label="measured  log pi'_k - log pi_k")
-    a2.plot(idx, first_order, "k_", ms=18, mew=2, label="first order  eta (pi_k - ||pi||^2 + pi_ybar)")
+    a2.bar(idx, measured, color=cols, label="measured change")
+    a2.plot(idx, first_order, "k_", ms=18, mew=2, label="eta (pi_k - ||pi||^2 + pi_ybar)")
     a2.axhline(0, color="k", lw=0.8)
     gain_cut = np.interp(thr, pi.numpy()[::-1], idx[::-1].astype(float))
     a2.axvline(gain_cut, color=style.OKABE_ITO["orange"], ls="--",
-               label=f"gain threshold pi_k = ||pi||^2 - pi_ybar = {thr:.3f}")
+               label=f"threshold ||pi||^2 - pi_ybar = {thr:.3f}")
     a2.set_xticks(idx)
     a2.set_xlabel("token k (sorted by pi)")
     a2.set_ylabel("change of log-probability (nats)")
