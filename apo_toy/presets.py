@@ -225,6 +225,8 @@ def _kl_sweep() -> tuple:
         ms.append(get_method("grpo_kl_full", name=f"grpo_kl_full@{c}", kl_coef=c))
     for beta in (0.05, 0.1, 0.3, 1.0):
         ms.append(get_method("apo", name=f"apo@beta={beta}", apo_beta=beta))
+    for beta in (0.1, 0.3, 1.0):  # the pull without the rectified clip (apo_method.md section 3a)
+        ms.append(get_method("apo_push_only", name=f"apo_push_only@beta={beta}", apo_beta=beta))
     return tuple(ms)
 
 
@@ -237,7 +239,7 @@ PRESETS: dict[str, Preset] = {
         Preset("rsc", "GRPO vs KL variants vs APO on a 32-prompt suite (b=10, D=3, K=8): recursive space contraction",
                SuiteSpec(), ("grpo", "dr_grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "entropy", "apo",
                              "apo_push_only", "npg"), RunConfig(steps=200)),
-        Preset("tradeoff", "Pass@1 vs Pass@256 frontier: kl_coef sweep of k3 / full KL, beta sweep of APO",
+        Preset("tradeoff", "Pass@1 vs Pass@256 / coverage frontier: kl_coef sweep of k3 / full KL, beta sweep of APO (both clip placements)",
                SuiteSpec(), _kl_sweep(), RunConfig(steps=200)),
         Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO",
                SuiteSpec(), ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only", "npg"),
