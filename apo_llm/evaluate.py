@@ -345,6 +345,7 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[An
             g_rewards = np.asarray(score_fn(reward_name, list(greedy.texts), golds), dtype=float)  # [problems]
             lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
             truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
+            lines = []
             for j, i in enumerate(idx):
                 rec = {
                     "model": label, "problem_id": problems[i].id, "n": cfg.n,
@@ -359,9 +360,10 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[An
                     rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
                     rec["rewards"] = rewards[j].tolist()
                     rec["greedy_completion"] = greedy.texts[j]
-                fh.write(json.dumps(rec) + "\n")
+                lines.append(json.dumps(rec) + "\n")
                 done.add((label, problems[i].id))
-            fh.flush()  # one problem batch is the unit of resumption
+            fh.write("".join(lines))  # one write per problem batch: the unit of resumption
+            fh.flush()
             os.fsync(fh.fileno())
             written += len(idx)
             bar.update(len(idx))
