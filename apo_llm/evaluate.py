@@ -60,33 +60,40 @@ SAMPLING_KEYS = ("model", "dataset", "split", "n", "temperature", "top_p", "max_
 # --------------------------------------------------------------------------------------------
 
 
+def cli_field(default: Any, help_: str, **meta: Any) -> Any:
+    """A dataclass field with CLI help text (build_parser turns each field into one --flag)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_, **meta})
+    return field(default=default, metadata={"help": help_, **meta})
+
+
 @dataclass
 class EvalConfig:
     """Everything `python -m apo_llm.evaluate` takes; each field is one CLI flag (--field-name)."""
 
-    model: Optional[str] = field(default=None, metadata={"help": "base model: hub id or local path (default: the embedded tiny model)"})
-    adapters: list[str] = field(default_factory=list, metadata={"help": "LoRA adapter dirs, hub ids or training output dirs", "nargs": "*"})
-    labels: list[str] = field(default_factory=list, metadata={"help": "one label per adapter (default: the adapter directory name)", "nargs": "*"})
-    no_base: bool = field(default=False, metadata={"help": "do not evaluate the base model (label 'base')"})
-    dataset: str = field(default="synthetic", metadata={"help": "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH"})
-    split: str = field(default="test", metadata={"help": "dataset split"})
-    n: int = field(default=16, metadata={"help": "samples per problem (n >= max k)"})
-    k: str = field(default="1,4,16", metadata={"help": "comma-separated k values for pass@k"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling top-p in (0, 1]"})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation length limit"})
-    limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first LIMIT problems"})
-    out: str = field(default="runs/eval", metadata={"help": "output directory (reused = resumed)"})
-    batch_size: int = field(default=64, metadata={"help": "sequences per generate call; n samples of batch_size // n problems share one call"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (each problem batch gets a seed derived from it)"})
-    save_completions: bool = field(default=False, metadata={"help": "store every completion and its reward in per_problem.jsonl"})
-    reward: Optional[str] = field(default=None, metadata={"help": "reward function name (default: the dataset's default)"})
-    correct_threshold: float = field(default=0.5, metadata={"help": "a sample counts as correct when reward > threshold"})
-    chat_template: str = field(default="auto", metadata={"help": "auto (use the tokenizer's chat template if it has one) | on | off"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "model dtype (default: bfloat16 on GPU, float32 on CPU)"})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda | ... (default: cuda if available)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default; 1 is fastest for the tiny model on a busy machine)"})
-    summary_only: bool = field(default=False, metadata={"help": "only recompute summary/plot/table from per_problem.jsonl (no sampling)"})
+    model: Optional[str] = cli_field(None, "base model: hub id or local path (default: the embedded tiny model)")
+    adapters: list[str] = cli_field([], "LoRA adapter dirs, hub ids or training output dirs", nargs="*")
+    labels: list[str] = cli_field([], "one label per adapter (default: the adapter directory name)", nargs="*")
+    no_base: bool = cli_field(False, "do not evaluate the base model (label 'base')")
+    dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
+    split: str = cli_field("test", "dataset split")
+    n: int = cli_field(16, "samples per problem (n >= max k)")
+    k: str = cli_field("1,4,16", "comma-separated k values for pass@k")
+    temperature: float = cli_field(1.0, "sampling temperature (> 0)")
+    top_p: float = cli_field(1.0, "nucleus sampling top-p in (0, 1]")
+    max_new_tokens: int = cli_field(256, "generation length limit")
+    limit: Optional[int] = cli_field(None, "evaluate only the first LIMIT problems")
+    out: str = cli_field("runs/eval", "output directory (reused = resumed)")
+    batch_size: int = cli_field(64, "sequences per generate call (batch_size // n problems per call)")
+    seed: int = cli_field(0, "sampling seed (each problem batch gets a seed derived from it)")
+    save_completions: bool = cli_field(False, "store every completion and its reward in per_problem.jsonl")
+    reward: Optional[str] = cli_field(None, "reward function name (default: the dataset's default)")
+    correct_threshold: float = cli_field(0.5, "a sample counts as correct when reward > threshold")
+    chat_template: str = cli_field("auto", "auto (use the tokenizer's chat template if it has one) | on | off")
+    dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
+    threads: int = cli_field(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
+    summary_only: bool = cli_field(False, "only recompute summary/plot/table from per_problem.jsonl (no sampling)")
 
     @property
     def ks(self) -> list[int]:
@@ -100,7 +107,7 @@ class EvalConfig:
         if max(ks) > self.n:
             raise ValueError(f"k: pass@{max(ks)} needs n >= {max(ks)} samples per problem, but n={self.n}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0 for sampling (greedy is always done separately), got {self.temperature}")
+            raise ValueError(f"temperature: must be > 0 (greedy pass@1 is always run separately), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must lie in (0, 1], got {self.top_p}")
         for name in ("max_new_tokens", "batch_size"):
@@ -161,7 +168,8 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs=f.metadata["nargs"], default=default, help=help_)
         else:
             kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, help=f"{help_} (default: {default})")
+            shown = help_ if "default" in help_ else f"{help_} (default: {default})"
+            parser.add_argument(flag, type=kind, default=default, help=shown)
     return parser
 
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from apo_llm.evaluate import build_parser, check_model_spec, format_prompts, load_eval_problems, parse_ks
+from apo_llm.evaluate import build_parser, check_model_spec, cli_field, format_prompts, load_eval_problems, parse_ks
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
 SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between prompt and solution
@@ -39,22 +39,23 @@ SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between 
 class CoverageConfig:
     """Everything `python -m apo_llm.topk_coverage` takes; each field is one CLI flag."""
 
-    model: Optional[str] = field(default=None, metadata={"help": "reference model: hub id or local path (default: the embedded tiny model)"})
-    dataset: str = field(default="synthetic", metadata={"help": "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH (needs solutions)"})
-    split: str = field(default="test", metadata={"help": "dataset split (test: problems the model was not fine-tuned on)"})
-    limit: Optional[int] = field(default=None, metadata={"help": "use only the first LIMIT problems"})
-    k: str = field(default="1,4,8,16", metadata={"help": "comma-separated K values"})
-    buckets: str = field(default="16,64,256", metadata={"help": "position bucket edges: '16,64,256' -> 0-15, 16-63, 64-255, 256+"})
-    max_target_tokens: int = field(default=1024, metadata={"help": "longer solutions are cut to this many tokens (counted)"})
-    solution_prefix: str = field(default="auto", metadata={"help": "text between prompt and solution: auto (newline after a raw prompt, none after a chat template) | newline | space | none"})
-    append_eos: bool = field(default=False, metadata={"help": "also score the EOS token after each solution"})
-    batch_size: int = field(default=8, metadata={"help": "problems per forward pass"})
-    chunk_size: int = field(default=256, metadata={"help": "positions per log-softmax/Top-K chunk"})
-    chat_template: str = field(default="auto", metadata={"help": "auto | on | off, as in training"})
-    out: str = field(default="runs/topk_coverage", metadata={"help": "output directory"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "model dtype (default: bfloat16 on GPU, float32 on CPU)"})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda | ... (default: cuda if available)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default; 1 is fastest for the tiny model on a busy machine)"})
+    model: Optional[str] = cli_field(None, "reference model: hub id or local dir (default: the embedded tiny model)")
+    dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
+    split: str = cli_field("test", "dataset split (test: problems the model was not fine-tuned on)")
+    limit: Optional[int] = cli_field(None, "use only the first LIMIT problems")
+    k: str = cli_field("1,4,8,16", "comma-separated K values")
+    buckets: str = cli_field("16,64,256", "position bucket edges: '16,64,256' -> 0-15, 16-63, 64-255, 256+")
+    max_target_tokens: int = cli_field(1024, "longer solutions are cut to this many tokens (counted)")
+    solution_prefix: str = cli_field("auto", "text between prompt and solution: auto (a newline after a raw "
+                                     "prompt, nothing after a chat template) | newline | space | none")
+    append_eos: bool = cli_field(False, "also score the EOS token after each solution")
+    batch_size: int = cli_field(8, "problems per forward pass")
+    chunk_size: int = cli_field(256, "positions per log-softmax/Top-K chunk")
+    chat_template: str = cli_field("auto", "auto | on | off, as in training")
+    out: str = cli_field("runs/topk_coverage", "output directory")
+    dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
+    threads: int = cli_field(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -70,7 +71,8 @@ class CoverageConfig:
         if self.chat_template not in ("auto", "on", "off"):
             raise ValueError(f"chat_template: must be auto, on or off, got {self.chat_template!r}")
         if self.solution_prefix != "auto" and self.solution_prefix not in SOLUTION_PREFIXES:
-            raise ValueError(f"solution_prefix: must be auto or one of {sorted(SOLUTION_PREFIXES)}, got {self.solution_prefix!r}")
+            raise ValueError(f"solution_prefix: must be auto or one of {sorted(SOLUTION_PREFIXES)}, "
+                             f"got {self.solution_prefix!r}")
 
 
 def parse_buckets(spec: str | Sequence[int]) -> list[int]:
