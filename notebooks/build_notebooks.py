@@ -575,7 +575,7 @@ manifold = pol.gathered_logp.detach().exp().sum(-1)                           # 
 inside = is_sampled.any(-1)
 print(f"tokens: {int(mask.sum())}; sampled token inside reference Top-{K}: {float(inside[mask].float().mean()):.3f}")
 print(f"safe-manifold mass of the policy: mean {float(manifold[mask].mean()):.3f}; "
-      f"r_anchor on A<0 tokens: mean {float(r_anchor[mask & (adv[:, None] < 0)].mean()) if (adv < 0).any() else float('nan'):.3f}")'''),
+      f"r_anchor on A<0 tokens: mean {float(r_anchor.detach()[mask & (adv[:, None] < 0)].mean()) if (adv < 0).any() else float('nan'):.3f}")'''),
 ("code", """adv_tok = adv.to(pol.logp.dtype)
 losses = {}
 for name in ("grpo", "apo"):
@@ -657,6 +657,8 @@ assert evals and all("eval/pass@4" in r for r in evals)
 for lab, e in ev["models"].items():
     curve = [e["pass@k"][str(k)]["mean"] for k in ks]
     assert all(b >= a - 1e-12 for a, b in zip(curve, curve[1:])), (lab, curve)
+import shutil
+shutil.rmtree(work, ignore_errors=True)   # the run and eval folders were only for this notebook
 print("all checks passed")"""),
 ]
 
