@@ -14,12 +14,23 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would hang 20-50 s in retries before failing
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # 2 cores shared by xdist workers
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker (and per subprocess/notebook kernel they start): with 2 workers on
+    # 2 cores, torch's default of one thread per core oversubscribes and small generate calls run
+    # several times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("apo", deadline=None, print_blob=True)
 settings.load_profile("apo")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
 
 
 def _shared_cache(tmp_path_factory) -> Path:
