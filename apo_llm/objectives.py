@@ -395,46 +395,52 @@ def policy_loss(
     return loss, metrics
 
 
-def _masked_mean(x: Tensor, m: Tensor) -> float:
-    n = m.sum()
-    return float((torch.where(m, x, torch.zeros_like(x)).sum() / n)) if n > 0 else 0.0
-
-
 def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux: dict,
                  inputs: dict, kl_tok: Optional[Tensor]) -> dict[str, float]:
-    """Clip fractions split by advantage sign (TRL/verl names) and the APO diagnostics."""
+    """Clip fractions split by advantage sign (TRL/verl names) and the APO diagnostics.
+
+    Every entry is an average over response tokens. With per-sequence `weights` (the simulator's
+    exact mode passes pi_old of each edge) tokens count with |w_i|, so fractions are shares of
+    probability mass rather than counts of rows.
+    """
+    w = inputs.get("weights")
+    tok_w = mask.to(ratio.dtype) * (1.0 if w is None else w.abs()[:, None])  # [B, T]
+
+    def mean(x: Tensor, sel: Tensor) -> float:  # weighted mean of x over the selected tokens
+        den = (tok_w * sel).sum()
+        return float((torch.where(sel, x.to(ratio.dtype), torch.zeros_like(ratio)) * tok_w).sum() / den) if den > 0 else 0.0
+
     rho = aux["rho"]
     pos, neg = mask & (adv > 0), mask & (adv < 0)
     low = neg & (rho < 1.0 - cfg.eps_low)  # flat for A < 0: the push is cut
     high = pos & (rho > 1.0 + cfg.eps_high)  # flat for A > 0
     rho_dual = aux.get("rho_dual", rho)  # what the dual-clip cap compares with c
     dual = neg & ~low & (rho_dual > cfg.clip_c) if cfg.clip_c is not None else torch.zeros_like(mask)
-    f = lambda x: float(x.sum()) / max(float(mask.sum()), 1.0)  # noqa: E731 share of response tokens
     out = {
         "num_tokens": float(mask.sum()),
-        "ratio/mean": _masked_mean(ratio, mask),
-        "clip_ratio/low_mean": f(low),
-        "clip_ratio/high_mean": f(high),
-        "clip_ratio/dual_mean": f(dual),
-        "clip_ratio/region_mean": f(low | high | dual),
-        "clip_frac/pos": float(high.sum()) / max(float(pos.sum()), 1.0),
-        "clip_frac/neg": float((low | dual).sum()) / max(float(neg.sum()), 1.0),
-        "frac_neg_tokens": f(neg),
+        "ratio/mean": mean(ratio, mask),
+        "clip_ratio/low_mean": mean(low, mask),
+        "clip_ratio/high_mean": mean(high, mask),
+        "clip_ratio/dual_mean": mean(dual, mask),
+        "clip_ratio/region_mean": mean(low | high | dual, mask),
+        "clip_frac/pos": mean(high, pos),
+        "clip_frac/neg": mean(low | dual, neg),
+        "frac_neg_tokens": mean(neg, mask),
     }
     if kl_tok is not None:
-        out["kl"] = _masked_mean(kl_tok, mask)
+        out["kl"] = mean(kl_tok, mask)
     if "entropy" in inputs:
-        out["entropy"] = _masked_mean(inputs["entropy"], mask)
+        out["entropy"] = mean(inputs["entropy"], mask)
     if "r_anchor" in aux:
         sampled_in_topk = inputs["anchor_is_sampled"].any(-1)
         manifold = inputs["anchor_logp"].exp().sum(-1)  # [B, T] pi_theta mass on the whole Top-K
         out.update({
-            "apo/r_anchor_mean": _masked_mean(aux["r_anchor"], neg),
-            "apo/pull": _masked_mean(aux["pull"], neg),
-            "apo/z_ref_mean": _masked_mean(aux["z_ref"], mask),
-            "apo/neg_clipped_frac": float((low | dual).sum()) / max(float(neg.sum()), 1.0),
-            "apo/manifold_mass": _masked_mean(manifold, mask),
-            "apo/outside_topk_frac": _masked_mean((~sampled_in_topk).to(ratio.dtype), mask),
+            "apo/r_anchor_mean": mean(aux["r_anchor"], neg),
+            "apo/pull": mean(aux["pull"], neg),
+            "apo/z_ref_mean": mean(aux["z_ref"], mask),
+            "apo/neg_clipped_frac": mean(low | dual, neg),
+            "apo/manifold_mass": mean(manifold, mask),
+            "apo/outside_topk_frac": mean(~sampled_in_topk, mask),
         })
     return out
 

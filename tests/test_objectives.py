@@ -439,3 +439,18 @@ def test_kl_on_wrong_applies_kl_only_to_negative_tokens(seed, B, T, est, coef, a
     assert torch.equal(g_wrong[neg], g_all[neg]) and torch.equal(g_wrong[~neg], g_plain[~neg])
     if est == "full":
         assert torch.equal(g_wrong_full[neg], g_all_full[neg]) and not g_wrong_full[~neg].any()
+
+
+def test_diagnostics_are_weighted_by_sequence_weights():
+    """With weights (the simulator's exact mode), clip fractions are shares of weight, not of rows."""
+    cfg = LossConfig(name="grpo")
+    old = torch.zeros(2, 1, dtype=torch.float64)
+    logp = torch.tensor([[math.log(1.5)], [0.0]], dtype=torch.float64)  # row 0: w = 1.5 > 1.2, clipped
+    adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    _, unweighted = policy_loss(cfg, logp, old, adv, mask)
+    _, weighted = policy_loss(cfg, logp, old, adv, mask, weights=torch.tensor([0.9, 0.1], dtype=torch.float64))
+    assert unweighted["clip_frac/pos"] == pytest.approx(0.5)
+    assert weighted["clip_frac/pos"] == pytest.approx(0.9)
+    assert weighted["ratio/mean"] == pytest.approx(0.9 * 1.5 + 0.1 * 1.0)
+    assert weighted["num_tokens"] == 2.0
