@@ -485,18 +485,19 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
 
     m = mask.bool()
     out: dict[str, Tensor] = {"mask": m}
+    all_on = bool(m.all())  # no pad position anywhere: inputs need no blanking
     adv = adv[:, None].expand(bt) if adv.dim() == 1 else adv
-    out["advantages"] = _clean("advantages", adv, m, allow_inf=False)
-    out["logp"] = _clean("logp", logp, m, allow_inf=True)
+    out["advantages"] = _clean("advantages", adv, m, allow_inf=False, all_on=all_on)
+    out["logp"] = _clean("logp", logp, m, allow_inf=True, all_on=all_on)
     # pi_old(y) must be > 0 for a sampled token: -inf would make w = exp(-inf + inf) = NaN or e^20
-    out["old_logp"] = _clean("old_logp", old_logp, m, allow_inf=False)
+    out["old_logp"] = _clean("old_logp", old_logp, m, allow_inf=False, all_on=all_on)
     for name in ("ref_logp", "kl_full", "entropy"):
         if given[name] is not None and (name != "ref_logp" or cfg.needs_ref_logp):
-            out[name] = _clean(name, given[name], m, allow_inf=(name == "ref_logp"))
+            out[name] = _clean(name, given[name], m, allow_inf=(name == "ref_logp"), all_on=all_on)
     if cfg.needs_anchors:
         mk = m[..., None].expand_as(anchor_logp)
-        out["anchor_logp"] = _clean("anchor_logp", anchor_logp, mk, allow_inf=True, fill=-math.inf)
-        out["anchor_ref_logp"] = _clean("anchor_ref_logp", anchor_ref_logp, mk, allow_inf=True, fill=-math.inf)
+        out["anchor_logp"] = _clean("anchor_logp", anchor_logp, mk, allow_inf=True, fill=-math.inf, all_on=all_on)
+        out["anchor_ref_logp"] = _clean("anchor_ref_logp", anchor_ref_logp, mk, allow_inf=True, fill=-math.inf, all_on=all_on)
         out["anchor_is_sampled"] = anchor_is_sampled.bool()
     if weights is not None:
         if not torch.isfinite(weights).all():
@@ -505,12 +506,15 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
     return out
 
 
-def _clean(name: str, x: Tensor, m: Tensor, *, allow_inf: bool, fill: float = 0.0) -> Tensor:
+def _clean(name: str, x: Tensor, m: Tensor, *, allow_inf: bool, fill: float = 0.0, all_on: bool = False) -> Tensor:
     """Report NaN (and inf where not meaningful) on response positions; blank pad positions."""
     bad = torch.isnan(x) if allow_inf else ~torch.isfinite(x)
-    n_bad = int((bad & m).sum())
-    if n_bad:
-        raise ValueError(f"{name}: {n_bad} response position(s) hold {'NaN' if allow_inf else 'NaN or inf'}")
+    if bool(bad.any()):  # one cheap pass in the common clean case; count only on the error path
+        n_bad = int((bad & m).sum())
+        if n_bad:
+            raise ValueError(f"{name}: {n_bad} response position(s) hold {'NaN' if allow_inf else 'NaN or inf'}")
+    elif all_on:
+        return x  # no pad position to blank (e.g. the simulator's fixed-depth trees)
     return torch.where(m, x, torch.full_like(x, fill))
 
 
