@@ -1,9 +1,17 @@
 """Per-step time and peak memory of grpo (no reference pass), grpo_kl and apo, side by side.
 
-Each (model, loss) runs the real training loop (`python -m apo_llm.train`) in its own process
-(so CPU peak RSS is per run), with the same seeds, and the per-step timings of metrics.jsonl are
-averaged over the steps after the first (warm-up). Split: generate / old log-probs / reference /
-update. Targets from issue 4: apo <= 1.10x grpo and apo <= 1.03x grpo_kl (step time).
+Two modes, both through the trainer's own functions:
+
+- interleaved (default): one rollout batch is generated once; then, round after round, every loss
+  runs the trainer's old-log-prob + reference pass (`train.behaviour_and_reference`) and its update
+  (`train.update`) on it, and the medians are reported. Interleaving on one machine keeps the ratios
+  meaningful when other processes load the CPU. Peak memory: per loss on CUDA; on CPU it is the
+  process's peak RSS so far (monotone, not per loss).
+- loop: the full training loop (`python -m apo_llm.train`) per loss in its own process (so CPU
+  peak RSS is per run), same seeds; means of the per-step timings after the first step.
+
+Split: generate / old log-probs / reference / update. Targets from issue 4: apo <= 1.10x grpo and
+apo <= 1.03x grpo_kl (step time).
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                     # tiny + random ~25M Llama
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --models tiny --steps 6
@@ -23,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
 LOSSES = {"grpo": [], "grpo_kl": ["--loss.kl_coef", "0.001"], "apo": []}
 PHASES = ["timing/generate", "timing/old_logp", "timing/reference", "timing/update", "timing/step"]
 
@@ -67,6 +77,74 @@ def run_one(model_path: str, loss: str, out_dir: Path, args) -> dict:
     return res
 
 
+def interleaved(model_path: str, args) -> dict:
+    """One rollout batch, then old/reference/update of every loss in turn, repeated; medians.
+
+    The losses share the generation (same policy, same seed), so interleaving them on one machine
+    makes the comparison far less sensitive to load from other processes than separate runs.
+    """
+    import statistics
+    import time
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from apo_llm import train as T
+    from apo_llm.config import load_config
+    from apo_llm.modeling import load_model_and_tokenizer, peak_memory_mb, wrap_lora
+    from apo_llm.objectives import group_advantages
+    from apo_llm.rollout import generate_completions
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base, tok = load_model_and_tokenizer(model_path, dtype=args.dtype or "float32", device=str(dev))
+    model = wrap_lora(base)
+    acc = Accelerator(cpu=dev.type == "cpu")
+    cfgs = {loss: load_config(["--loss.name", loss, *LOSSES[loss], "--train.prompts_per_step", str(args.prompts),
+                               "--rollout.num_generations", str(args.G), "--rollout.max_new_tokens",
+                               str(args.max_new_tokens), "--train.mini_batch_size", str(args.prompts * args.G),
+                               "--train.micro_batch_size", str(args.micro), "--train.ppo_epochs", "1",
+                               "--train.lr", "1e-12"])  # a negligible step: the policy stays put
+            for loss in args.losses.split(",")}
+    from apo_llm.data import synthetic_problems
+
+    probs = synthetic_problems(args.prompts, 0, "train")
+    t0 = time.perf_counter()
+    comp = generate_completions(model, tok, [p.prompt for p in probs], args.G, max_new_tokens=args.max_new_tokens,
+                                seed=0)
+    t_gen = time.perf_counter() - t0
+    rewards = torch.tensor([float(i % 3 == 0) for i in range(len(comp.texts))])  # fixed, varied rewards
+    adv = group_advantages(rewards, args.G)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-12)
+    sched = get_scheduler("constant", opt)
+    times = {loss: {"old_logp": [], "reference": [], "update": []} for loss in cfgs}
+    peak = {}
+    for rep in range(args.repeats + 1):
+        for loss, cfg in cfgs.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            passes, t_old, t_ref = T.behaviour_and_reference(cfg, model, comp, dev)
+            t1 = time.perf_counter()
+            T.update(cfg, model, opt, sched, acc, comp, adv, passes, dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t_upd = time.perf_counter() - t1
+            peak[loss] = peak_memory_mb(dev)
+            if rep:  # the first round is warm-up
+                for k, v in (("old_logp", t_old), ("reference", t_ref), ("update", t_upd)):
+                    times[loss][k].append(v)
+    out = {}
+    for loss, t in times.items():
+        r = {f"timing/{k}": statistics.median(v) for k, v in t.items()}
+        r["timing/generate"] = t_gen
+        r["timing/step"] = t_gen + sum(r[f"timing/{k}"] for k in ("old_logp", "reference", "update"))
+        r["memory/peak_mb"] = peak[loss]
+        r["num_tokens"] = float(comp.completion_mask.sum())
+        out[loss] = r
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,random25m", help="comma list: tiny | random25m | a model path")
@@ -78,6 +156,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--micro", type=int, default=32)
     ap.add_argument("--device", default=None, help="cpu | cuda (default: the accelerator's)")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16")
+    ap.add_argument("--mode", default="interleaved", choices=["interleaved", "loop"],
+                    help="interleaved: one process, losses alternate on the same rollouts, medians (default); "
+                         "loop: the full training loop per loss in separate processes")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one warm-up round")
     ap.add_argument("--tiny-path", default=None, help="use this tiny model dir instead of ensure_tiny_model()")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -98,22 +180,29 @@ def main(argv=None) -> dict:
         else:
             path = model
         results[model] = {}
+        if args.mode == "interleaved":
+            print(f"[bench] {model}: interleaved {args.losses} x {args.repeats} rounds ...", flush=True)
+            results[model] = interleaved(path, args)
+            continue
         for loss in args.losses.split(","):
             print(f"[bench] {model} / {loss} ...", flush=True)
             results[model][loss] = run_one(path, loss, work, args)
 
     cols = ["generate", "old_logp", "reference", "update", "step"]
-    print(f"\nseconds per step (mean of steps 2..{args.steps}), prompts={args.prompts} G={args.G} "
+    how = (f"median of {args.repeats} interleaved rounds, shared generation" if args.mode == "interleaved"
+           else f"mean of steps 2..{args.steps}")
+    print(f"\nseconds per step ({how}), prompts={args.prompts} G={args.G} "
           f"max_new_tokens={args.max_new_tokens}; peak memory in MB")
     print(f"{'model':<12}{'loss':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'peak MB':>10}{'tokens':>8}")
     for model, by_loss in results.items():
+        label = Path(model).name[:11]
         for loss, r in by_loss.items():
-            print(f"{model:<12}{loss:<10}" + "".join(f"{r['timing/' + c]:>11.3f}" for c in cols)
+            print(f"{label:<12}{loss:<10}" + "".join(f"{r['timing/' + c]:>11.3f}" for c in cols)
                   + f"{r['memory/peak_mb']:>10.0f}{r['num_tokens']:>8.0f}")
         if {"apo", "grpo", "grpo_kl"} <= by_loss.keys():
             a, g, k = by_loss["apo"], by_loss["grpo"], by_loss["grpo_kl"]
             train_side = lambda r: r["timing/step"] - r["timing/generate"]  # noqa: E731
-            print(f"  {model}: apo/grpo step {a['timing/step'] / g['timing/step']:.3f}x (target <= 1.10), "
+            print(f"  {label}: apo/grpo step {a['timing/step'] / g['timing/step']:.3f}x (target <= 1.10), "
                   f"apo/grpo_kl step {a['timing/step'] / k['timing/step']:.3f}x (target <= 1.03); "
                   f"without generation: {train_side(a) / train_side(g):.3f}x, {train_side(a) / train_side(k):.3f}x; "
                   f"peak memory apo/grpo {a['memory/peak_mb'] / g['memory/peak_mb']:.3f}x")
