@@ -187,8 +187,13 @@ def anchor_ratio(anchor_logp: Tensor, anchor_ref_logp: Tensor, in_anchor_set: Te
     Returns (r_anchor [B, T], Z_ref [B, T]). Where S is empty (Z_ref = 0) r_anchor is 0, so the
     pull vanishes instead of dividing by zero.
     """
-    m_s = (anchor_logp.exp() * in_anchor_set).sum(-1)  # [B, T] policy mass on S
-    z_ref = (anchor_ref_logp.exp() * in_anchor_set).sum(-1)  # [B, T] reference mass on S
+    return _anchor_ratio_from_probs(anchor_logp.exp(), anchor_ref_logp.exp(), in_anchor_set)
+
+
+def _anchor_ratio_from_probs(p_anchor: Tensor, p_ref: Tensor, in_anchor_set: Tensor) -> tuple[Tensor, Tensor]:
+    zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
+    m_s = torch.where(in_anchor_set, p_anchor, zero).sum(-1)  # [B, T] policy mass on S
+    z_ref = torch.where(in_anchor_set, p_ref, zero).sum(-1)  # [B, T] reference mass on S
     has_set = z_ref > 0
     r_anchor = torch.where(has_set, m_s / torch.where(has_set, z_ref, torch.ones_like(z_ref)), torch.zeros_like(m_s))
     return r_anchor, z_ref
@@ -225,7 +230,8 @@ def apo_term(
     the safe manifold S = TopK(pi_ref) minus y_t) up: "elastic recovery".
     """
     in_set = torch.ones_like(anchor_is_sampled) if cfg.apo_anchoring == "inclusive" else ~anchor_is_sampled
-    r_anchor, z_ref = anchor_ratio(anchor_logp, anchor_ref_logp, in_set)
+    p_anchor = anchor_logp.exp()  # [B, T, K] pi_theta on the reference Top-K
+    r_anchor, z_ref = _anchor_ratio_from_probs(p_anchor, anchor_ref_logp.exp(), in_set)
     neg = adv < 0
     grpo_loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
     pull = adv * cfg.apo_beta * r_anchor  # <= 0 on A < 0: minimising raises r_anchor
@@ -239,7 +245,8 @@ def apo_term(
         neg_loss = push + pull
         rho = ratio  # the clip decision of push_only is on w alone
     loss = torch.where(neg, neg_loss, grpo_loss)
-    aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": z_ref, "pull": -pull}
+    aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": z_ref, "pull": -pull,
+           "manifold": p_anchor.detach().sum(-1)}  # [B, T] safe-manifold mass (diagnostic)
     if cfg.apo_clip == "push_only":
         # the dual-clip cap |A| c binds on the push lambda * |A| * w, i.e. where lambda * w > c
         aux["rho_dual"] = torch.where(neg, cfg.apo_lambda * ratio, ratio)
@@ -433,13 +440,12 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
         out["entropy"] = mean(inputs["entropy"], mask)
     if "r_anchor" in aux:
         sampled_in_topk = inputs["anchor_is_sampled"].any(-1)
-        manifold = inputs["anchor_logp"].exp().sum(-1)  # [B, T] pi_theta mass on the whole Top-K
         out.update({
             "apo/r_anchor_mean": mean(aux["r_anchor"], neg),
             "apo/pull": mean(aux["pull"], neg),
             "apo/z_ref_mean": mean(aux["z_ref"], mask),
             "apo/neg_clipped_frac": mean(low | dual, neg),
-            "apo/manifold_mass": mean(manifold, mask),
+            "apo/manifold_mass": mean(aux["manifold"], mask),
             "apo/outside_topk_frac": mean(~sampled_in_topk, mask),
         })
     return out

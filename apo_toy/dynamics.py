@@ -159,9 +159,12 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
             return x[None, :, :, None, :].expand(C, P, N, b, K).reshape(C * E, 1, K)
 
         kw["anchor_logp"] = anchors(logpi.gather(-1, topk))
-        kw["anchor_ref_logp"] = anchors(suite.ref_logpi.gather(-1, topk))
-        sampled = topk[:, :, None, :] == torch.arange(b)[None, None, :, None]  # [P, N, b, K] child a is anchor k
-        kw["anchor_is_sampled"] = sampled[None].expand(C, P, N, b, K).reshape(C * E, 1, K)
+        if "anchor_ref_logp" not in batch:  # theta-independent: built once per exact_batch, reused every epoch
+            batch["anchor_ref_logp"] = anchors(suite.ref_logpi.gather(-1, topk))
+            sampled = topk[:, :, None, :] == torch.arange(b)[None, None, :, None]  # [P, N, b, K] child a is anchor k
+            batch["anchor_is_sampled"] = sampled[None].expand(C, P, N, b, K).reshape(C * E, 1, K)
+        kw["anchor_ref_logp"] = batch["anchor_ref_logp"]
+        kw["anchor_is_sampled"] = batch["anchor_is_sampled"]
     adv = batch["adv"][:, :, None, None].expand(C, P, N, b).reshape(C * E)
     weights = batch["weights"].reshape(C * E)
     mask = torch.ones(C * E, 1, dtype=torch.bool)
