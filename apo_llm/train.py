@@ -102,7 +102,7 @@ def load_data(cfg: RunConfig):
     from apo_llm.rewards import default_reward_for
 
     d = cfg.data
-    train, stats = load_problems(d.source, d.split, path=d.path, limit=d.limit, seed=d.seed)
+    train, stats = load_problems(d.source, d.split, path=d.path, limit=d.limit, seed=d.seed, synthetic_n=d.synthetic_n)
     log.info(stats.summary())
     eval_source = d.eval_source or ("math500" if d.source == "math" else d.source)
     eval_path = d.eval_path or (d.path if eval_source == d.source else None)
