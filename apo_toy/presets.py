@@ -218,7 +218,8 @@ class Preset:
     seeds: int = 1
 
 
-def _kl_sweep() -> tuple:
+def tradeoff_methods() -> tuple:
+    """The `tradeoff` sweep: grpo, k3 and full-KL coefficients, APO beta (both clip placements)."""
     ms = [get_method("grpo")]
     for c in (0.01, 0.05, 0.2, 0.5):
         ms.append(get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c))
@@ -240,7 +241,7 @@ PRESETS: dict[str, Preset] = {
                SuiteSpec(), ("grpo", "dr_grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "entropy", "apo",
                              "apo_push_only", "npg"), RunConfig(steps=200)),
         Preset("tradeoff", "Pass@1 vs Pass@256 / coverage frontier: kl_coef sweep of k3 / full KL, beta sweep of APO (both clip placements)",
-               SuiteSpec(), _kl_sweep(), RunConfig(steps=200)),
+               SuiteSpec(), tradeoff_methods(), RunConfig(steps=200)),
         Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO",
                SuiteSpec(), ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only", "npg"),
                RunConfig(steps=200, init_steps=100)),

@@ -16,6 +16,7 @@ import torch
 
 from apo_llm.objectives import LossConfig, policy_loss
 from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, run
+from apo_toy.presets import tradeoff_methods
 
 from . import style
 
@@ -186,13 +187,8 @@ def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
 
 
 def run_sweep(sz: Sizes):
-    """kl_coef sweep of the k3 and full-KL arms and beta sweep of APO (the tradeoff preset)."""
-    ms = [get_method("grpo")]
-    for c in (0.01, 0.05, 0.2, 0.5):
-        ms.append(get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c))
-        ms.append(get_method("grpo_kl_full", name=f"grpo_kl_full@{c}", kl_coef=c))
-    for beta in (0.05, 0.1, 0.3, 1.0):
-        ms.append(get_method("apo", name=f"apo@{beta}", apo_beta=beta))
+    """The `tradeoff` preset's sweep (kl_coef of the k3 and full-KL arms, beta of APO), at figure sizes."""
+    ms = tradeoff_methods()
     cfg = RunConfig(mode="exact", steps=sz.steps, eval_every=sz.steps)
     return run(_spec(sz), ms, cfg, seeds=sz.sweep_seeds, preset="tradeoff")
 
@@ -216,7 +212,7 @@ def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
                     label=style.label(fam) + (" (sweep)" if len(ms) > 1 else ""))
             for m, x, y in zip(ms, xs, ys):
                 if "@" in m:
-                    ax.annotate(m.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                    ax.annotate(m.split("@")[1].removeprefix("beta="), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
                                 color=style.color(fam))
                 info[f"{m}/{ykey}"] = float(y)
                 info[f"{m}/pass@1"] = float(x)
