@@ -113,12 +113,7 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: must be >= 1 when given, got {self.limit}")
-        if self.threads < 0:
-            raise ValueError(f"threads: must be >= 0, got {self.threads}")
-        if self.chat_template not in ("auto", "on", "off"):
-            raise ValueError(f"chat_template: must be auto, on or off, got {self.chat_template!r}")
+        check_shared_fields(self)
         if self.labels and len(self.labels) != len(self.adapters):
             raise ValueError(f"labels: got {len(self.labels)} labels for {len(self.adapters)} adapters")
         if self.no_base and not self.adapters and not self.summary_only:
@@ -207,6 +202,16 @@ def resolve_adapter(spec: str) -> str:
         raise ValueError(f"adapters: {spec!r} does not exist locally"
                          + ("" if not hub_like else " (and HF_HUB_OFFLINE is set, so it cannot be a hub id)"))
     return spec  # a hub id; peft downloads it (errors are wrapped in load_adapters)
+
+
+def check_shared_fields(cfg) -> None:
+    """The checks the evaluator and the Top-K coverage configs share (limit, threads, chat_template)."""
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"limit: must be >= 1 when given, got {cfg.limit}")
+    if cfg.threads < 0:
+        raise ValueError(f"threads: must be >= 0, got {cfg.threads}")
+    if cfg.chat_template not in ("auto", "on", "off"):
+        raise ValueError(f"chat_template: must be auto, on or off, got {cfg.chat_template!r}")
 
 
 def check_model_spec(spec: Optional[str]) -> None:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from apo_llm.evaluate import build_parser, check_model_spec, cli_field, format_prompts, load_eval_problems, parse_ks
+from apo_llm.evaluate import (build_parser, check_model_spec, check_shared_fields, cli_field, format_prompts,
+                              load_eval_problems, parse_ks)
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
 SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between prompt and solution
@@ -64,12 +65,7 @@ class CoverageConfig:
         for name in ("max_target_tokens", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: must be >= 1 when given, got {self.limit}")
-        if self.threads < 0:
-            raise ValueError(f"threads: must be >= 0, got {self.threads}")
-        if self.chat_template not in ("auto", "on", "off"):
-            raise ValueError(f"chat_template: must be auto, on or off, got {self.chat_template!r}")
+        check_shared_fields(self)
         if self.solution_prefix != "auto" and self.solution_prefix not in SOLUTION_PREFIXES:
             raise ValueError(f"solution_prefix: must be auto or one of {sorted(SOLUTION_PREFIXES)}, "
                              f"got {self.solution_prefix!r}")
