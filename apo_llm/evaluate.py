@@ -214,6 +214,23 @@ def check_shared_fields(cfg) -> None:
         raise ValueError(f"chat_template: must be auto, on or off, got {cfg.chat_template!r}")
 
 
+def load_base_model(cfg) -> tuple:
+    """(model, tokenizer, path) for the evaluator and Top-K coverage configs: threads, device and
+    dtype defaults (bf16 on GPU, float32 on CPU), the embedded tiny model when no model is given."""
+    import torch
+
+    from apo_llm.modeling import load_model_and_tokenizer
+    from apo_llm.tiny import ensure_tiny_model
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    return model, tokenizer, model_path
+
+
 def check_model_spec(spec: Optional[str]) -> None:
     """A --model that is neither a local directory nor (with the hub reachable) a hub id: ValueError now."""
     if spec is None or Path(spec).expanduser().is_dir():
@@ -621,17 +638,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     pending = {lab: sum((lab, p.id) not in done for p in problems) for lab in labels}
     print(f"[evaluate] {len(problems)} problems; to sample: " + ", ".join(f"{k}={v}" for k, v in pending.items()))
     if any(pending.values()):
-        import torch
-
-        from apo_llm.modeling import load_model_and_tokenizer
-        from apo_llm.tiny import ensure_tiny_model
-
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
-        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+        model, tokenizer, model_path = load_base_model(cfg)
         model = load_adapters(model, adapter_specs, labels[0 if cfg.no_base else 1:], model_path)
         model.eval()
         prompts = format_prompts(tokenizer, [p.prompt for p in problems], cfg.chat_template)

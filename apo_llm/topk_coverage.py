@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from apo_llm.evaluate import (build_parser, check_model_spec, check_shared_fields, cli_field, format_prompts,
-                              load_eval_problems, parse_ks)
+                              load_base_model, load_eval_problems, parse_ks)
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
 SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between prompt and solution
@@ -283,15 +283,7 @@ def run_coverage(cfg: CoverageConfig) -> dict:
     ks, edges = parse_ks(cfg.k), parse_buckets(cfg.buckets)
     check_model_spec(cfg.model)
     problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit)
-    from apo_llm.modeling import load_model_and_tokenizer
-    from apo_llm.tiny import ensure_tiny_model
-
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    model, tokenizer, model_path = load_base_model(cfg)
     model.eval()
     examples, data_stats = tokenize_examples(tokenizer, problems, cfg.chat_template, cfg.max_target_tokens,
                                              cfg.append_eos, cfg.solution_prefix)
