@@ -122,5 +122,5 @@ def pytest_runtest_setup(item) -> None:
     for mark in item.iter_markers(name="requires"):
         missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
         if missing:
-            hint = ", ".join(f"{m} (extra '{EXTRAS.get(m, m)}')" for m in missing)
+            hint = ", ".join(f"{m} (extra '{EXTRAS[m]}')" if m in EXTRAS else m for m in missing)
             pytest.skip(f"optional module not installed: {hint}")
