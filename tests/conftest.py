@@ -103,6 +103,23 @@ def _area(path: Path) -> str:
     return "llm"
 
 
+LANE_MARKERS = {
+    "slow": "builds/trains/samples a model, runs notebooks, figures or a CLI (still run in CI)",
+    "requires": "requires(*modules): skip unless these optional modules are importable",
+    "core": "loss module tests", "toy": "simulator tests", "llm": "trainer, data, rewards, evaluation tests",
+    "teaching": "notebooks and figures",
+}
+
+
+def pytest_configure(config) -> None:
+    # pyproject.toml registers these; registering any that a merged pyproject lost keeps
+    # `--strict-markers` and the unknown-mark warning quiet.
+    known = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    for name, text in LANE_MARKERS.items():
+        if name not in known:
+            config.addinivalue_line("markers", f"{name}: {text}")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         path = Path(str(item.fspath))
