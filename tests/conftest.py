@@ -122,7 +122,7 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        path = Path(str(item.fspath))
+        path = Path(item.path)
         area = _area(path)
         item.add_marker(getattr(pytest.mark, area))
         if (area == "teaching" or path.stem in SLOW_MODULES
@@ -134,10 +134,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 EXTRAS = {"tensorboard": "tensorboard", "jupyterlab": "notebooks", "trl": "trl", "vllm": "vllm"}
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
 def pytest_runtest_setup(item) -> None:
     """`@pytest.mark.requires("tensorboard")`: a clean skip naming the missing extra, not a failure."""
     for mark in item.iter_markers(name="requires"):
-        missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+        missing = [m for m in mark.args if not _importable(m)]
         if missing:
             hint = ", ".join(f"{m} (extra '{EXTRAS[m]}')" if m in EXTRAS else m for m in missing)
             pytest.skip(f"optional module not installed: {hint}")
