@@ -546,7 +546,8 @@ def aggregate(
     the whole (global) batch as `global_tokens` / `global_seqs`: the micro-batch losses then
     sum to exactly the full-batch loss. L is `loss_norm_len` (default: the padded width T, which
     is only micro-batch invariant when every micro-batch has the same width).
-    w_i are per-sequence weights (default 1); the simulator's exact mode uses pi_old(leaf).
+    w_i are per-sequence weights (default 1); the simulator's exact mode passes, per row, the old
+    policy's probability of the responses that row stands for.
     """
     for name, count in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
         if count is not None and not (math.isfinite(float(count)) and float(count) > 0):

@@ -1,4 +1,4 @@
-"""APO at one position in logit space (theory.md section 7) and APO's clipping, via policy_loss.
+"""APO at one position in logit space (docs/theory.md section 7) and APO's clipping, via policy_loss.
 
 One position with vocabulary V, logits z (requires_grad), pi = softmax(z), reference rho,
 sampled (wrong) token y, anchors = TopK(rho). The shipped loss gets
