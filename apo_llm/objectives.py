@@ -395,9 +395,10 @@ def apo_term(
         neg_loss = push + pull
         rho = ratio  # the clip decision of push_only is on w alone
     loss = torch.where(neg, neg_loss, grpo_loss)
+    p_topk = anchor_logp.detach().exp()  # [B, T, K] for the diagnostics only
     aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": anc["z_ref"], "pull": -pull,
-           "anchor_parts": anc["parts"], "anchor_pi": torch.where(in_set, anchor_logp.detach().exp(), 0.0),
-           "pull_capped": capped, "manifold": anchor_logp.detach().exp().sum(-1)}  # [B, T] TopK mass
+           "anchor_parts": anc["parts"], "anchor_pi": torch.where(in_set, p_topk, 0.0), "pull_capped": capped,
+           "manifold": p_topk.sum(-1)}  # [B, T] TopK mass
     if cfg.apo_clip == "push_only":
         # the dual-clip cap |A| c binds on the push lambda * |A| * w, i.e. where lambda * w > c
         aux["rho_dual"] = torch.where(neg, cfg.apo_lambda * ratio, ratio)
