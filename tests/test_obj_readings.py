@@ -290,8 +290,8 @@ def test_gradient_counting_diagnostics(clip, cap, weighted, seed, N, V, K, scale
                                                            rel=1e-9, abs=1e-12)
     assert m["clip_grad_frac/neg"] == m["apo/neg_clipped_grad_frac"]
     pu, ps = pull * ~pull_cut, push * ~push_cut
-    assert m["apo/pull_force_share"] == pytest.approx(tot(pu) / tot(pu + ps) if tot(pu + ps) > 0 else 0.0,
-                                                      rel=1e-9, abs=1e-12)
+    if tot(pu + ps) > 1e-9:  # both forces at rounding level (e.g. S = the whole vocabulary): share is 0/0
+        assert m["apo/pull_force_share"] == pytest.approx(tot(pu) / tot(pu + ps), rel=1e-9, abs=1e-12)
     # lower weighted median of r_anchor over negative rows, by brute force over candidates
     vals = [(float(ra_d[i]), float(tw[i])) for i in range(N) if neg[i]]
     half = sum(x for _, x in vals) / 2
@@ -364,7 +364,7 @@ def test_negative_update_raises_safe_mass_by_its_first_order_amount(seed, N, V, 
     predicted = eta * 0.5 * adv.abs() / N * (g_m * g_r).sum(-1)
     torch.testing.assert_close(measured, predicted, rtol=1e-3, atol=10 * step**2 + 1e-15)
     if norm != "old_token":
-        assert bool((predicted >= 0).all())
+        assert bool((predicted >= -1e-15).all())  # S = whole vocabulary: grad M_S = 0 up to rounding
         assert bool((measured >= -(10 * step**2 + 1e-15)).all())
 
 
