@@ -631,13 +631,23 @@ def policy_loss(
     loss = aggregate(loss_tok, mask_b, cfg.loss_agg, **agg)
     with torch.no_grad():
         metrics = _diagnostics(cfg, mask_b, adv, ratio, aux, inputs, kl_tok)
-        metrics["pg_loss"] = float(aggregate(pg_tok, mask_b, cfg.loss_agg, **agg))
-        metrics["loss"] = float(loss)
-    return loss, metrics
+        metrics["pg_loss"] = aggregate(pg_tok, mask_b, cfg.loss_agg, **agg)
+        metrics["loss"] = loss
+    return loss, _to_floats(metrics)
+
+
+def _to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """All diagnostics to Python floats with ONE host sync (one .tolist(), not one float() each).
+
+    Stacked in float64 if any entry is float64, else float32 (exact for bf16/fp16 values and for
+    token counts below 2^24)."""
+    vals = [v.detach().reshape(()) for v in metrics.values()]
+    dt = torch.float64 if any(v.dtype == torch.float64 for v in vals) else torch.float32
+    return dict(zip(metrics, torch.stack([v.to(dt) for v in vals]).tolist()))
 
 
 def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux: dict,
-                 inputs: dict, kl_tok: Optional[Tensor]) -> dict[str, float]:
+                 inputs: dict, kl_tok: Optional[Tensor]) -> dict[str, Tensor]:
     """Clip fractions split by advantage sign (TRL/verl names) and the APO diagnostics.
 
     Every entry is an average over response tokens. With per-sequence `weights` (the simulator's
@@ -645,6 +655,7 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     stands for) tokens count with |w_i|, so fractions are shares of probability mass rather than
     counts of rows. `clip_grad_frac/neg` counts gradient, not tokens: the push of a negative token
     has logit-space L1 norm |A| w 2 (1 - pi(y_t)) (times lambda for APO), tiny where pi(y_t) ~ 1.
+    Entries stay 0-d tensors (no host sync here); an empty selection gives 0.
     """
     w = inputs.get("weights")
     tok_w = mask.to(ratio.dtype) * (1.0 if w is None else w.abs()[:, None])  # [B, T]
@@ -652,13 +663,11 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     def total(x: Tensor, sel: Tensor) -> Tensor:  # weighted sum of x over the selected tokens
         return (torch.where(sel, x.to(ratio.dtype), torch.zeros_like(ratio)) * tok_w).sum()
 
-    def mean(x: Tensor, sel: Tensor) -> float:  # weighted mean of x over the selected tokens
-        den = total(torch.ones_like(ratio), sel)
-        return float(total(x, sel) / den) if den > 0 else 0.0
+    def share(part: Tensor, whole: Tensor, sel: Tensor) -> Tensor:  # sum part / sum whole, 0 if empty
+        return _safe_div(total(part, sel), total(whole, sel))
 
-    def share(part: Tensor, whole: Tensor, sel: Tensor) -> float:  # sum part / sum whole
-        den = total(whole, sel)
-        return float(total(part, sel) / den) if den > 0 else 0.0
+    def mean(x: Tensor, sel: Tensor) -> Tensor:  # weighted mean of x over the selected tokens
+        return share(x, torch.ones_like(ratio), sel)
 
     rho = aux["rho"]
     pos, neg = mask & (adv > 0), mask & (adv < 0)
@@ -669,7 +678,7 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     clipped = low | dual
     push_l1 = 2.0 * adv.abs() * ratio * (1.0 - inputs["logp"].detach().exp())  # [B, T] per unit of lambda
     out = {
-        "num_tokens": float(mask.sum()),
+        "num_tokens": mask.sum(),
         "ratio/mean": mean(ratio, mask),
         "clip_ratio/low_mean": mean(low, mask),
         "clip_ratio/high_mean": mean(high, mask),
@@ -693,7 +702,7 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     return out
 
 
-def _apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, share, tok_w) -> dict[str, float]:
+def _apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, share, tok_w) -> dict[str, Tensor]:
     """APO's anchor statistics and the pull's share of the negative tokens' logit force.
 
     Logit-space L1 norms per token (docs/theory.md section 7): push lambda |A| w 2 (1 - pi(y_t));
@@ -723,14 +732,15 @@ def _apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, s
     }
 
 
-def _weighted_median(x: Tensor, tok_w: Tensor, sel: Tensor) -> float:
-    """Lower weighted median: the smallest x_i whose cumulative weight (x sorted) reaches half the total."""
-    wts = (tok_w * sel)[sel]
-    if wts.numel() == 0 or not wts.sum() > 0:
-        return 0.0
-    vals, order = x.detach()[sel].sort()
-    cum = wts[order].cumsum(0)
-    return float(vals[torch.searchsorted(cum, 0.5 * cum[-1]).clamp(max=vals.numel() - 1)])
+def _weighted_median(x: Tensor, tok_w: Tensor, sel: Tensor) -> Tensor:
+    """Lower weighted median: the smallest selected x_i whose cumulative weight (x sorted) reaches
+    half the total; 0 if nothing is selected. No boolean indexing, so no host sync."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    vals, order = torch.where(sel, x.detach(), math.inf).flatten().sort()  # unselected last, weight 0
+    cum = (tok_w * sel).flatten()[order].cumsum(0)
+    i = torch.searchsorted(cum, 0.5 * cum[-1:]).clamp(max=vals.numel() - 1)
+    return torch.where(cum[-1] > 0, vals[i][0], torch.zeros_like(cum[-1]))
 
 
 def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
