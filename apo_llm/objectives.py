@@ -448,7 +448,7 @@ def _n_cov(cfg: LossConfig, valid: Tensor) -> int:
 def clip_cov_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, mask: Tensor,
                   generator: Optional[torch.Generator] = None, **_: Tensor) -> tuple[Tensor, dict]:
     """Clip-Cov (Cui et al. 2025): GRPO, with the gradient of n = ceil(cov_frac N) tokens drawn
-    uniformly (torch.Generator `generator`; the global one if None) from the band
+    uniformly (CPU torch.Generator `generator`; torch's global one if None) from the band
     cov_lb < cov_t < cov_ub removed (their loss value is kept, detached). N = response tokens of
     this call, so under micro-batching the selection is per micro-batch."""
     valid, cov = token_cov(adv, logp, mask)
