@@ -1,0 +1,42 @@
+"""One-line user errors for the command-line entry points.
+
+A `UserError` is a mistake the user can fix (a config file, a field, a path, a data file); its
+message is one line that names the file or field. The entry points print it as `error: ...` on
+stderr and exit with code 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(ValueError):
+    """A user-fixable error; str(e) is one line naming the culprit (file or config field)."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` (one line) to stderr and exit with code 2."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def run_or_exit(fn: Callable[[], T], catch: tuple = (UserError,)) -> T:
+    """fn(), with `catch` exceptions turned into a one-line message and exit code 2."""
+    try:
+        return fn()
+    except catch as e:
+        fail(str(e))
+
+
+def looks_local(spec: str) -> bool:
+    """A path-like spec (absolute, ./ ../ ~, a backslash, or more than one '/'): never a hub id.
+
+    Hub ids are `name` or `org/name`; anything else that does not exist locally can fail at once
+    instead of after the hub client's retries.
+    """
+    return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+            or Path(spec).expanduser().exists())
