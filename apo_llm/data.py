@@ -73,7 +73,8 @@ class DataStats:
         def where(k: str) -> str:
             at = self.lines.get(k, [])
             unit = "line" if self.source == "jsonl" else "row"
-            return f" at {unit}s {', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}" if at else ""
+            plural = "s" if len(at) > 1 else ""
+            return f" at {unit}{plural} {', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}" if at else ""
 
         reasons = ", ".join(f"{k}={v}{where(k)}" for k, v in sorted(self.skipped.items())) or "none"
         name = self.path or f"{self.source}/{self.split}"

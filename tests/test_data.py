@@ -110,7 +110,7 @@ def test_jsonl_file_with_malformed_rows(tmp_path):
     # every skip carries its 1-based line number, and the summary shows it
     assert stats.lines == {"invalid_json": [2], "missing_question": [5], "missing_answer_or_gold": [6],
                            "row_not_an_object": [7]}
-    assert "invalid_json=1 at lines 2" in stats.summary() and str(f) in stats.summary()
+    assert "invalid_json=1 at line 2" in stats.summary() and str(f) in stats.summary()
     assert stats.rows == 7 and stats.loaded == 3
     assert stats.prompt_style == "gsm8k" and problems[0].prompt.endswith(PROMPT_SUFFIX["gsm8k"])
 
@@ -146,7 +146,7 @@ def test_local_reward_is_explicit_and_misfit_rows_are_counted_by_line(tmp_path):
                            for i, g in enumerate(["3", "5", "N/A", "8"])) + "\n")
     with pytest.raises(ValueError, match="reward"):
         load_problems("jsonl", path=str(f))  # no guess from the rows
-    with pytest.warns(UserWarning, match="gold_not_a_number=1 at lines 3"):
+    with pytest.warns(UserWarning, match="gold_not_a_number=1 at line 3"):
         probs, stats = load_problems("jsonl", path=str(f), reward="gsm8k_strict")
     assert [p.gold for p in probs] == ["3", "5", "8"] and stats.prompt_style == "gsm8k"
     assert all(p.prompt.endswith(PROMPT_SUFFIX["gsm8k"]) for p in probs)
