@@ -32,6 +32,22 @@ def run_or_exit(fn: Callable[[], T], catch: tuple = (UserError,)) -> T:
         fail(str(e))
 
 
+def quiet_progress_unless_tty() -> bool:
+    """Turn off the transformers / huggingface_hub progress bars when stderr is not a terminal
+    (redirected logs would fill with carriage-return redraws). Returns whether stderr is a TTY."""
+    tty = sys.stderr.isatty()
+    if not tty:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover - both ship with the project's dependencies
+            pass
+    return tty
+
+
 def looks_local(spec: str) -> bool:
     """A path-like spec (absolute, ./ ../ ~, a backslash, or more than one '/'): never a hub id.
 

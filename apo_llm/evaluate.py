@@ -630,6 +630,9 @@ def model_context(model: Any, label: str) -> contextlib.AbstractContextManager:
 def run_eval(cfg: EvalConfig) -> dict:
     """Validate, resolve adapters, load data and model, sample what is missing, summarize."""
     cfg.validate()
+    from apo_llm.cli import quiet_progress_unless_tty
+
+    quiet_progress_unless_tty()
     adapter_specs = [resolve_adapter(a) for a in cfg.adapters]  # missing adapter: error before anything heavy
     if not cfg.summary_only:
         check_model_spec(cfg.model)

@@ -37,7 +37,7 @@ import torch
 from apo_llm.checkpoint import (
     _torch_load, checkpoint_root, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
 )
-from apo_llm.cli import UserError, fail, looks_local
+from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
@@ -495,6 +495,7 @@ def train(cfg: RunConfig) -> dict:
     # Everything a user can get wrong is checked before the model loads: paths, the run directory
     # (never mix two runs), the checkpoint to resume, the data files.
     check_paths(cfg)
+    quiet_progress_unless_tty()
     run_dir = cfg.run_dir
     resume_from = prepare_run_dir(cfg)
     train_problems, eval_problems, reward_name = load_data(cfg)
@@ -553,7 +554,7 @@ def train(cfg: RunConfig) -> dict:
         log.info("eval step 0: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
 
     show = cfg.logging.progress
-    tty = sys.stderr.isatty()  # a bar only on a terminal; redirected logs get one plain line per step
+    tty = quiet_progress_unless_tty()  # a bar only on a terminal; redirected logs get one plain line per step
     bar = tqdm(total=cfg.train.steps, initial=state["step"], desc="apo_llm.train", unit="step",
                disable=not (show and tty), dynamic_ncols=True)
     say = tqdm.write if tty else log.info
