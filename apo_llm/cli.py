@@ -49,10 +49,13 @@ def quiet_progress_unless_tty() -> bool:
 
 
 def looks_local(spec: str) -> bool:
-    """A path-like spec (absolute, ./ ../ ~, a backslash, or more than one '/'): never a hub id.
+    """A path-like spec (absolute, ./ ../ ~, a backslash, more than one '/', or 'dir/x' with an existing
+    ./dir): never a hub id.
 
     Hub ids are `name` or `org/name`; anything else that does not exist locally can fail at once
     instead of after the hub client's retries.
     """
-    return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
-            or Path(spec).expanduser().exists())
+    path = Path(spec).expanduser()
+    # 'runs/x' where ./runs exists is a local path too (a hub org is rarely also a folder here)
+    return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1 or path.exists()
+            or ("/" in spec and path.parent.is_dir()))

@@ -182,11 +182,12 @@ def test_bad_data_file_fails_before_the_model_loads(prev, tmp_path, content, why
 
 
 def test_evaluate_missing_local_adapter_fails_at_once(prev, tmp_path):
+    (tmp_path / "runs").mkdir()  # 'runs/no-such-run' has the shape of a hub id 'org/name'; ./runs says local
     t0 = time.perf_counter()
-    r = _run("apo_llm.evaluate", "--adapters", "runs/no-such-run/adapter", "--out", tmp_path / "ev", "--n", "2",
+    r = _run("apo_llm.evaluate", "--adapters", "runs/no-such-run", "--out", tmp_path / "ev", "--n", "2",
              "--k", "1", offline=False, cwd=tmp_path)
     dt = time.perf_counter() - t0
-    _assert_one_line(r, "adapters", "runs/no-such-run/adapter")
+    _assert_one_line(r, "adapters", "runs/no-such-run")
     assert dt < 30, f"{dt:.1f} s: hub retries?"
     assert not (tmp_path / "ev" / "run_config.json").exists()
 
