@@ -401,3 +401,18 @@ def test_first_run_builds_the_tiny_model_and_equals_the_second(tmp_path, monkeyp
     train_mod.train(_cfg(None, tmp_path, *args, "--logging.run_name", "second"))
     a, b = _metrics(tmp_path / "first"), _metrics(tmp_path / "second")
     assert len(a) == 2 and a == b
+
+
+def test_passk_advantage_is_wired_with_its_k(char_dir, tmp_path, monkeypatch):
+    """train.passk_k reaches objectives.group_advantages (k is required by validation)."""
+    seen = []
+    real = train_mod.group_advantages
+
+    def spy(rewards, G, estimator, **kw):
+        seen.append((estimator, kw.get("k")))
+        return real(rewards, G, estimator, **kw)
+
+    monkeypatch.setattr(train_mod, "group_advantages", spy)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--eval.every", "0", "--logging.run_name", "pk",
+               "--train.advantage", "passk", "--train.passk_k", "2")
+    assert train_mod.train(cfg)["finished"] and seen == [("passk", 2)]
