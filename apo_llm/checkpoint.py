@@ -229,6 +229,11 @@ def _torch_load(path: Path):
     return _read(path, lambda: torch.load(path, weights_only=False))
 
 
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """trainer_state.pt of a checkpoint (step, counters, RNG states, the run's config), without loading weights."""
+    return _torch_load(Path(path) / "trainer_state.pt")
+
+
 def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
     """checkpoint.resume -> a verified checkpoint path or None.
 

@@ -315,8 +315,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from apo_llm.cli import run_or_exit
+
+    run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2

@@ -15,6 +15,11 @@ One step (the same calls the simulator makes, on real tokens):
 What the loss needs is asked from LossConfig (needs_anchors / needs_ref_logp / needs_entropy),
 never from its name. With no arguments the embedded default runs APO on the project's tiny Llama
 and the synthetic arithmetic task on CPU in a few minutes.
+
+Reliability: paths, the run directory, the checkpoint to resume (manifest-verified, with fallback)
+and the data are validated before the model loads, and user errors exit with one line (code 2).
+Rewards that are NaN count as 0; a non-finite weight rolls the step back; weights are checked
+before every checkpoint. Seeds are applied after the model is built or loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 
 from apo_llm.checkpoint import (
-    _torch_load, checkpoint_root, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
+    checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
@@ -185,7 +190,7 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
                         + "; continue it with --resume auto, pick another --logging.run_name, or pass "
                           "--logging.overwrite true to move it aside")
     if resume_from is not None:
-        saved = _torch_load(Path(resume_from) / "trainer_state.pt").get("config")
+        saved = read_trainer_state(resume_from).get("config")
         applied, refused = resume_differences(saved or {}, cfg)
         if refused:
             key, (old, new) = next(iter(refused.items()))
@@ -499,14 +504,18 @@ def train(cfg: RunConfig) -> dict:
     run_dir = cfg.run_dir
     resume_from = prepare_run_dir(cfg)
     train_problems, eval_problems, reward_name = load_data(cfg)
-    start_run_dir(cfg)
     accelerator = Accelerator(cpu=(cfg.model.device == "cpu"))
     device = torch.device(cfg.model.device) if cfg.model.device else accelerator.device
 
     model_path = resolve_model_path(cfg)  # may build the tiny model on first use, which draws random numbers
-    base, tokenizer = load_model_and_tokenizer(
-        model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation)
+    try:
+        base, tokenizer = load_model_and_tokenizer(
+            model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            attn_implementation=cfg.model.attn_implementation)
+    except OSError as e:  # not found on the hub / in its cache, or an unreadable folder: transformers says which
+        raise UserError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0][:300]})") from None
+    start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
     seed_everything(cfg.train.seed)  # after the build, before the LoRA init: a first run equals a second
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules == "all-linear" else [t.strip() for t in
