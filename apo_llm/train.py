@@ -132,6 +132,9 @@ def _load(field_name: str, source: str, split: str, **kw):
         problems, stats = load_problems(source, split, **kw)
     except ValueError as e:  # data.py names its argument ("path: ..."); name the config field instead
         raise UserError(f"{field_name}: {str(e).partition(': ')[2] or e}") from None
+    except OSError as e:  # a hub dataset that is neither reachable nor cached (datasets raises OSError kinds)
+        raise UserError(f"{field_name}: cannot load {source!r} split {split!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     (log.warning if stats.n_skipped else log.info)(stats.summary())
     return problems
 
