@@ -181,6 +181,14 @@ def test_bad_data_file_fails_before_the_model_loads(prev, tmp_path, content, why
     _untouched(prev)
 
 
+def test_missing_start_adapter_is_named(prev, tmp_path):
+    _, out, base, _ = prev
+    r = _run("apo_llm.train", *base, "--logging.run_name", "fresh", "--lora.adapter_path", tmp_path / "no-adapter")
+    _assert_one_line(r, "lora.adapter_path", str(tmp_path / "no-adapter"))
+    assert not (out / "fresh").exists()
+    _untouched(prev)
+
+
 def test_evaluate_missing_local_adapter_fails_at_once(prev, tmp_path):
     (tmp_path / "runs").mkdir()  # 'runs/no-such-run' has the shape of a hub id 'org/name'; ./runs says local
     t0 = time.perf_counter()
