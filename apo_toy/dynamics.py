@@ -1,4 +1,4 @@
-"""Sampled and exact updates of tabular tree policies, both through `policy_loss`.
+"""Sampled and exact updates of tree policies (tabular or coupled), both through `policy_loss`.
 
 Both modes build token tensors and call `apo_llm.objectives.policy_loss`, the function the LLM
 trainer uses: clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation
@@ -41,7 +41,7 @@ expected first update.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -172,14 +172,28 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
                        **kw, **batch["norm"])
 
 
-def exact_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
-                 adv_kwargs: dict, epochs: int = 1) -> dict:
-    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate."""
-    batch = exact_batch(suite, cfg, logits, group_size, adv_kwargs)
+def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Tensor]:
+    """A tabular logits tensor (the identity map) or a map theta -> edge logits, as one callable.
+
+    The coupled model (apo_toy/coupled.py) passes a callable: every loss below is evaluated on the
+    edge logits it returns, so autograd carries the gradient to whatever parameters produced them.
+    """
+    return logits if callable(logits) else (lambda: logits)
+
+
+def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
+                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1) -> dict:
+    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate.
+
+    `logits`: the [P, N, b] tensor the optimizer updates, or a callable returning the edge logits
+    from the optimizer's parameters (`as_logits_fn`).
+    """
+    fn = as_logits_fn(logits)
+    batch = exact_batch(suite, cfg, fn().detach(), group_size, adv_kwargs)
     metrics: dict = {}
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
-        loss, metrics = exact_loss(suite, cfg, logits, batch)
+        loss, metrics = exact_loss(suite, cfg, fn(), batch)
         loss.backward()
         opt.step()
     return metrics
@@ -249,14 +263,21 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
     return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm)
 
 
-def sampled_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
-                   adv_kwargs: dict, generator: torch.Generator, epochs: int = 1, minibatches: int = 1) -> dict:
-    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches."""
-    roll = sample_rollouts(suite, logits, group_size, generator)
-    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
-    P, N, b = logits.shape
+def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
+                   opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, generator: torch.Generator,
+                   epochs: int = 1, minibatches: int = 1) -> dict:
+    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches.
+
+    `logits`: a tensor or a callable returning the edge logits (as in `exact_update`).
+    """
+    fn = as_logits_fn(logits)
     with torch.no_grad():
-        old = torch.log_softmax(logits, -1).reshape(P * N, b)
+        z_old = fn().detach()
+    roll = sample_rollouts(suite, z_old, group_size, generator)
+    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
+    P, N, b = z_old.shape
+    with torch.no_grad():
+        old = torch.log_softmax(z_old, -1).reshape(P * N, b)
         old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]  # [B, D]
     B = adv.numel()
     sums: dict = {}
@@ -265,7 +286,7 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.opt
         perm = torch.randperm(B, generator=generator)
         for idx in perm.chunk(minibatches):
             opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, logits, roll, old_logp, adv, idx)
+            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx)
             loss.backward()
             opt.step()
             for k, v in m.items():

@@ -3,7 +3,9 @@
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
                           [--seeds N] [--steps N]
 
-metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0).
+metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0). On a
+coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_prompts_below_base,
+coverage, ...) are measured on the held-out prompts and `train/...` on the training prompts.
 summary.json: the resolved settings, the base measures per seed, and per method the final mean /
 std over seeds of every measure.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .measures import PASS_KS
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
 PLOT_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256", "manifold_mass", "entropy")
@@ -44,7 +47,7 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
     plot(table, out, preset)
 
 
-TABLE_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256")
+TABLE_KEYS = ("pass@1", "pass@256", "pass@1024", "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256")
 
 
 def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
@@ -86,7 +89,7 @@ def plot(table: Table, out: Path, preset: str) -> list[Path]:
     fig.savefig(paths[0], dpi=90)
     plt.close(fig)
 
-    ks = [1, 4, 16, 64, 256]
+    ks = list(PASS_KS)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     fin = runs.final()
     for m in methods:
