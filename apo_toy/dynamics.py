@@ -131,18 +131,38 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1}
 
 
+def _rows(batch: dict, shape: tuple) -> dict:
+    """Row index maps of the exact surrogate: only (class, edge) rows of nonzero weight (cached in batch).
+
+    A row of weight W_r(s, a) = 0 (no correct leaf below the edge for the correct class, say)
+    contributes 0 * loss to the value and 0 * dloss to the gradient, so dropping it is exact; in a
+    tree with few correct leaves this removes almost the whole correct class (about half the rows).
+    """
+    if "rows" not in batch:
+        P, N, b = shape
+        E = P * N * b
+        rows = (batch["weights"].reshape(-1) != 0).nonzero().flatten()  # [R] class-major row ids
+        edge = rows % E  # flat (p, n, a) edge id
+        batch["rows"] = {"cls": rows // E, "edge": edge, "node": edge // b, "prompt": edge // (N * b),
+                         "child": edge % b, "weight": batch["weights"].reshape(-1)[rows]}
+    return batch["rows"]
+
+
 def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
-    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges."""
+    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges.
+
+    One "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    """
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
-    C = batch["weights"].shape[0]
     P, N, b = logpi.shape
-    E = P * N * b
+    ix = _rows(batch, (P, N, b))
+    R = ix["edge"].numel()
 
-    def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [C * E, 1], class-major
-        return x.reshape(1, E).expand(C, E).reshape(C * E, 1)
+    def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1]
+        return x.reshape(-1)[ix["edge"]][:, None]
 
-    def per_node(x: Tensor) -> Tensor:  # [P, N] -> [C * E, 1]
-        return per_edge(x[..., None].expand(P, N, b))
+    def per_node(x: Tensor) -> Tensor:  # [P, N] -> [R, 1]
+        return x.reshape(-1)[ix["node"]][:, None]
 
     kw = {}
     if cfg.needs_ref_logp:
@@ -152,23 +172,20 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
     if cfg.needs_entropy:
         kw["entropy"] = per_node(node_entropy(logpi))
     if cfg.needs_anchors:
-        topk = suite.topk(cfg.apo_k)  # [P, N, K]
-        K = topk.shape[-1]
+        topk = suite.topk(cfg.apo_k).reshape(P * N, -1)  # [P*N, K]
 
-        def anchors(x: Tensor) -> Tensor:  # [P, N, K] -> [C * E, 1, K], same for every child of a node
-            return x[None, :, :, None, :].expand(C, P, N, b, K).reshape(C * E, 1, K)
+        def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
+            return x.reshape(P * N, b).gather(-1, topk)[ix["node"]][:, None, :]
 
-        kw["anchor_logp"] = anchors(logpi.gather(-1, topk))
+        kw["anchor_logp"] = anchors(logpi)
         if "anchor_ref_logp" not in batch:  # theta-independent: built once per exact_batch, reused every epoch
-            batch["anchor_ref_logp"] = anchors(suite.ref_logpi.gather(-1, topk))
-            sampled = topk[:, :, None, :] == torch.arange(b)[None, None, :, None]  # [P, N, b, K] child a is anchor k
-            batch["anchor_is_sampled"] = sampled[None].expand(C, P, N, b, K).reshape(C * E, 1, K)
+            batch["anchor_ref_logp"] = anchors(suite.ref_logpi)
+            batch["anchor_is_sampled"] = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
         kw["anchor_ref_logp"] = batch["anchor_ref_logp"]
         kw["anchor_is_sampled"] = batch["anchor_is_sampled"]
-    adv = batch["adv"][:, :, None, None].expand(C, P, N, b).reshape(C * E)
-    weights = batch["weights"].reshape(C * E)
-    mask = torch.ones(C * E, 1, dtype=torch.bool)
-    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weights,
+    adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
+    mask = torch.ones(R, 1, dtype=torch.bool)
+    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=ix["weight"],
                        **kw, **batch["norm"])
 
 

@@ -317,10 +317,12 @@ def get_preset(name: str) -> Preset:
 
 
 def run_preset(name: str, mode: Optional[str] = None, methods: Optional[Sequence[str]] = None,
-               seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False) -> Table:
-    """Run a named preset with optional overrides (what the CLI calls)."""
+               seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
+               **cfg_overrides) -> Table:
+    """Run a named preset with optional overrides (what the CLI calls); `cfg_overrides` are RunConfig fields."""
     p = get_preset(name)
-    cfg = dataclasses.replace(p.cfg, **({"mode": mode} if mode else {}), **({"steps": steps} if steps is not None else {}))
+    over = {k: v for k, v in (("mode", mode), ("steps", steps)) if v is not None}
+    cfg = dataclasses.replace(p.cfg, **over, **{k: v for k, v in cfg_overrides.items() if v is not None})
     meths = p.methods if not methods else [_lookup(p, m) for m in methods]
     return run(p.spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
 

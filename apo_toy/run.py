@@ -1,7 +1,7 @@
 """CLI: run a named experiment and write metrics.jsonl, summary.json and PNG figures.
 
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
-                          [--seeds N] [--steps N]
+                          [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X]
 
 metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0). On a
 coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_prompts_below_base,
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (each seed = a different suite)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the preset's")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
@@ -126,11 +128,12 @@ def main(argv=None) -> int:
         p = get_preset(args.preset)
         methods = [m for m in args.methods.split(",") if m] if args.methods else None
         table = run_preset(args.preset, mode=args.mode, methods=methods, seeds=args.seeds, steps=args.steps,
-                           progress=True)
+                           progress=True, optimizer=args.optimizer, lr=args.lr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = dataclasses.replace(p.cfg, **{k: v for k, v in (("mode", args.mode), ("steps", args.steps)) if v is not None})
+    over = (("mode", args.mode), ("steps", args.steps), ("optimizer", args.optimizer), ("lr", args.lr))
+    cfg = dataclasses.replace(p.cfg, **{k: v for k, v in over if v is not None})
     settings = {"spec": dataclasses.asdict(p.spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
