@@ -131,20 +131,29 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1}
 
 
-def _rows(batch: dict, shape: tuple) -> dict:
-    """Row index maps of the exact surrogate: only (class, edge) rows of nonzero weight (cached in batch).
+def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
+    """Row index maps of the exact surrogate, and the row weights: (class, edge) rows of nonzero weight.
 
     A row of weight W_r(s, a) = 0 (no correct leaf below the edge for the correct class, say)
     contributes 0 * loss to the value and 0 * dloss to the gradient, so dropping it is exact; in a
     tree with few correct leaves this removes almost the whole correct class (about half the rows).
+    The maps (and the theta-independent anchor tensors built on them) are cached on the suite and
+    reused while the set of rows is unchanged, which it is from step to step unless a weight
+    underflows to 0.
     """
     if "rows" not in batch:
         P, N, b = shape
         E = P * N * b
-        rows = (batch["weights"].reshape(-1) != 0).nonzero().flatten()  # [R] class-major row ids
-        edge = rows % E  # flat (p, n, a) edge id
-        batch["rows"] = {"cls": rows // E, "edge": edge, "node": edge // b, "prompt": edge // (N * b),
-                         "child": edge % b, "weight": batch["weights"].reshape(-1)[rows]}
+        flat_w = batch["weights"].reshape(-1)
+        ids = (flat_w != 0).nonzero().flatten()  # [R] class-major row ids
+        cache = suite.__dict__.setdefault("_cache", {})
+        maps = cache.get("exact_rows")
+        if maps is None or maps["ids"].shape != ids.shape or not torch.equal(maps["ids"], ids):
+            edge = ids % E  # flat (p, n, a) edge id
+            maps = {"ids": ids, "cls": ids // E, "edge": edge, "node": edge // b, "prompt": edge // (N * b),
+                    "child": edge % b}
+            cache["exact_rows"] = maps
+        batch["rows"] = (maps, flat_w[ids])
     return batch["rows"]
 
 
@@ -155,8 +164,8 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
     """
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
     P, N, b = logpi.shape
-    ix = _rows(batch, (P, N, b))
-    R = ix["edge"].numel()
+    ix, weight = _rows(suite, batch, (P, N, b))
+    R = weight.numel()
 
     def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1]
         return x.reshape(-1)[ix["edge"]][:, None]
@@ -178,14 +187,14 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
             return x.reshape(P * N, b).gather(-1, topk)[ix["node"]][:, None, :]
 
         kw["anchor_logp"] = anchors(logpi)
-        if "anchor_ref_logp" not in batch:  # theta-independent: built once per exact_batch, reused every epoch
-            batch["anchor_ref_logp"] = anchors(suite.ref_logpi)
-            batch["anchor_is_sampled"] = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
-        kw["anchor_ref_logp"] = batch["anchor_ref_logp"]
-        kw["anchor_is_sampled"] = batch["anchor_is_sampled"]
+        key = ("anchors", cfg.apo_k)
+        if key not in ix:  # theta-independent: built once per set of rows
+            is_sampled = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
+            ix[key] = (anchors(suite.ref_logpi), is_sampled)
+        kw["anchor_ref_logp"], kw["anchor_is_sampled"] = ix[key]
     adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
-    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=ix["weight"],
+    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
                        **kw, **batch["norm"])
 
 

@@ -188,3 +188,22 @@ def test_natural_pg_is_not_bound_by_zero_support():
     before = float(z[0, 0, correct])
     npg_update(suite, z, 1.0)
     assert float(z[0, 0, correct]) > before
+
+
+def test_exact_row_cache_matches_a_fresh_suite_across_methods():
+    """The row maps / anchor tensors cached on a suite are reused only when valid: alternating
+    methods with different reward-class layouts (KL-on-Wrong has three) and Top-K sizes on one suite
+    gives bit-identical losses and gradients to a fresh suite each time."""
+    shared = tiny_suite(seed=5, prompts=2)
+    g = torch.Generator().manual_seed(2)
+    z_old = shared.ref_logits + 0.3 * torch.randn(shared.ref_logits.shape, generator=g)
+    z_new = z_old + 0.5 * torch.randn(z_old.shape, generator=g)
+    for name, k in (("apo", 2), ("kl_on_wrong", 2), ("apo", 3), ("grpo", 2), ("apo", 2)):
+        m = case_method(name, k=k)
+        cfg = m.loss_config()
+        out = []
+        for suite in (shared, tiny_suite(seed=5, prompts=2)):
+            z = z_new.clone().requires_grad_(True)
+            loss, _ = exact_loss(suite, cfg, z, exact_batch(suite, cfg, z_old, 4, m.adv))
+            out.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), (name, k)
