@@ -114,6 +114,9 @@ class Table:
                 if np.isfinite(col).any():
                     row[k] = float(np.nanmean(col))
                     row[k + "_std"] = float(np.nanstd(col))
+            kstar = sub.column("crossover_k")  # NaN: no crossover up to k = 1024 on that seed
+            row["crossover_k_median"] = float(np.nanmedian(kstar)) if np.isfinite(kstar).any() else None
+            row["crossover_seeds"] = int(np.isfinite(kstar).sum())
             out.append(row)
         return out
 

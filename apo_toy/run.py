@@ -55,9 +55,17 @@ def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
     head = "| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     rows = []
     for r in [dict(summary["base"], method="base (reference)")] + summary["methods"]:
-        cells = [f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a" for k in keys]
+        cells = [_cell(r, k) for k in keys]
         rows.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def _cell(r: dict, k: str) -> str:
+    """mean ± std; the crossover k* as its median over the seeds that have one, and how many do."""
+    if k == "crossover_k":
+        med = r.get("crossover_k_median")
+        return "none" if med is None else f"{med:g} ({r['crossover_seeds']}/{r['n_seeds']} seeds)"
+    return f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a"
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:

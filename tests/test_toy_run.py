@@ -78,6 +78,11 @@ def test_cli_writes_metrics_summary_and_figures(tmp_path, capsys):
     assert base["pass@1"] != base["train/pass@1"]  # two different prompt sets
     summary = json.load(open(out / "summary.json"))
     assert [m["method"] for m in summary["methods"]] == ["grpo", "apo"] and "pass@256" in summary["base"]
+    for m in summary["methods"]:  # k* summarised as a median over the seeds that cross, and their count
+        ks = [r["crossover_k"] for r in rows if r["method"] == m["method"] and r["step"] == 2]
+        assert m["crossover_seeds"] == sum(k is not None for k in ks)
+        assert m["crossover_k_median"] == (None if all(k is None for k in ks) else float(ks[0]))
+    assert "crossover_k" in (out / "table.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000 and (out / "pass_at_k.png").stat().st_size > 1000
 
 
