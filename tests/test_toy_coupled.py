@@ -191,3 +191,25 @@ def test_rsc_preset_shows_the_crossover_for_grpo():
     assert np.mean(fin.column("pass@1")) > np.mean(base.column("pass@1")) + 0.05
     assert np.mean(fin.column("pass@256")) < np.mean(base.column("pass@256")) - 0.02
     assert np.mean(fin.column("train/pass@1")) > np.mean(base.column("train/pass@1")) + 0.2
+
+
+def test_coupled_map_edge_by_edge():
+    """z_theta(p, s, a) = (1 + alpha[t(s)]) z_ref + u[v] + h(p, s) . W[:, v] + kappa delta, edge by edge."""
+    suite = build_coupled_suite(dataclasses.replace(TINY, kappa=0.7, depth=3))
+    pol = CoupledPolicy(suite)
+    randomise(pol, torch.Generator().manual_seed(4), 1.0)
+    b = TINY.branching
+    alpha, u, W, delta = (x.detach() for x in pol.params)
+    for part in ("train", "heldout"):
+        z = pol.logits(part).detach()
+        s, tok, ctx = suite.part(part), suite.tokens[part], suite.context[part]
+        for p in range(s.n_prompts):
+            for n in range(s.n_nodes):
+                t = 0 if n == 0 else (1 if n <= b else 2)  # depth of node n in a b-ary tree of depth 3
+                for a in range(b):
+                    v = int(tok[p, n, a])
+                    want = (1 + float(alpha[t])) * float(s.ref_logits[p, n, a]) + float(u[v])
+                    want += float(sum(ctx[p, n, i] * W[i, v] for i in range(TINY.rank)))
+                    if part == "train":
+                        want += 0.7 * float(delta[p, n, a])
+                    assert float(z[p, n, a]) == pytest.approx(want, abs=1e-12)
