@@ -321,13 +321,24 @@ def get_preset(name: str) -> Preset:
 
 def run_preset(name: str, mode: Optional[str] = None, methods: Optional[Sequence[str]] = None,
                seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
-               **cfg_overrides) -> Table:
-    """Run a named preset with optional overrides (what the CLI calls); `cfg_overrides` are RunConfig fields."""
+               spec_overrides: Optional[dict] = None, **cfg_overrides) -> Table:
+    """Run a named preset with optional overrides (what the CLI calls).
+
+    `spec_overrides`: fields of the preset's SuiteSpec / CoupledSpec; `cfg_overrides`: RunConfig fields.
+    """
     p = get_preset(name)
+    spec = p.spec
+    if spec_overrides:
+        known = {f.name for f in dataclasses.fields(spec)}
+        bad = sorted(set(spec_overrides) - known)
+        if bad:
+            raise ValueError(f"spec: unknown field(s) {bad} of {type(spec).__name__}; choose from {sorted(known)}")
+        spec = dataclasses.replace(spec, **spec_overrides)
+        spec.validate()
     over = {k: v for k, v in (("mode", mode), ("steps", steps)) if v is not None}
     cfg = dataclasses.replace(p.cfg, **over, **{k: v for k, v in cfg_overrides.items() if v is not None})
     meths = p.methods if not methods else [_lookup(p, m) for m in methods]
-    return run(p.spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
+    return run(spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
 
 
 def _lookup(p: Preset, name: str) -> Method:

@@ -1,7 +1,7 @@
 """CLI: run a named experiment and write metrics.jsonl, summary.json and PNG figures.
 
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
-                          [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X]
+                          [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X] [--spec FIELD=VALUE ...]
 
 metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0). On a
 coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_prompts_below_base,
@@ -116,6 +116,21 @@ def plot(table: Table, out: Path, preset: str) -> list[Path]:
     return paths
 
 
+def parse_spec(spec, items: list) -> dict:
+    """["kappa=1.0", "n_train=8"] -> {"kappa": 1.0, "n_train": 8}, typed like the spec's current values."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(spec, name):
+            raise ValueError(f"--spec {item!r}: expected FIELD=VALUE with FIELD a field of {type(spec).__name__}")
+        kind = type(getattr(spec, name))
+        try:
+            out[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--spec {item!r}: {name} must be {kind.__name__}") from None
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
@@ -126,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="RL steps per method")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the preset's")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    ap.add_argument("--spec", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="override fields of the preset's suite spec, e.g. kappa=1.0 peaked_frac=0")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
@@ -135,14 +152,16 @@ def main(argv=None) -> int:
     try:
         p = get_preset(args.preset)
         methods = [m for m in args.methods.split(",") if m] if args.methods else None
+        spec_over = parse_spec(p.spec, args.spec)
         table = run_preset(args.preset, mode=args.mode, methods=methods, seeds=args.seeds, steps=args.steps,
-                           progress=True, optimizer=args.optimizer, lr=args.lr)
+                           progress=True, spec_overrides=spec_over, optimizer=args.optimizer, lr=args.lr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     over = (("mode", args.mode), ("steps", args.steps), ("optimizer", args.optimizer), ("lr", args.lr))
     cfg = dataclasses.replace(p.cfg, **{k: v for k, v in over if v is not None})
-    settings = {"spec": dataclasses.asdict(p.spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
+    spec = dataclasses.replace(p.spec, **spec_over)
+    settings = {"spec": dataclasses.asdict(spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
     print((Path(args.out) / "table.md").read_text())

@@ -116,3 +116,19 @@ def test_every_preset_runs_on_a_small_suite(name):
     for mode in ("exact", "sampled"):
         t = run(spec, p.methods, dataclasses.replace(cfg, mode=mode), preset=name)
         assert len(t.where(step=1)) == len(p.methods)
+
+
+def test_cli_spec_overrides(tmp_path, capsys):
+    """--spec FIELD=VALUE changes the preset's suite (typed like the field); bad fields are named."""
+    out = tmp_path / "k"
+    args = ["--preset", "rsc", "--out", str(out), "--methods", "grpo", "--seeds", "1", "--steps", "1",
+            "--spec", "n_train=3", "n_heldout=2", "depth=2", "peaked_frac=0"]
+    assert main(args) == 0
+    spec = json.load(open(out / "summary.json"))["settings"]["spec"]
+    assert spec["n_train"] == 3 and spec["peaked_frac"] == 0.0 and spec["depth"] == 2
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "n_train=2.5"]) == 2
+    assert "n_train" in capsys.readouterr().err
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "vocab=1"]) == 2
+    assert "vocab" in capsys.readouterr().err
