@@ -192,6 +192,10 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
             is_sampled = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
             ix[key] = (anchors(suite.ref_logpi), is_sampled)
         kw["anchor_ref_logp"], kw["anchor_is_sampled"] = ix[key]
+        if cfg.needs_anchor_old:  # pi_old at the anchors: fixed within one exact_batch
+            if "anchor_old_logp" not in batch:
+                batch["anchor_old_logp"] = anchors(batch["logpi_old"])
+            kw["anchor_old_logp"] = batch["anchor_old_logp"]
     adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
     return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
@@ -259,10 +263,13 @@ def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
 
 
 def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
-                 idx: Optional[Tensor] = None, weights: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
+                 idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                 old_logpi: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
     """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
 
     `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
+    `old_logpi` [P, N, b], the behaviour policy's log-probabilities, is needed only by the APO
+    readings that normalise r_anchor by pi_old (LossConfig.needs_anchor_old).
     """
     P, N, b = logits.shape
     if idx is None:
@@ -283,6 +290,10 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
         kw["anchor_logp"] = logpi[flat[..., None], topk]
         kw["anchor_ref_logp"] = ref[flat[..., None], topk]
         kw["anchor_is_sampled"] = topk == act[..., None]
+        if cfg.needs_anchor_old:
+            if old_logpi is None:
+                raise ValueError(f"old_logpi: required by apo_anchor_norm={cfg.apo_anchor_norm!r} (pi_old at the anchors)")
+            kw["anchor_old_logp"] = old_logpi.reshape(P * N, b)[flat[..., None], topk]
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:
         kw["weights"] = weights[idx]
@@ -312,7 +323,7 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable
         perm = torch.randperm(B, generator=generator)
         for idx in perm.chunk(minibatches):
             opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx)
+            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old)
             loss.backward()
             opt.step()
             for k, v in m.items():

@@ -56,7 +56,8 @@ def enumerated_expectation(suite, cfg, logits, logits_old, G, adv_kwargs):
     old = torch.log_softmax(logits_old, -1).reshape(P * N, -1)
     old_logp = old[prompt[:, None] * N + roll["nodes"], roll["actions"]]
     norm = {"global_tokens": float(P * G * D)} if cfg.loss_agg == "token-mean" else {"global_seqs": float(P * G)}
-    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=prob.repeat_interleave(G), **norm)
+    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=prob.repeat_interleave(G),
+                        old_logpi=torch.log_softmax(logits_old, -1), **norm)
 
 
 @pytest.mark.parametrize("name", CASES)

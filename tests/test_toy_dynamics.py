@@ -50,10 +50,12 @@ def enumerated_expectation(suite, cfg, logits, logits_old, G, adv_kwargs):
     else:
         norm = {"global_seqs": float(G)}
     del pi_old
-    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=weights, **norm)
+    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=weights,
+                        old_logpi=torch.log_softmax(logits_old, -1), **norm)
 
 
-CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2"]
+CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2", "apo_old_mass", "apo_old_token",
+                        "apo_push_old_mass"]
 
 
 def case_method(name, k=2):
@@ -68,6 +70,9 @@ def _case_method(name):
         "grpo_seqmean": ("grpo", {"loss_agg": "seq-mean-token-mean"}),
         "kl_on_wrong_full": ("kl_on_wrong", {"kl_estimator": "full", "kl_coef": 0.3}),
         "grpo_k2": ("grpo_kl", {"kl_estimator": "k2", "kl_coef": 0.3}),
+        "apo_old_mass": ("apo", {"apo_anchor_norm": "old_mass"}),  # r_anchor normalised by pi_old
+        "apo_old_token": ("apo", {"apo_anchor_norm": "old_token"}),
+        "apo_push_old_mass": ("apo_push_only", {"apo_anchor_norm": "old_mass"}),
     }
     if name in extra:
         base, kw = extra[name]
