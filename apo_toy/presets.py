@@ -162,7 +162,7 @@ def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
                          "(use a tabular preset such as rsc_tabular)")
     policy = make_policy(suite, init_logits)
     train_suite = suite.train if coupled else suite
-    lr = method.lr if method.lr is not None else cfg.lr
+    lr = (method.lr if method.lr is not None else cfg.lr) * method.lr_scale
     opt = None if method.yardstick else _optimizer(method.optimizer or cfg.optimizer, policy.params, lr)
     loss_cfg = None if method.yardstick else method.loss_config()
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -286,6 +286,32 @@ def rsc_methods() -> tuple:
             "grpo_kl_full", "kl_on_wrong", "apo")
 
 
+APO_READINGS = ("apo", "apo_old_mass", "apo_old_token")  # r_anchor by Z_ref (A) / M_S(theta_old) (C) / per token (H)
+
+
+def frontier_methods() -> tuple:
+    """The `frontier` sweep: each method at a few strengths; GRPO (the null trajectory) first.
+
+    Rectified APO betas stay below lambda - (1 - eps_low) = 0.25: beyond it the arm is
+    positive-only learning (LossConfig.is_positive_only), not APO.
+    """
+    ms = [get_method("grpo")]
+    ms += [get_method("grpo_low_lr", name=f"grpo@lr_x{s}", lr_scale=s) for s in (0.5, 0.25)]
+    ms += [get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c) for c in (0.01, 0.05, 0.2)]
+    ms += [get_method("topk_kl_on_wrong", name=f"topk_kl_on_wrong@{c}", topk_kl_coef=c) for c in (0.02, 0.1, 0.5)]
+    ms += [get_method("entropy", name=f"entropy@{c}", ent_coef=c) for c in (0.003, 0.01, 0.03)]
+    for reading in APO_READINGS:
+        ms += [get_method(reading, name=f"{reading}@beta={b}", apo_beta=b) for b in (0.05, 0.1, 0.2)]
+    ms += [get_method("apo_push_only", name=f"apo_push_only@beta={b}", apo_beta=b) for b in (0.1, 0.3)]
+    ms += [get_method(m) for m in ("psr", "nsr", "w_reinforce", "passk")]
+    return tuple(ms)
+
+
+def recovery_methods() -> tuple:
+    """The `recovery` arms: GRPO, KL, and APO under each reading of r_anchor (and push_only)."""
+    return ("grpo", "grpo_kl", "grpo_kl_full", *APO_READINGS, "apo_push_only", "topk_kl_on_wrong", "npg")
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -301,9 +327,12 @@ PRESETS: dict[str, Preset] = {
                              "apo_push_only", "npg"), RunConfig(steps=200)),
         Preset("tradeoff", "Pass@1 vs Pass@256 / coverage frontier: kl_coef sweep of k3 / full KL, beta sweep of APO (both clip placements)",
                SuiteSpec(), tradeoff_methods(), RunConfig(steps=200)),
-        Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO",
-               SuiteSpec(), ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only", "npg"),
-               RunConfig(steps=200, init_steps=100)),
+        Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO under each "
+               "reading of r_anchor (ref / old_mass / old_token) vs Top-K KL on wrong",
+               SuiteSpec(), recovery_methods(), RunConfig(steps=200, init_steps=100)),
+        Preset("frontier", "coupled rsc suite (peaked reference), 5 seeds: each method's strength sweep, held-out "
+               "pass@1 vs pass@256 / coverage against GRPO's own trajectory (iso-pass@1 gain; apo_toy/frontier.py)",
+               CoupledSpec(), frontier_methods(), dataclasses.replace(RSC_RUN, eval_every=5), seeds=5),
         Preset("ablation", "APO clip placement, exclusive vs inclusive anchoring, K; 4 PPO epochs per step",
                SuiteSpec(), (get_method("grpo"), get_method("apo"), get_method("apo_push_only"),
                              get_method("apo_inclusive"), get_method("apo", name="apo@K=2", apo_k=2),
