@@ -181,10 +181,12 @@ def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
     return batch["rows"]
 
 
-def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
+               diagnostics: bool = True) -> tuple[Tensor, dict]:
     """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges.
 
     One "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    `diagnostics=False`: policy_loss skips its diagnostics (same loss and gradient, cheaper).
     """
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
     P, N, b = logpi.shape
@@ -226,7 +228,7 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
     adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
     return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
-                       **kw, **batch["norm"])
+                       **kw, **batch["norm"], diagnostics=diagnostics)
 
 
 def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Tensor]:
@@ -239,9 +241,11 @@ def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Te
 
 
 def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
-                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1) -> dict:
+                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1,
+                 diagnostics: bool = True) -> dict:
     """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate.
 
+    `diagnostics=False` (steps that are not measured) skips the loss diagnostics: same update.
     `logits`: the [P, N, b] tensor the optimizer updates, or a callable returning the edge logits
     from the optimizer's parameters (`as_logits_fn`).
     """
@@ -250,7 +254,7 @@ def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[
     metrics: dict = {}
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
-        loss, metrics = exact_loss(suite, cfg, fn(), batch)
+        loss, metrics = exact_loss(suite, cfg, fn(), batch, diagnostics)
         loss.backward()
         opt.step()
     return metrics
@@ -292,7 +296,7 @@ def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
 def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
                  idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                  old_logpi: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                 **norm) -> tuple[Tensor, dict]:
+                 diagnostics: bool = True, **norm) -> tuple[Tensor, dict]:
     """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
 
     `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
@@ -326,12 +330,13 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:
         kw["weights"] = weights[idx]
-    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm, generator=generator)
+    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm, generator=generator,
+                       diagnostics=diagnostics)
 
 
 def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
                    opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, generator: torch.Generator,
-                   epochs: int = 1, minibatches: int = 1) -> dict:
+                   epochs: int = 1, minibatches: int = 1, diagnostics: bool = True) -> dict:
     """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches.
 
     `logits`: a tensor or a callable returning the edge logits (as in `exact_update`).
@@ -352,7 +357,8 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable
         perm = torch.randperm(B, generator=generator)
         for idx in perm.chunk(minibatches):
             opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old, generator=generator)
+            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old, generator=generator,
+                                   diagnostics=diagnostics)
             loss.backward()
             opt.step()
             for k, v in m.items():

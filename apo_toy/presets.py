@@ -179,14 +179,16 @@ def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
 
     record(0, {})
     for step in range(1, cfg.steps + 1):
+        measured = step % cfg.eval_every == 0 or step == cfg.steps  # diagnostics only where they are logged
         if method.yardstick:
             train = npg_update(suite, policy.theta, method.lr if method.lr is not None else cfg.npg_lr)
         elif cfg.mode == "exact":
-            train = exact_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, cfg.epochs)
+            train = exact_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, cfg.epochs,
+                                 diagnostics=measured)
         else:
             train = sampled_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, gen,
-                                   cfg.epochs, cfg.minibatches)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+                                   cfg.epochs, cfg.minibatches, diagnostics=measured)
+        if measured:
             record(step, train)
     with torch.no_grad():
         final = {part: policy.logits(part).detach() for part in ("train", "heldout")} if coupled else policy.theta.detach()

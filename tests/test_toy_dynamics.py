@@ -228,3 +228,30 @@ def test_exact_row_cache_matches_a_fresh_suite_across_methods():
             loss, _ = exact_loss(suite, cfg, z, exact_batch(suite, cfg, z_old, 4, m.adv))
             out.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), (name, k)
+
+
+@pytest.mark.parametrize("name", ["apo", "apo_old_token", "apo_push_only", "topk_kl_on_wrong", "kl_on_wrong_full"])
+def test_diagnostics_off_gives_the_same_loss_and_gradient(name):
+    """policy_loss(diagnostics=False), used on the simulator's unmeasured steps, changes no value:
+    loss and gradient bit-identical, exact and sampled."""
+    m = case_method(name)
+    cfg = m.loss_config()
+    suite = tiny_suite(seed=6, prompts=2)
+    g = torch.Generator().manual_seed(4)
+    z_old = suite.ref_logits + 0.4 * torch.randn(suite.ref_logits.shape, generator=g)
+    theta = z_old + 0.6 * torch.randn(z_old.shape, generator=g)
+    roll = sample_rollouts(suite, z_old, 4, torch.Generator().manual_seed(0))
+    adv = group_advantages(roll["reward"], 4, **m.adv)
+    P, N, b = z_old.shape
+    old = torch.log_softmax(z_old, -1).reshape(P * N, b)
+    old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]
+    batch = exact_batch(suite, cfg, z_old, 4, m.adv)
+    for loss_fn in (lambda z, d: exact_loss(suite, cfg, z, batch, diagnostics=d),
+                    lambda z, d: sampled_loss(suite, cfg, z, roll, old_logp, adv, old_logpi=old, diagnostics=d)):
+        out = []
+        for d in (True, False):
+            z = theta.clone().requires_grad_(True)
+            loss, met = loss_fn(z, d)
+            out.append((loss.detach(), torch.autograd.grad(loss, z)[0], met))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert len(out[0][2]) > 5 and set(out[1][2]) == {"loss"} and out[1][2]["loss"] == out[0][2]["loss"]
