@@ -8,6 +8,7 @@ Edit the cells here, not in the .ipynb files, so the two never drift apart.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nbformat
@@ -30,10 +31,14 @@ style.setup()
 %matplotlib inline'''
 
 
-def nb(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+def nb(cells: list[tuple[str, str]], name: str = "") -> nbformat.NotebookNode:
+    """The notebook; cell ids are fixed by notebook name and position (nbformat would draw random
+    ones), so rebuilding an unchanged notebook rewrites the same file."""
     book = new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+    for i, cell in enumerate(book.cells):
+        cell.id = hashlib.sha1(f"{name}:{i}".encode()).hexdigest()[:12]
     return book
 
 
@@ -703,7 +708,7 @@ print("all checks passed")"""),
 def main() -> None:
     for name, cells in NB.items():
         path = HERE / f"{name}.ipynb"
-        nbformat.write(nb(cells), path)
+        nbformat.write(nb(cells, name), path)
         print("wrote", path)
 
 
