@@ -19,10 +19,15 @@ from .presets import Table
 
 CURVE_KEYS = ("pass@1", "pass@256", "coverage", "manifold_mass", "entropy")
 NULL = "grpo"
-# one colour per method family (the part of the name before "@"), fixed order so figures agree
-FAMILIES = ("grpo", "grpo_low_lr", "grpo@lr", "dr_grpo", "dapo", "grpo_kl", "grpo_kl_full", "kl_on_wrong",
-            "topk_kl_on_wrong", "entropy", "apo", "apo_old_mass", "apo_old_token", "apo_push_only", "apo_inclusive",
-            "psr", "nsr", "w_reinforce", "passk", "clip_cov", "kl_cov", "npg")
+# one fixed colour per method family (the part of the name before "@"), so every figure agrees;
+# the three APO readings get clearly different hues (blue / cyan / red)
+FAMILY_COLORS = {
+    "grpo": "#000000", "grpo@lr": "#ff7f0e", "dr_grpo": "#c49c94", "dapo": "#ffbb78", "grpo_kl": "#2ca02c",
+    "grpo_kl_full": "#98df8a", "kl_on_wrong": "#bcbd22", "topk_kl_on_wrong": "#9467bd", "entropy": "#8c564b",
+    "apo": "#1f77b4", "apo_old_mass": "#17becf", "apo_old_token": "#d62728", "apo_push_only": "#aec7e8",
+    "apo_inclusive": "#c5b0d5", "psr": "#7f7f7f", "nsr": "#c7c7c7", "w_reinforce": "#dbdb8d", "passk": "#e377c2",
+    "clip_cov": "#ff9896", "kl_cov": "#f7b6d2", "npg": "#555555",
+}
 
 
 def _plt():
@@ -41,14 +46,8 @@ def family(method: str) -> str:
 
 
 def color(method: str) -> str:
-    import matplotlib
-
-    fam = family(method)
-    if fam == NULL:
-        return "#000000"
-    cmap = matplotlib.colormaps["tab20"]
-    i = FAMILIES.index(fam) if fam in FAMILIES else len(FAMILIES) + hash(fam) % 7
-    return matplotlib.colors.to_hex(cmap(i % 20))
+    """The family's fixed colour (dark grey for names outside FAMILY_COLORS)."""
+    return FAMILY_COLORS.get(family(method), "#444444")
 
 
 def _steps_matrix(runs: Table, method: str, key: str, seeds: list) -> tuple[np.ndarray, np.ndarray]:
