@@ -158,6 +158,16 @@ def plot_pass_at_k(table: Table, out: Path, preset: str, methods: Optional[Seque
 
 
 def plot_frontier(table: Table, rows: list[dict], out: Path, preset: str = "frontier") -> Path:
+    """frontier.png in `out` (`frontier_figure`)."""
+    plt = _plt()
+    fig = frontier_figure(table, rows, preset)
+    path = out / "frontier.png"
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def frontier_figure(table: Table, rows: list[dict], preset: str = "frontier"):
     """pass@1 vs pass@256 and vs coverage (GRPO's seed-mean trajectory as the null curve, each family's
     strengths joined in sweep order), and the iso-pass@1 gain per arm with its standard error."""
     plt = _plt()
@@ -196,10 +206,7 @@ def plot_frontier(table: Table, rows: list[dict], out: Path, preset: str = "fron
            title="iso-pass@1 gain over GRPO early-stopped")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, fontsize=8, frameon=False)
-    fig.suptitle(f"{preset}: the accuracy-diversity frontier against GRPO's own trajectory; "
-                 "a ring marks each family's strongest setting")
+    fig.suptitle(f"{preset}: the accuracy-diversity frontier against GRPO's own trajectory (black: seed mean per "
+                 "step; the gains use each seed's own curve); a ring marks each family's strongest setting")
     fig.tight_layout()
-    path = out / "frontier.png"
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig

@@ -116,6 +116,6 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.tight_layout()
     for p in paths:
-        fig.savefig(p)
+        fig.savefig(p, bbox_inches="tight")  # legends placed outside the axes stay in the file
     plt.close(fig)
     return paths
