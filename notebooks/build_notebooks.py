@@ -575,11 +575,27 @@ for m in ("grpo", "apo", "grpo_kl_full"):
     print(f"{m:>13}: P(rare_in) {r.column('branch_rare_in')[0]:.5f} -> {r.column('branch_rare_in')[-1]:.5f}, "
           f"coverage {r.column('coverage')[0]:.3f} -> {r.column('coverage')[-1]:.3f}, manifold mass {r.column('manifold_mass')[-1]:.4f}")'''),
 ("md", """**What the simulator shows, honestly.** The mechanism checks hold exactly (identity, elastic force,
-exclusive anchoring, larger one-step gain of a squeezed anchor). At the level of whole branches
-in these suites, however, APO does *not* visibly re-inflate the squeezed `rare_in` branch after a
-GRPO collapse: the pull acts only on negative-advantage tokens, which become rare once Pass@1 is
-high, and it raises anchors in proportion to their current probability, so a nearly dead anchor
-gains little. `paper_figures/figures/elastic_recovery.png` shows the full-size run.
+exclusive anchoring, larger one-step gain of a squeezed anchor). At the level of whole branches,
+however, APO does *not* re-inflate the squeezed `rare_in` branch after a GRPO collapse, under any
+of the three readings of `r_anchor`. The `recovery` preset (`python -m apo_toy.run --preset recovery
+--seeds 5 --out runs/recovery`: tabular, 100 GRPO collapse steps, then 200 steps per arm, beta 0.1;
+5 min) measures P(rare valid branch inside Top-K), which starts at 0.00674 after the collapse, and
+coverage:
+
+| arm | P(rare_in) after 200 steps | coverage (from 0.742) |
+|---|---|---|
+| GRPO | 0.00664 | 0.623 |
+| APO A (`ref`) | 0.00667 | 0.617 |
+| APO C (`old_mass`) | 0.00666 | 0.629 |
+| APO H (`old_token`) | 0.00666 | 0.629 |
+| Top-K KL on wrong | 0.00665 | 0.627 |
+| k3 KL / exact reverse KL | 0.00669 / 0.00671 | 0.651 / 0.643 |
+| natural PG (yardstick, not a loss) | 0.0152 | 0.750 |
+
+The pull acts only on negative-advantage tokens, which become rare once Pass@1 is high (0.85 after
+the collapse). Under reading A it also raises anchors in proportion to their current probability,
+so a nearly dead anchor gains little. `paper_figures/figures/elastic_recovery.png` shows the
+figure-size run.
 
 **Closing checks.**"""),
 ("code", '''assert torch.allclose(pull_grad, predicted, atol=1e-12, rtol=0)                       # gradient alignment
