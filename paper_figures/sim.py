@@ -252,7 +252,7 @@ def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
 # 5. Elastic recovery
 # --------------------------------------------------------------------------------------------
 
-RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only")
+RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_old_mass", "apo_old_token", "apo_push_only")
 
 
 def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:

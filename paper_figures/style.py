@@ -31,6 +31,9 @@ METHOD_COLORS = {
     "entropy": OKABE_ITO["yellow"],
     "apo": OKABE_ITO["blue"],
     "apo_push_only": OKABE_ITO["green"],
+    "apo_old_mass": "#332288",  # the two other readings of r_anchor: Paul Tol's indigo and wine,
+    "apo_old_token": "#882255",  # distinct from the Okabe-Ito set above
+    "topk_kl_on_wrong": "#44AA99",
     "apo_inclusive": OKABE_ITO["grey"],
     "npg": OKABE_ITO["grey"],
 }
@@ -47,6 +50,9 @@ METHOD_LABELS = {
     "entropy": "GRPO + entropy",
     "apo": "APO (rectified clip)",
     "apo_push_only": "APO (push-only clip)",
+    "apo_old_mass": "APO C (r_anchor / M_S(old))",
+    "apo_old_token": "APO H (r_anchor per token / pi_old)",
+    "topk_kl_on_wrong": "Top-K KL on wrong",
     "apo_inclusive": "APO (inclusive anchors)",
     "npg": "natural PG (yardstick)",
 }
