@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from apo_toy import METHODS, CoupledSpec, RunConfig, SuiteSpec, build_suite, get_method, run
+from apo_toy import METHODS, CoupledSpec, RunConfig, SuiteSpec, build_suite, get_method
+from apo_toy.presets import run  # not `from apo_toy import run`: importing apo_toy.run rebinds that name to the module
 from apo_toy.dynamics import exact_batch, optional_inputs
 from apo_toy.frontier import frontier_rows, grpo_record, iso_gain
 from apo_toy.methods import report_label
