@@ -263,23 +263,33 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     table = run(_spec(sz), RECOVERY_METHODS, cfg, seeds=sz.seeds, preset="recovery")
     panels = [("branch_rare_in", "P(rare valid leaf inside Top-K)"), ("branch_secondary", "P(secondary valid leaf)"),
               ("coverage", "share of base-valid leaves kept"), ("pass@1", "Pass@1")]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    # top row: absolute means (they nearly coincide); bottom row: each arm minus GRPO on the same
+    # suite, mean +- std over suites, where the differences are visible
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.2))
     info = {}
     base = table.where(method="base")
-    for ax, (key, ylab) in zip(axes, panels):
+    for j, (key, ylab) in enumerate(panels):
+        ax, dax = axes[0, j], axes[1, j]
+        steps0, grpo = _curves(table, "grpo", key)
         for m in RECOVERY_METHODS:
             steps, vals = _curves(table, m, key)
-            style.band(ax, steps, vals, m)
+            ax.plot(steps, vals.mean(0), color=style.color(m), ls=style.linestyle(m), lw=2.6 if m == "grpo" else 1.4,
+                    zorder=5 if m == "grpo" else 2, label=style.label(m))
+            if m != "grpo":
+                style.band(dax, steps, vals - grpo, m)
             info[f"{m}/{key}"] = [float(np.nanmean(vals[:, 0])), float(np.nanmean(vals[:, -1]))]
         ax.axhline(float(np.mean(base.column(key))), color=style.color("base"), ls="--", lw=1.2,
                    label=style.label("base"))
-        ax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
+        dax.axhline(0.0, color=style.color("grpo"), lw=1.4)
         ax.set_ylabel(ylab)
+        dax.set_ylabel(f"minus GRPO (same suite)")
+        dax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
         if key.startswith("branch"):
             ax.set_yscale("log")
-    axes[0].legend(loc="best")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4,
+               frameon=False)
     fig.suptitle("Elastic recovery: every arm starts from the same GRPO-collapsed policy "
-                 f"(exact dynamics, mean +- std over {sz.seeds} suites)", fontsize=11)
+                 f"(exact dynamics; bottom: minus GRPO, mean +- std over {sz.seeds} suites)", fontsize=11)
     return style.save(fig, out, "elastic_recovery"), info
 
 
