@@ -37,7 +37,7 @@ from apo_llm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resum
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, save_resolved
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
-    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, wrap_lora,
+    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32, wrap_lora,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.rollout import Completions, generate_completions
@@ -354,6 +354,7 @@ def train(cfg: RunConfig) -> dict:
 
     from apo_llm.rewards import score_completions
 
+    refuse_several_processes(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
@@ -369,7 +370,9 @@ def train(cfg: RunConfig) -> dict:
     model_path = resolve_model_path(cfg)
     base, tokenizer = load_model_and_tokenizer(
         model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation)
+        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation,
+        lm_head_fp32=want_lm_head_fp32(cfg), stop_token_ids=cfg.rollout.stop_token_ids,
+        stop_on_template_eot=cfg.model.chat_template)
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules == "all-linear" else [t.strip() for t in
                                                                           lo.target_modules.split(",")]
@@ -533,15 +536,29 @@ def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passe
     return m
 
 
+def refuse_several_processes(cfg: RunConfig) -> None:
+    """The native loop is single-process (no gradient sync, data sharding or rank-0-only writes)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.engine == "native" and n > 1:
+        raise ValueError(f"train.engine=native runs in one process, got WORLD_SIZE={n}; "
+                         f"use --train.engine trl for several processes (docs/trainer_engines.md)")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        refuse_several_processes(cfg)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    summary = train(cfg)
+    if cfg.train.engine == "trl":
+        from apo_llm.trl_engine import train_trl
+
+        summary = train_trl(cfg)
+    else:
+        summary = train(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     if summary["eval"]:
         first, last = summary["eval"][0], summary["eval"][-1]
