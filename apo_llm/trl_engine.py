@@ -280,7 +280,8 @@ class APOGRPOTrainer(GRPOTrainer):
         whole-batch aggregate: TRL's "dapo" normaliser (tokens of the generation batch / processes,
         times GA / steps_per_generation = 1 here) and the same for sequences."""
         n_proc = self.accelerator.num_processes
-        scale = self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = ga / self.args.steps_per_generation
         tokens = float(inputs["num_items_in_batch"]) / n_proc * scale
         seqs = self.args.per_device_train_batch_size * self.args.steps_per_generation * scale
         return max(tokens, 1.0), float(seqs)
