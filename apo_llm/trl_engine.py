@@ -341,7 +341,7 @@ class JsonlMetrics(TrainerCallback):
         self.path = Path(run_dir) / "metrics.jsonl"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "reward" not in logs:
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
             return  # the end-of-training summary (train_runtime, ...) goes to summary.json instead
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         with self.path.open("a") as fh:

@@ -76,7 +76,6 @@ def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir,
     rows1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows, rows1):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-7), (a["step"], a, b)
-        assert a["reward"] == pytest.approx(b["reward"])
     moved = 0.0
     for step in range(STEPS + 1):
         w0 = torch.load(dump / f"dump_w_r0_s{step}.pt")

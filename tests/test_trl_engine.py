@@ -129,3 +129,27 @@ def test_short_run_writes_one_row_per_step(tiny_model_dir, tmp_path):
         assert key in rows[0], sorted(rows[0])
     assert summary["steps"] == 2
     assert (tmp_path / "t" / "adapter" / "adapter_config.json").is_file()
+
+
+STEPS = 20
+MARGIN = 0.10  # as tests/test_train_e2e.py: mean training reward of the last 5 steps vs the first 5
+
+
+@pytest.mark.slow
+def test_trl_engine_raises_training_reward(tiny_model_dir, tmp_path):
+    """The native e2e test's setting (16 fixed synthetic problems, P16 x G8, lr 3e-3) on the TRL engine;
+    TRL takes one optimizer step of 128 rows per step where the native default takes two of 64."""
+    cfg = load_config([
+        "--train.engine", "trl", "--model.name_or_path", str(tiny_model_dir), "--model.device", "cpu",
+        "--loss.name", "apo", "--train.steps", str(STEPS), "--data.synthetic_n", "16",
+        "--train.mini_batch_size", "128", "--train.micro_batch_size", "64", "--eval.every", "0",
+        "--checkpoint.every", "0", "--logging.output_dir", str(tmp_path), "--logging.run_name", "e2e",
+        "--logging.progress", "false", "--logging.plots", "false", "--train.num_threads", "1"])
+    trl_engine.train_trl(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    early = sum(r["reward"] for r in rows[:5]) / 5
+    late = sum(r["reward"] for r in rows[-5:]) / 5
+    print(f"trl engine, apo: train reward {early:.3f} -> {late:.3f}")
+    assert 0.0 < early < 1.0
+    assert late >= early + MARGIN, (early, late)
