@@ -153,3 +153,63 @@ def test_trl_engine_raises_training_reward(tiny_model_dir, tmp_path):
     print(f"trl engine, apo: train reward {early:.3f} -> {late:.3f}")
     assert 0.0 < early < 1.0
     assert late >= early + MARGIN, (early, late)
+
+
+# --------------------------------------------------------------------------------------------
+# Config mapping (no model)
+# --------------------------------------------------------------------------------------------
+
+
+def _map(*extra, world=1):
+    cfg = load_config(["--train.engine", "trl", "--model.device", "cpu", "--train.prompts_per_step", "8",
+                       "--rollout.num_generations", "4", "--train.mini_batch_size", "32",
+                       "--train.micro_batch_size", "4", "--eval.every", "0", *extra])
+    return cfg, trl_engine.grpo_config(cfg, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mapping_of_batch_fields(world):
+    cfg, args = _map("--train.ppo_epochs", "2", "--train.steps", "5", "--train.lr", "2e-5", world=world)
+    rows = 32
+    assert args.per_device_train_batch_size == 4
+    # one optimizer step per pass over the rollouts: GA == steps_per_generation == rows / (world x micro)
+    assert args.gradient_accumulation_steps == args.steps_per_generation == rows // (world * 4)
+    assert args.num_iterations == 2 and args.max_steps == 10
+    assert args.num_generations == 4 and args.max_completion_length == cfg.rollout.max_new_tokens
+    assert args.learning_rate == 2e-5 and args.beta == 0.0
+    assert args.use_cpu and not args.bf16 and not args.fp16 and not args.gradient_checkpointing
+    assert (args.temperature, args.top_p, args.top_k) == (1.0, 1.0, 0)
+    assert not args.use_vllm
+
+
+def test_vllm_maps_to_colocate_with_importance_sampling():
+    cfg, args = _map("--rollout.engine", "vllm", "--model.dtype", "bfloat16")
+    assert args.use_vllm and args.vllm_mode == "colocate"
+    assert args.vllm_importance_sampling_correction
+    assert args.vllm_importance_sampling_mode.startswith("sequence")  # one weight per completion
+    assert args.bf16
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--train.mini_batch_size", "16"], "train.mini_batch_size"),
+    (["--eval.every", "5"], "eval.every"),
+    (["--rollout.batch_size", "8"], "rollout.batch_size"),
+    (["--train.stop_at_step", "2"], "train.stop_at_step"),
+    (["--train.max_consecutive_nonfinite", "5"], "train.max_consecutive_nonfinite"),
+    (["--train.micro_batch_size", "32"], "train.micro_batch_size"),  # 3 processes x 32 does not divide 32
+    (["--model.device", "cuda:1"], "model.device"),
+])
+def test_unmapped_fields_are_refused_by_name(args, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        _map(*args, world=3 if field == "train.micro_batch_size" else 1)
+
+
+def test_config_validation_of_the_new_fields():
+    with pytest.raises(ValueError, match=r"rollout\.engine"):
+        load_config(["--rollout.engine", "vllm"])  # vLLM only inside the TRL engine
+    with pytest.raises(ValueError, match=r"train\.engine"):
+        load_config(["--train.engine", "verl"])
+    with pytest.raises(ValueError, match=r"logging\.report_to"):
+        load_config(["--train.engine", "trl", "--logging.report_to", "mlflow"])
+    with pytest.raises(ValueError, match=r"rollout\.stop_token_ids"):
+        load_config(["--rollout.stop_token_ids", "[-1]"])
