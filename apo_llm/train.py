@@ -154,7 +154,7 @@ def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) ->
     was_training = model.training
     model.eval()
     mb = cfg.train.micro_batch_size
-    for sl in _micro_slices(N, mb):
+    for sl in _micro_slices(N, mb) if not single_pass(cfg, N) else []:  # else update() fills them
         ids, am, t = _trim(comp, sl)
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, want_entropy=True,
@@ -181,6 +181,12 @@ def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) ->
     return out, t_old, time.perf_counter() - t0
 
 
+def single_pass(cfg: RunConfig, rows: int) -> bool:
+    """One epoch, one minibatch: the update's forward *is* pi_old (the ratio is 1 at its only step), so
+    the behaviour pass is skipped and update() records log pi_old and the entropy from that forward."""
+    return cfg.train.ppo_epochs == 1 and cfg.train.mini_batch_size >= rows
+
+
 def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Completions, adv: torch.Tensor,
            passes: dict, device) -> dict[str, float]:
     """ppo_epochs over shuffled minibatches, gradient accumulation over micro-batches.
@@ -190,6 +196,7 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
     """
     lc, tc = cfg.loss, cfg.train
     N = comp.input_ids.shape[0]
+    fill_old = single_pass(cfg, N)
     mask = comp.completion_mask
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
@@ -210,7 +217,10 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
                 gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
                 st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                             temperature=cfg.rollout.temperature, gather_ids=gather,
-                                            want_entropy=lc.needs_entropy, chunk_size=tc.chunk_size)
+                                            want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
+                if fill_old:
+                    passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
+                    passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
                 m = mask[rows, :t].to(device)
                 if not torch.isfinite(st.logp[m.bool()]).all():
                     finite = False
