@@ -277,3 +277,25 @@ def test_config_prompt_template_reward_and_stop_agree(random_tiny_model_dir, pat
         add_stop_ids(model, list(cfg.rollout.stop_token_ids) + template_stop_ids(tok))
         assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
         assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_lm_head_fp32_under_bf16(random_tiny_model_dir):
+    from apo_llm.modeling import completion_token_stats as stats, load_model_and_tokenizer, want_lm_head_fp32
+    from apo_llm.rollout import generate_completions
+
+    assert want_lm_head_fp32(load_config(["--model.dtype", "bfloat16", "--loss.name", "apo"]))
+    assert not want_lm_head_fp32(load_config(["--model.dtype", "bfloat16", "--loss.name", "grpo"]))
+    assert not want_lm_head_fp32(load_config(["--model.dtype", "float32", "--loss.name", "apo"]))
+    assert not want_lm_head_fp32(load_config(["--model.dtype", "bfloat16", "--model.lm_head_fp32", "false"]))
+
+    m32, tok = load_model_and_tokenizer(str(random_tiny_model_dir), dtype="float32")
+    mixed, _ = load_model_and_tokenizer(str(random_tiny_model_dir), dtype="bfloat16", lm_head_fp32=True)
+    plain, _ = load_model_and_tokenizer(str(random_tiny_model_dir), dtype="bfloat16")
+    assert mixed.get_output_embeddings().weight.dtype == torch.float32
+    assert mixed.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.bfloat16  # backbone stays bf16
+    comp = generate_completions(mixed, tok, ["1 + 2 ="], 2, max_new_tokens=6, seed=0)  # the model's own head runs
+    ids, am = comp.input_ids, comp.attention_mask
+    ref = stats(m32, ids, am, comp.n_prompt, topk=4).topk_logp
+    err_mixed = (stats(mixed, ids, am, comp.n_prompt, topk=4).topk_logp - ref).abs().max()
+    err_plain = (stats(plain, ids, am, comp.n_prompt, topk=4).topk_logp - ref).abs().max()
+    assert torch.isfinite(err_mixed) and err_mixed <= err_plain  # the float32 head removes the head's rounding
