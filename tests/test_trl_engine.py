@@ -299,3 +299,51 @@ def test_lm_head_fp32_under_bf16(random_tiny_model_dir):
     err_mixed = (stats(mixed, ids, am, comp.n_prompt, topk=4).topk_logp - ref).abs().max()
     err_plain = (stats(plain, ids, am, comp.n_prompt, topk=4).topk_logp - ref).abs().max()
     assert torch.isfinite(err_mixed) and err_mixed <= err_plain  # the float32 head removes the head's rounding
+
+
+# --------------------------------------------------------------------------------------------
+# Native engine: the old-log-prob forward is skipped when the update is a single pass
+# --------------------------------------------------------------------------------------------
+
+
+def test_native_single_pass_skip_matches_the_explicit_old_pass(tiny_model_dir, monkeypatch):
+    import copy
+
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    import apo_llm.train as tm
+    from apo_llm.modeling import load_model_and_tokenizer, wrap_lora
+    from apo_llm.rollout import generate_completions
+
+    cfg = load_config(["--model.name_or_path", str(tiny_model_dir), "--model.device", "cpu", "--loss.name", "apo",
+                       "--train.prompts_per_step", "2", "--rollout.num_generations", "4",
+                       "--train.mini_batch_size", "8", "--train.micro_batch_size", "4"])
+    assert tm.single_pass(cfg, 8) and not tm.single_pass(cfg, 16)
+    base, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    model = wrap_lora(base, r=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    comp = generate_completions(model, tok, ["3 + 4 =", "10 - 7 ="], 4, max_new_tokens=16, seed=0)
+    adv = torch.randn(8, generator=gen)
+    out = {}
+    for skip in (True, False):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        sched = get_scheduler("constant", opt)
+        monkeypatch.setattr(tm, "single_pass", lambda c, rows, s=skip: s)
+        passes, _, _ = tm.behaviour_and_reference(cfg, m, comp, torch.device("cpu"))
+        if skip:
+            assert not passes["old_logp"].any()  # the behaviour forward did not run
+        tm.update(cfg, m, opt, sched, Accelerator(cpu=True), comp, adv, passes, torch.device("cpu"))
+        out[skip] = (passes, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+    mask = comp.completion_mask.bool()
+    for key in ("old_logp", "entropy"):
+        torch.testing.assert_close(out[True][0][key][mask], out[False][0][key][mask], rtol=0, atol=1e-5)
+    for name, w in out[True][1].items():
+        torch.testing.assert_close(w, out[False][1][name], rtol=0, atol=1e-6)
+    start = {n: p.detach() for n, p in model.named_parameters()}
+    assert max(float((w - start[n]).abs().max()) for n, w in out[True][1].items()) > 1e-3  # a real step
