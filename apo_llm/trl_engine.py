@@ -25,14 +25,13 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from apo_llm.config import RunConfig, TrainSection, RolloutSection, CheckpointSection
+from apo_llm.config import RolloutSection, RunConfig, TrainSection
 from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
@@ -47,7 +46,6 @@ UNMAPPED = {
     "train.stop_at_step": (TrainSection().stop_at_step, "TRL has no clean early exit; lower train.steps"),
     "train.max_consecutive_nonfinite": (TrainSection().max_consecutive_nonfinite,
                                         "TRL does not skip non-finite steps"),
-    "checkpoint.keep_last": (CheckpointSection().keep_last, None),  # mapped: listed only for docs
 }
 
 
@@ -78,8 +76,7 @@ def check_trl_config(cfg: RunConfig, world_size: int) -> None:
     for key, (default, why) in UNMAPPED.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if why is not None:
-            _need(value == default, key, value, f"no TRL equivalent ({why}); leave it at {default!r}")
+        _need(value == default, key, value, f"no TRL equivalent ({why}); leave it at {default!r}")
 
 
 def grpo_config(cfg: RunConfig, world_size: int = 1):
@@ -383,7 +380,8 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
         attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
         stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
     lo = cfg.lora
-    targets = lo.target_modules if lo.target_modules == "all-linear" else [x.strip() for x in lo.target_modules.split(",")]
+    targets = (lo.target_modules if lo.target_modules == "all-linear"
+               else [x.strip() for x in lo.target_modules.split(",")])
     model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
                       adapter_path=lo.adapter_path)
     problems, _, reward_name = load_data(cfg)

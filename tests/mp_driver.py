@@ -5,6 +5,8 @@
     MP_MODE=replay  (one process) trains on the union of the dumped batches of all ranks instead of
                     generating, saving its LoRA weights after every step.
 
+Both use plain SGD instead of AdamW, so that equal weights mean equal gradients.
+
 Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/mp_driver.py --config-args...
 """
 
@@ -73,7 +75,8 @@ def patched_generate(original):
             return merge([torch.load(p) for p in ranks])
         out = original(self, inputs)
         rank = self.accelerator.process_index
-        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}, DIR / f"dump_b_r{rank}_s{step}.pt")
+        cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+        torch.save(cpu, DIR / f"dump_b_r{rank}_s{step}.pt")
         return out
     return run
 
@@ -84,6 +87,9 @@ def main() -> None:
     def build_with_dump(cfg):
         trainer = build(cfg)
         trainer.add_callback(SaveWeights(trainer))
+        # plain SGD: weights then differ only by the gradients' rounding (Adam divides by sqrt(v) and
+        # blows rounding on near-zero gradients up to the learning rate)
+        trainer.args.optim = "sgd"
         return trainer
 
     te.build_trainer = build_with_dump

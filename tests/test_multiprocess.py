@@ -3,8 +3,8 @@
 `torchrun --standalone --nproc_per_node 2 -m apo_llm.train --train.engine trl` runs 3 steps on the
 quick tiny model; tests/mp_driver.py saves each rank's LoRA weights after every step and each
 rank's rollouts. A single process then trains on the union of those rollouts (same config, same
-seed); its LoRA weights must equal the ranks' after every step (1e-5), which holds only when the
-gradient is averaged across ranks with the right token normaliser.
+seed, plain SGD); its LoRA weights must equal the ranks' after every step (1e-5), which holds only
+when the gradient is averaged across ranks with the right token normaliser.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _train_args(model_dir, out, name) -> list[str]:
     return ["--train.engine", "trl", "--model.name_or_path", str(model_dir), "--model.device", "cpu",
             "--train.steps", str(STEPS), "--train.prompts_per_step", "4", "--rollout.num_generations", "4",
             "--train.mini_batch_size", "16", "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "24",
-            "--train.lr", "3e-3", "--train.warmup_steps", "0", "--data.synthetic_n", "16", "--eval.every", "0",
+            "--train.lr", "0.1", "--train.warmup_steps", "0", "--data.synthetic_n", "16", "--eval.every", "0",
             "--checkpoint.every", "0", "--logging.output_dir", str(out), "--logging.run_name", name,
             "--logging.plots", "false", "--logging.progress", "false", "--loss.name", "apo"]
 
