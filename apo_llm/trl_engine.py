@@ -350,6 +350,16 @@ class JsonlMetrics(TrainerCallback):
 # --------------------------------------------------------------------------------------------
 
 
+def set_vllm_stops(args, model) -> None:
+    """vLLM reads the stop ids from the checkpoint's generation_config.json, not from the model in
+    memory: pass the ids our loader added there (rollout.stop_token_ids, the template's end-of-turn)."""
+    if not args.use_vllm:
+        return
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    args.generation_kwargs = {**(args.generation_kwargs or {}), "stop_token_ids": ids}
+
+
 def world_size() -> int:
     """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -384,6 +394,7 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
                else [x.strip() for x in lo.target_modules.split(",")])
     model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
                       adapter_path=lo.adapter_path)
+    set_vllm_stops(args, base)
     problems, _, reward_name = load_data(cfg)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:

@@ -188,6 +188,12 @@ def test_vllm_maps_to_colocate_with_importance_sampling():
     assert args.vllm_importance_sampling_correction
     assert args.vllm_importance_sampling_mode.startswith("sequence")  # one weight per completion
     assert args.bf16
+    # vLLM takes its stop ids from generation_config.json on disk: the loader's additions are passed on
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9]))
+    trl_engine.set_vllm_stops(args, model)
+    assert args.generation_kwargs["stop_token_ids"] == [7, 9]
 
 
 @pytest.mark.parametrize("args, field", [
