@@ -201,6 +201,8 @@ class APOGRPOTrainer(GRPOTrainer):
             out["anchor_ids"] = torch.zeros(B, T, lc.apo_k, dtype=torch.long, device=dev)
             out["anchor_ref_logp"] = torch.full((B, T, lc.apo_k), -math.inf, device=dev)
         mb = self.args.per_device_train_batch_size
+        # self.model, not the DDP wrapper: no gradient to sync here, and no collective that every rank
+        # would have to match; ZeRO-3 / FSDP2 hooks sit on the module itself and still gather weights
         policy = self.accelerator.unwrap_model(self.model)
         was_training = self.model.training
         self.model.eval()
