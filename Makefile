@@ -1,4 +1,6 @@
-# Two entry points (see README): `make demo` and `make test`. Both create and reuse .venv.
+# Entry points (see README): `make demo` and `make test`; also `make test-fast` (the formula lane,
+# see docs/README.md) and `make notebooks` (opens the teaching notebooks in JupyterLab).
+# All create and reuse .venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +25,19 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The formula lane: everything not marked slow by tests/conftest.py (no model builds, notebooks,
+# figures or CLI subprocesses).
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# JupyterLab is an extra (`notebooks`), installed on first use next to the project.
+$(VENV)/.notebooks: $(VENV)/.installed
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev,tensorboard,notebooks]"
+	touch $@
+
+notebooks: $(VENV)/.notebooks
+	HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

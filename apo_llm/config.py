@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sys
 import types
@@ -69,8 +70,9 @@ class DataSection:
             "steps, which is what lets the tiny model's reward rise within minutes (None: 2000)")
     eval_source: Optional[str] = _f(None, "held-out source (None: same as source; e.g. math500 for math)")
     eval_split: str = _f("test", "held-out split for the periodic evaluation")
-    eval_path: Optional[str] = _f(None, "local file for a jsonl/parquet eval_source")
-    reward: Optional[str] = _f(None, "reward function name (None: the source's default)")
+    eval_path: Optional[str] = _f(None, "local file for a jsonl/parquet eval_source (None with a jsonl/parquet "
+                                        "source: a held-out slice of data.path, not trained on)")
+    reward: Optional[str] = _f(None, "reward function name (None: the source's default; required for jsonl/parquet)")
     seed: int = _f(0, "seed of the data order (one permutation per pass over the data)")
 
 
@@ -101,6 +103,7 @@ class TrainSection:
     scheduler: str = _f("constant_with_warmup", "transformers.get_scheduler name (linear, cosine, ...)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0: off, norm still logged)")
     advantage: str = _f("grpo", "advantage estimator of objectives.group_advantages")
+    passk_k: Optional[int] = _f(None, "k of the passk advantage (1 <= k <= rollout.num_generations)")
     adv_std: str = _f("unbiased", "std of the grpo estimator: unbiased (verl) | population")
     seed: int = _f(0, "seed of python / numpy / torch RNGs")
     chunk_size: int = _f(1024, "(row, position) pairs per logits chunk")
@@ -128,7 +131,9 @@ class LoggingSection:
     run_name: Optional[str] = _f(None, "run directory name (None: <loss>-<source>)")
     tensorboard: bool = _f(False, "also write TensorBoard events")
     plots: bool = _f(True, "write PNG curves at the end")
-    progress: bool = _f(True, "tqdm progress bar and one console line per step")
+    progress: bool = _f(True, "progress bar on a terminal (plain log lines otherwise) and one line per step")
+    overwrite: bool = _f(False, "start afresh in a run directory that already holds a run, moving the old "
+                                "run aside to <run_name>.old-<time> (never mixed)")
     report_to: list[str] = _f([], "extra trackers: wandb and/or trackio (optional installs; train.engine trl)")
 
 
@@ -206,9 +211,12 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):  # a NaN compares False everywhere and would disable range checks
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ValueError(f"{key}: expected a string, got {value!r}")
@@ -311,7 +319,9 @@ def validate(cfg: RunConfig) -> None:
          f"choose from {sorted(s.value for s in SchedulerType)}")
     need(t.advantage in __import__("apo_llm.objectives").objectives.ADVANTAGE_ESTIMATORS, "train.advantage",
          "unknown estimator; see objectives.ADVANTAGE_ESTIMATORS")
-    need(t.advantage != "passk", "train.advantage", "passk needs a k; not wired into the trainer yet")
+    need(t.advantage != "passk" or t.passk_k is not None, "train.passk_k", "required with train.advantage=passk")
+    need(t.passk_k is None or 1 <= t.passk_k <= r.num_generations, "train.passk_k",
+         f"must lie in [1, rollout.num_generations={r.num_generations}]")
     need(t.adv_std in ("unbiased", "population"), "train.adv_std", "unbiased | population")
     need(t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
     need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
@@ -329,6 +339,11 @@ def validate(cfg: RunConfig) -> None:
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.loss.kl_estimator != "full" or cfg.loss.kl_coef == 0, "loss.kl_estimator",
          "'full' (exact KL over the vocabulary) is not supported by the LLM trainer; use k1, k2 or k3")
+    need(d.source not in ("jsonl", "parquet") or d.reward is not None, "data.reward",
+         f"required for source {d.source!r} (gsm8k_strict | gsm8k_flexible | math): it also picks the prompt "
+         "suffix and which rows fit")
+    need(d.eval_source not in ("jsonl", "parquet") or bool(d.eval_path), "data.eval_path",
+         f"required for eval_source {d.eval_source!r}")
     need(t.engine in ("native", "trl"), "train.engine", "choose native or trl")
     need(r.engine in ("hf", "vllm"), "rollout.engine", "choose hf or vllm")
     need(r.engine == "hf" or t.engine == "trl", "rollout.engine", "vllm needs train.engine: trl")
@@ -389,7 +404,15 @@ def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config: file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"config: {p}:{where}: YAML syntax error ({what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config: cannot read {p} ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {p} must hold a mapping of sections")
     return data
@@ -405,6 +428,10 @@ def load_config(argv: Optional[list[str]] = None, *, config_path: Optional[str] 
     return build_config(load_yaml(path) if path else None, cli)
 
 
+# What the LLM trainer accepts where the shared LossConfig help says more (validate() refuses the rest).
+HELP_OVERRIDES = {"loss.kl_estimator": "k1 | k2 | k3 (sampled-token estimators; 'full' is simulator-only)"}
+
+
 def help_text() -> str:
     lines = ["usage: python -m apo_llm.train [--config FILE.yaml] [--resume auto] [--section.field VALUE ...]",
              "", "Precedence: defaults < YAML < command line. Fields:"]
@@ -412,8 +439,8 @@ def help_text() -> str:
     for s, cls in SECTIONS.items():
         lines.append(f"\n[{s}]")
         for fld in dataclasses.fields(cls):
-            lines.append(f"  --{s}.{fld.name} (default {getattr(getattr(default, s), fld.name)!r}): "
-                         f"{fld.metadata.get('help', '')}")
+            text = HELP_OVERRIDES.get(f"{s}.{fld.name}", fld.metadata.get("help", ""))
+            lines.append(f"  --{s}.{fld.name} (default {getattr(getattr(default, s), fld.name)!r}): {text}")
     return "\n".join(lines)
 
 
@@ -425,11 +452,37 @@ def save_resolved(cfg: RunConfig, out_dir: str | Path, extra: Optional[dict] = N
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for mod in ("torch", "transformers", "peft", "accelerate", "datasets", "math_verify", "numpy"):
+    from importlib import metadata
+
+    # distribution metadata, not module.__version__: math_verify has no __version__ attribute
+    for mod, dist in (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
+                      ("accelerate", "accelerate"), ("datasets", "datasets"), ("math_verify", "math-verify"),
+                      ("numpy", "numpy"), ("trl", "trl")):
         try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:
+            versions[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             versions[mod] = None
     info = {"seed": cfg.train.seed, "versions": versions, "git_sha": git_sha(Path(__file__).parent),
             "argv": sys.argv, **(extra or {})}
     (out / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+# Settings a resume may change: they steer the loop, not what a step computes. Any other difference
+# from the checkpoint's config is refused (a resumed run keeps the settings it was started with).
+APPLIED_ON_RESUME = frozenset({
+    "train.steps", "train.stop_at_step", "train.num_threads", "train.max_consecutive_nonfinite",
+    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "logging.progress", "logging.plots",
+    "logging.tensorboard", "logging.overwrite", "eval.every", "model.device"})
+
+
+def resume_differences(saved: dict, cfg: RunConfig) -> tuple[dict, dict]:
+    """(applied, refused): {"section.field": (saved value, new value)} between a checkpoint's config
+    and this run's. Fields present on one side only (other versions) are not compared."""
+    applied, refused = {}, {}
+    for section, values in cfg.to_dict().items():
+        old = saved.get(section, {})
+        for key, new in values.items():
+            if key in old and old[key] != new:
+                name = f"{section}.{key}"
+                (applied if name in APPLIED_ON_RESUME else refused)[name] = (old[key], new)
+    return applied, refused

@@ -57,15 +57,28 @@ class DataStats:
     loaded: int = 0  # problems returned
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     prompt_style: str = "gsm8k"  # which PROMPT_SUFFIX the prompts carry ("gsm8k" or "math")
+    lines: dict = field(default_factory=dict)  # reason -> 1-based line (jsonl) / row (parquet) numbers
+    path: str | None = None  # the local file read, if any
+
+    def skip(self, reason: str, line: int | None) -> None:
+        self.skipped[reason] += 1
+        if line is not None:
+            self.lines.setdefault(reason, []).append(line)
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return (f"{self.source}/{self.split}: {self.loaded} problems loaded from {self.rows} rows, "
-                f"{self.n_skipped} skipped ({reasons})")
+        def where(k: str) -> str:
+            at = self.lines.get(k, [])
+            unit = "line" if self.source == "jsonl" else "row"
+            plural = "s" if len(at) > 1 else ""
+            return f" at {unit}{plural} {', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}" if at else ""
+
+        reasons = ", ".join(f"{k}={v}{where(k)}" for k, v in sorted(self.skipped.items())) or "none"
+        name = self.path or f"{self.source}/{self.split}"
+        return f"{name}: {self.loaded} problems loaded from {self.rows} rows, {self.n_skipped} skipped ({reasons})"
 
 
 class RowError(ValueError):
@@ -221,22 +234,30 @@ def synthetic_problems(n: int, seed: int, split: str = "train") -> list[Problem]
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_local(path: str, kind: str, stats: DataStats) -> list:
+def _read_local(path: str, kind: str, stats: DataStats) -> list[tuple[int, object]]:
+    """[(1-based line or row number, parsed row)]; undecodable jsonl lines are counted with their number."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"path: no such file {path!r} (source={kind!r})")
     if kind == "parquet":
         import pyarrow.parquet as pq  # shipped with `datasets`
 
-        return pq.read_table(p).to_pylist()
+        try:
+            return list(enumerate(pq.read_table(p).to_pylist(), start=1))
+        except Exception as e:  # pyarrow raises its own error types for a non-parquet file
+            raise ValueError(f"path: {path!r} is not a readable parquet file ({type(e).__name__})") from None
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"path: {path!r} is not UTF-8 text (byte {e.start}); expected jsonl") from None
     rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((n, json.loads(line)))
         except json.JSONDecodeError:
-            stats.skipped["invalid_json"] += 1
+            stats.skip("invalid_json", n)
             stats.rows += 1
     return rows
 
@@ -248,16 +269,51 @@ def _load_hub(source: str, split: str):
     return load_dataset(hub_id, config, split=split)
 
 
+NUMERIC_REWARDS = ("gsm8k_strict", "gsm8k_flexible", "synthetic")  # rewards that compare numbers
+
+
+def local_style(reward: str | None, prompt_style: str | None) -> str:
+    """Prompt suffix of a local file: given explicitly, or the one the reward reads (never guessed from rows)."""
+    if prompt_style is not None:
+        return prompt_style
+    if reward is None:
+        raise ValueError("reward: a jsonl/parquet source needs an explicit reward (gsm8k_strict | "
+                         "gsm8k_flexible | math) or prompt_style; it is not guessed from the rows")
+    return "math" if reward == "math" else "gsm8k"
+
+
+def _local_problems(source: str, path: str, split: str, stats: DataStats, reward: str | None,
+                    prompt_style: str | None) -> list[Problem]:
+    """Rows of a local file -> Problems; rows that do not fit `reward` are skipped with their line."""
+    rows = _read_local(path, source, stats)  # a missing file is named before a missing reward
+    style = local_style(reward, prompt_style)
+    numeric = reward in NUMERIC_REWARDS  # without a reward (prompt_style only) every gold is kept
+    stats.prompt_style, stats.path = style, path
+    stem, problems = Path(path).stem, []
+    for n, row in rows:
+        stats.rows += 1
+        try:
+            q, g, sol = local_row(row, n - 1, split)
+            if numeric and not _is_number(g):
+                raise RowError("gold_not_a_number")  # a number-comparing reward could never score it
+        except RowError as e:
+            stats.skip(e.reason, n)
+            continue
+        problems.append(Problem(f"{stem}-{n - 1}", q, make_prompt(q, style), g, sol))
+    return problems
+
+
 def load_problems(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, synthetic_n: int | None = None,
-                  prompt_style: str | None = None) -> tuple[list[Problem], DataStats]:
+                  prompt_style: str | None = None, reward: str | None = None) -> tuple[list[Problem], DataStats]:
     """Load problems from `source` (one of SOURCES); malformed rows are skipped, counted, warned.
 
     shuffle uses `seed`; `limit` keeps the first `limit` valid problems (after shuffling).
     synthetic: `synthetic_n` problems (default: limit, else 2000 train / 500 otherwise).
-    jsonl/parquet: `prompt_style` "gsm8k" or "math" picks the suffix; None infers it from the
-    golds (all numeric -> gsm8k). Raises ValueError for an unknown source, a missing path, or
-    when no valid problem remains.
+    jsonl/parquet: the suffix is `prompt_style` ("gsm8k" or "math") or else the one `reward` reads
+    (math -> math, the others -> gsm8k); with a number-comparing reward a non-numeric gold is a
+    skipped row (counted with its line number). Raises ValueError for an unknown source, a missing
+    path, a local file without reward/prompt_style, or when no valid problem remains.
     """
     if source not in SOURCES:
         raise ValueError(f"source: unknown {source!r}; expected one of {SOURCES}")
@@ -274,18 +330,7 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
     elif source in ("jsonl", "parquet"):
         if not path:
             raise ValueError(f"path: source={source!r} needs path= to a local file")
-        rows = _read_local(path, source, stats)
-        parsed = []
-        for i, row in enumerate(rows):
-            stats.rows += 1
-            try:
-                parsed.append((i, *local_row(row, i, split)))
-            except RowError as e:
-                stats.skipped[e.reason] += 1
-        style = prompt_style or ("gsm8k" if parsed and all(_is_number(g) for _, _, g, _ in parsed) else "math")
-        stats.prompt_style = style
-        stem = Path(path).stem
-        problems = [Problem(f"{stem}-{i}", q, make_prompt(q, style), g, s) for i, q, g, s in parsed]
+        problems = _local_problems(source, path, split, stats, reward, prompt_style)
     else:
         if source == "math500" and split != "test":
             raise ValueError(f"split: HuggingFaceH4/MATH-500 has only a 'test' split, got {split!r}")
@@ -303,5 +348,6 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
     if stats.n_skipped:
         warnings.warn(f"load_problems: skipped malformed rows: {stats.summary()}", stacklevel=2)
     if not problems:
-        raise ValueError(f"source: no valid problems in {source!r} split={split!r} ({stats.summary()})")
+        key = "path" if stats.path else "source"
+        raise ValueError(f"{key}: no valid problems in {stats.path or source!r} split={split!r} ({stats.summary()})")
     return problems, stats

@@ -197,7 +197,10 @@ def resolve_adapter(spec: str) -> str:
         return str(found[0].parent)
     if path.exists():
         raise ValueError(f"adapters: {spec!r} is a file, not an adapter directory")
-    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
+    from apo_llm.cli import looks_local
+
+    # 'runs/x/adapter' or './x' is a missing local path: fail now, not after the hub client's retries
+    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not looks_local(spec)
     if not hub_like or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise ValueError(f"adapters: {spec!r} does not exist locally"
                          + ("" if not hub_like else " (and HF_HUB_OFFLINE is set, so it cannot be a hub id)"))
@@ -235,8 +238,10 @@ def check_model_spec(spec: Optional[str]) -> None:
     """A --model that is neither a local directory nor (with the hub reachable) a hub id: ValueError now."""
     if spec is None or Path(spec).expanduser().is_dir():
         return
+    from apo_llm.cli import looks_local
+
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if Path(spec).expanduser().exists() or offline or re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", spec) is None:
+    if looks_local(spec) or offline or re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", spec) is None:
         raise ValueError(f"model: {spec!r} is not a local model directory"
                          + (" (and HF_HUB_OFFLINE is set, so it cannot be a hub id)" if offline else ""))
 
@@ -354,7 +359,9 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[An
     per_batch = max(1, cfg.batch_size // cfg.n)
     todo = [i for i, p in enumerate(problems) if (label, p.id) not in done]
     written = 0
-    with tqdm(total=len(todo), desc=f"eval {label}", unit="problem") as bar, open(out_file, "a") as fh:
+    # a bar only on a terminal: redirected logs would fill with carriage-return redraws
+    with tqdm(total=len(todo), desc=f"eval {label}", unit="problem", disable=not sys.stderr.isatty(),
+              ) as bar, open(out_file, "a") as fh:
         for chunk, start in enumerate(range(0, len(problems), per_batch)):
             idx = [i for i in range(start, min(start + per_batch, len(problems))) if (label, problems[i].id) not in done]
             if not idx:
@@ -554,14 +561,22 @@ def write_summary(out_dir: Path, cfg: EvalConfig, labels: Optional[Sequence[str]
 # --------------------------------------------------------------------------------------------
 
 
-def load_eval_problems(dataset: str, split: str, limit: Optional[int]) -> tuple[list, Any]:
-    """(problems, DataStats) of a dataset spec; an empty result or duplicate ids are clear errors."""
+def load_eval_problems(dataset: str, split: str, limit: Optional[int], reward: Optional[str] = None,
+                       prompt_style: Optional[str] = None) -> tuple[list, Any]:
+    """(problems, DataStats) of a dataset spec; an empty result or duplicate ids are clear errors.
+    A jsonl/parquet file needs `reward`: it picks the prompt suffix and which rows fit."""
     from apo_llm.data import load_problems
 
     source, path = parse_dataset(dataset)
     if path is not None and not Path(path).exists():
         raise ValueError(f"dataset: file {path!r} does not exist")
-    problems, stats = load_problems(source, split, path=path, limit=limit)
+    if path is not None and reward is None and prompt_style is None:
+        raise ValueError(f"reward: --dataset {source}:PATH needs --reward (gsm8k_strict | gsm8k_flexible | math)")
+    try:
+        problems, stats = load_problems(source, split, path=path, limit=limit, reward=reward,
+                                       prompt_style=prompt_style)
+    except ValueError as e:
+        raise ValueError(f"dataset: {e}") from None
     if not problems:
         raise ValueError(f"dataset: {dataset!r} (split {split!r}) gave no problems")
     ids = [p.id for p in problems]
@@ -615,6 +630,9 @@ def model_context(model: Any, label: str) -> contextlib.AbstractContextManager:
 def run_eval(cfg: EvalConfig) -> dict:
     """Validate, resolve adapters, load data and model, sample what is missing, summarize."""
     cfg.validate()
+    from apo_llm.cli import quiet_progress_unless_tty
+
+    quiet_progress_unless_tty()
     adapter_specs = [resolve_adapter(a) for a in cfg.adapters]  # missing adapter: error before anything heavy
     if not cfg.summary_only:
         check_model_spec(cfg.model)
@@ -623,7 +641,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.summary_only:
         return write_summary(out_dir, cfg, None, None)
 
-    problems, stats = load_eval_problems(cfg.dataset, cfg.split, cfg.limit)
+    problems, stats = load_eval_problems(cfg.dataset, cfg.split, cfg.limit, cfg.reward)
     from apo_llm.rewards import REWARD_FNS, default_reward_for
 
     reward_name = cfg.reward or default_reward_for(stats.source, prompt_style=stats.prompt_style)
@@ -656,8 +674,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from apo_llm.cli import run_or_exit
+
+    run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2

@@ -1,4 +1,4 @@
-"""Estimators shared by the simulator and the LLM side: unbiased pass@k (theory.md section 9)."""
+"""Estimators shared by the simulator and the LLM side: unbiased pass@k (docs/theory.md section 9)."""
 
 from __future__ import annotations
 

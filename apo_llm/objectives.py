@@ -1,20 +1,24 @@
-"""The one loss module: GRPO family, KL variants, KL-on-Wrong and APO, in pure torch.
+"""The one loss module: GRPO family, KL variants, KL-on-Wrong, APO and its baselines, in pure torch.
 
 Everything in the project (the tree simulator, the LoRA trainer, the notebooks) calls
 `policy_loss` and `group_advantages` from here; there is no second implementation.
 
-Symbols follow the APO paper (arXiv 2602.05717) and ../shared/reference:
+Symbols follow the APO paper (arXiv 2602.05717); the method and its open readings are in
+docs/method.md, the closed forms the tests check in docs/theory.md, the catalogue in docs/objectives.md:
 
     w_t      = pi_theta(y_t) / pi_old(y_t)                       token ratio
     A        = group-normalised advantage (same for every token of a response)
     S        = TopK(pi_ref) \\ {y_t}                              anchor set (exclusive anchoring)
-    Z_ref    = sum_{k in S} pi_ref(k)
-    r_anchor = (1 / Z_ref) * sum_{k in S} pi_theta(k)               virtual anchor ratio
-    r_APO    = lambda * w_t - beta * r_anchor                        rectified ratio, A < 0 only
+    Z_ref    = sum_{k in S} pi_ref(k),  M_S = sum_{k in S} pi_theta(k)
+    r_anchor = M_S / Z_ref                                       virtual anchor ratio ("ref", the paper's)
+             = M_S / M_S(theta_old)                              ("old_mass")
+             = sum_{k in S} (pi_ref(k)/Z_ref) pi_theta(k)/pi_old(k)  ("old_token")
+    r_APO    = lambda * w_t - beta * r_anchor                    rectified ratio, A < 0 only
 
 Layout (verl-style): each loss name maps to a short per-token *policy term* in `POLICY_TERMS`;
 optional KL and entropy terms are added by `policy_loss`; `aggregate` is the single place where
-token losses become a scalar, and no loss overrides it.
+token losses become a scalar, and no loss overrides it. `required_inputs` says which optional
+tensors a configuration needs.
 
 Shapes: B sequences, T response positions, K reference Top-K anchors per position.
 """
@@ -37,7 +41,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
 APO_CLIPS = ("rectified", "push_only")
 APO_ANCHORINGS = ("exclusive", "inclusive")
-KL_SCOPES = ("all", "negative")
+APO_ANCHOR_NORMS = ("ref", "old_mass", "old_token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,10 +55,13 @@ class LossConfig:
 
     `name` picks a registered policy term (see `POLICY_TERMS`) and the preset defaults of
     `LOSS_PRESETS` for fields left at `None`. Validation runs on construction and again in
-    `policy_loss`; every error names the offending field.
+    `policy_loss`; every error names the offending field. Configurations that are legal but do
+    not do what their name says (e.g. a rectified APO arm that is positive-only learning) warn
+    on construction; `validate()` returns the same notes.
     """
 
-    name: str = field(default="grpo", metadata={"help": "grpo | dapo | grpo_kl | kl_on_wrong | apo"})
+    name: str = field(default="grpo", metadata={
+        "help": "grpo | dapo | grpo_kl | kl_on_wrong | apo | topk_kl_on_wrong | clip_cov | kl_cov"})
     eps_low: Optional[float] = field(
         default=None, metadata={"help": "lower clip range: ratio >= 1 - eps_low (default 0.2)"}
     )
@@ -71,15 +78,33 @@ class LossConfig:
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus: loss -= ent_coef * H_t"})
     apo_lambda: float = field(default=1.05, metadata={"help": "APO push: weight of w_t on A < 0 tokens"})
     apo_beta: float = field(default=0.1, metadata={"help": "APO pull: weight of r_anchor on A < 0 tokens"})
-    apo_k: int = field(default=8, metadata={"help": "size K of the safe manifold TopK(pi_ref)"})
+    apo_k: int = field(default=8, metadata={
+        "help": "size K of the safe manifold TopK(pi_ref) (apo and topk_kl_on_wrong)"})
     apo_clip: str = field(
         default="rectified",
-        metadata={"help": "rectified: clip r_APO as a whole | push_only: clip lambda*w, pull unclipped"},
+        metadata={"help": "rectified: clip r_APO as a whole | push_only: clip lambda*w, pull bounded by apo_pull_cap"},
     )
     apo_anchoring: str = field(
         default="exclusive",
         metadata={"help": "exclusive: S = TopK \\ {y_t} (paper) | inclusive: S = TopK (ablation)"},
     )
+    apo_anchor_norm: str = field(
+        default="ref",
+        metadata={"help": "r_anchor = M_S/Z_ref (ref, paper) | M_S/M_S(theta_old) (old_mass) | "
+                          "sum_S (pi_ref/Z_ref) pi/pi_old (old_token); old_* need anchor_old_logp"},
+    )
+    apo_pull_cap: Optional[float] = field(
+        default=None,
+        metadata={"help": "push_only: the pull is flat where r_anchor > cap (None: 1 + eps_high; inf: no cap)"},
+    )
+    topk_kl_coef: float = field(default=0.0, metadata={
+        "help": "topk_kl_on_wrong: coef of the cross-entropy to pi_ref renormalised on S, A < 0 tokens"})
+    cov_frac: Optional[float] = field(default=None, metadata={
+        "help": "clip_cov / kl_cov: share of response tokens selected by cov (clip_cov 2e-4, kl_cov 2e-3)"})
+    cov_lb: float = field(default=1.0, metadata={"help": "clip_cov: candidates have cov_lb < cov_t < cov_ub"})
+    cov_ub: float = field(default=5.0, metadata={"help": "clip_cov: upper bound of the candidate band"})
+    kl_cov_coef: float = field(default=1.0, metadata={
+        "help": "kl_cov: coef of |log pi - log pi_old| on the selected tokens"})
     loss_agg: str = field(
         default="token-mean",
         metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"},
@@ -98,49 +123,77 @@ class LossConfig:
         for key, value in LOSS_PRESETS["_defaults"].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        self.validate()
-        if self.kl_coef == 0.0 and POLICY_TERMS[self.name].wants_kl:
-            warnings.warn(f"LossConfig: {self.name!r} with kl_coef=0 is plain GRPO; set kl_coef > 0", stacklevel=2)
+        for note in self.validate():
+            warnings.warn(note, stacklevel=2)
 
-    def validate(self) -> None:
+    def validate(self) -> list[str]:
+        """Raise ValueError naming the first bad field; return notes on legal-but-misleading settings."""
         def bad(name: str, why: str) -> None:
             raise ValueError(f"LossConfig.{name}={getattr(self, name)!r}: {why}")
+
+        def real(name: str) -> float:  # a finite-or-inf real number, not bool / str / NaN
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(x):
+                bad(name, "must be a number")
+            return float(x)
 
         if self.name not in POLICY_TERMS:
             bad("name", f"unknown loss; choose from {sorted(POLICY_TERMS)}")
         for eps in ("eps_low", "eps_high"):
-            if not (0.0 < float(getattr(self, eps)) < 1.0):
+            if not (0.0 < real(eps) < 1.0):
                 bad(eps, "must lie in (0, 1)")
-        if self.clip_c is not None and not self.clip_c > 1.0:
+        if self.clip_c is not None and not real("clip_c") > 1.0:
             bad("clip_c", "dual-clip cap must be > 1 (or None to disable)")
-        if not (self.kl_coef >= 0.0 and math.isfinite(self.kl_coef)):
-            bad("kl_coef", "must be finite and >= 0")
+        for name in ("kl_coef", "ent_coef", "topk_kl_coef", "kl_cov_coef"):
+            if not (real(name) >= 0.0 and math.isfinite(getattr(self, name))):
+                bad(name, "must be finite and >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:
             bad("kl_estimator", f"choose from {KL_ESTIMATORS}")
-        if not (self.ent_coef >= 0.0 and math.isfinite(self.ent_coef)):
-            bad("ent_coef", "must be finite and >= 0")
-        if not (self.apo_lambda > 0.0 and math.isfinite(self.apo_lambda)):
+        if not (real("apo_lambda") > 0.0 and math.isfinite(self.apo_lambda)):
             bad("apo_lambda", "push weight lambda must be > 0")
-        if not (self.apo_beta >= 0.0 and math.isfinite(self.apo_beta)):
+        if not (real("apo_beta") >= 0.0 and math.isfinite(self.apo_beta)):
             bad("apo_beta", "pull weight beta must be >= 0")
         if isinstance(self.apo_k, bool) or not isinstance(self.apo_k, int) or self.apo_k < 1:
             bad("apo_k", "Top-K size must be an integer >= 1")
-        if self.apo_clip not in APO_CLIPS:
-            bad("apo_clip", f"choose from {APO_CLIPS}")
-        if self.apo_anchoring not in APO_ANCHORINGS:
-            bad("apo_anchoring", f"choose from {APO_ANCHORINGS}")
-        if self.loss_agg not in LOSS_AGGS:
-            bad("loss_agg", f"choose from {LOSS_AGGS}")
+        for name, choices in (("apo_clip", APO_CLIPS), ("apo_anchoring", APO_ANCHORINGS),
+                              ("apo_anchor_norm", APO_ANCHOR_NORMS), ("loss_agg", LOSS_AGGS)):
+            if getattr(self, name) not in choices:
+                bad(name, f"choose from {choices}")
+        if self.apo_pull_cap is not None and not real("apo_pull_cap") > 0.0:
+            bad("apo_pull_cap", "must be > 0 (inf: no cap; None: 1 + eps_high)")
+        if not 0.0 < real("cov_frac") <= 1.0:
+            bad("cov_frac", "must lie in (0, 1]")
+        if not (math.isfinite(real("cov_lb")) and math.isfinite(real("cov_ub")) and self.cov_lb < self.cov_ub):
+            bad("cov_ub", f"the band needs finite cov_lb < cov_ub (cov_lb={self.cov_lb!r})")
         n = self.loss_norm_len
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Real)
                               or not (math.isfinite(n) and n == int(n) and n >= 1)):
             bad("loss_norm_len", "must be a positive integer or None")
+        return self._notes()
 
-    # What a caller must compute before calling policy_loss. Trainers ask these instead of
-    # testing loss names.
+    def _notes(self) -> list[str]:
+        notes = []
+        coef = POLICY_TERMS[self.name].defining_coef
+        if coef is not None and getattr(self, coef) == 0.0:
+            notes.append(f"LossConfig: {self.name!r} with {coef}=0 is plain GRPO; set {coef} > 0")
+        if self.is_positive_only:
+            notes.append(
+                f"LossConfig: apo_clip='rectified' with apo_lambda - apo_beta = {self.apo_lambda - self.apo_beta:g}"
+                f" < 1 - eps_low = {1 - self.eps_low:g}: every negative token starts outside the clip window "
+                "(r_APO = lambda - beta when r_anchor = 1), so push and pull are both zero there: "
+                "positive-only learning, not APO; do not report this arm as APO")
+        return notes
+
+    # What a caller must compute before calling policy_loss. Trainers ask these (or
+    # `required_inputs`) instead of testing loss names.
     @property
     def needs_anchors(self) -> bool:
         return POLICY_TERMS[self.name].needs_anchors
+
+    @property
+    def needs_anchor_old(self) -> bool:
+        """old_mass / old_token readings need pi_old at the anchors (`anchor_old_logp`)."""
+        return POLICY_TERMS[self.name].apo_ratio and self.apo_anchor_norm != "ref"
 
     @property
     def needs_ref_logp(self) -> bool:
@@ -158,6 +211,47 @@ class LossConfig:
     @property
     def needs_entropy(self) -> bool:
         return self.ent_coef > 0.0
+
+    @property
+    def needs_sign_split(self) -> bool:
+        """Some term acts on A < 0 tokens without being proportional to A (KL-on-Wrong, Top-K KL on
+        wrong): an expected-update caller must keep A < 0 and A = 0 responses apart."""
+        term = POLICY_TERMS[self.name]
+        gated = term.sign_gated_coef is not None and getattr(self, term.sign_gated_coef) > 0.0
+        return gated or (self.kl_coef > 0.0 and term.kl_scope == "negative")
+
+    @property
+    def batch_coupled(self) -> bool:
+        """The token loss depends on other tokens of the call (Clip-Cov / KL-Cov selections), so
+        an expected (enumerated) surrogate is not the expectation of the sampled one."""
+        return POLICY_TERMS[self.name].batch_coupled
+
+    @property
+    def pull_cap(self) -> float:
+        """The r_anchor above which the push_only pull is flat (apo_pull_cap, default 1 + eps_high)."""
+        return 1.0 + self.eps_high if self.apo_pull_cap is None else float(self.apo_pull_cap)
+
+    @property
+    def is_positive_only(self) -> bool:
+        """Rectified APO whose negative tokens start outside the clip window: lambda - beta < 1 - eps_low."""
+        return (POLICY_TERMS[self.name].apo_ratio and self.apo_clip == "rectified"
+                and self.apo_lambda - self.apo_beta < 1.0 - self.eps_low)
+
+
+OPTIONAL_INPUTS = ("ref_logp", "kl_full", "entropy", "anchor_logp", "anchor_ref_logp", "anchor_is_sampled",
+                   "anchor_old_logp")
+
+
+def required_inputs(cfg: LossConfig) -> frozenset[str]:
+    """The optional `policy_loss` tensors this configuration needs (names from OPTIONAL_INPUTS).
+
+    The one place that decides it: trainer and simulator build exactly these, `_check_inputs`
+    requires exactly these. (`weights` is the caller's choice and never required.)
+    """
+    need = {"ref_logp": cfg.needs_ref_logp, "kl_full": cfg.needs_kl_full, "entropy": cfg.needs_entropy,
+            "anchor_logp": cfg.needs_anchors, "anchor_ref_logp": cfg.needs_anchors,
+            "anchor_is_sampled": cfg.needs_anchors, "anchor_old_logp": cfg.needs_anchor_old}
+    return frozenset(name for name, wanted in need.items() if wanted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,9 +277,9 @@ def clipped_surrogate(rho: Tensor, adv: Tensor, eps_low: float, eps_high: float,
 def anchor_ratio(anchor_logp: Tensor, anchor_ref_logp: Tensor, in_anchor_set: Tensor) -> tuple[Tensor, Tensor]:
     """Virtual anchor ratio r_anchor = (1/Z_ref) sum_{k in S} pi_theta(k), with Z_ref = sum_{k in S} pi_ref(k).
 
-    anchor_logp, anchor_ref_logp: [B, T, K]; in_anchor_set: [B, T, K] bool (membership of S).
-    Returns (r_anchor [B, T], Z_ref [B, T]). Where S is empty (Z_ref = 0) r_anchor is 0, so the
-    pull vanishes instead of dividing by zero.
+    The paper's ("ref") reading. anchor_logp, anchor_ref_logp: [B, T, K]; in_anchor_set: [B, T, K]
+    bool (membership of S). Returns (r_anchor [B, T], Z_ref [B, T]). Where S is empty (Z_ref = 0)
+    r_anchor is 0, so the pull vanishes instead of dividing by zero.
     """
     return _anchor_ratio_from_probs(anchor_logp.exp(), anchor_ref_logp.exp(), in_anchor_set)
 
@@ -194,19 +288,66 @@ def _anchor_ratio_from_probs(p_anchor: Tensor, p_ref: Tensor, in_anchor_set: Ten
     zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
     m_s = torch.where(in_anchor_set, p_anchor, zero).sum(-1)  # [B, T] policy mass on S
     z_ref = torch.where(in_anchor_set, p_ref, zero).sum(-1)  # [B, T] reference mass on S
-    has_set = z_ref > 0
-    r_anchor = torch.where(has_set, m_s / torch.where(has_set, z_ref, torch.ones_like(z_ref)), torch.zeros_like(m_s))
-    return r_anchor, z_ref
+    return _safe_div(m_s, z_ref), z_ref
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0, else 0 (an empty anchor set has no pull; no NaN in the backward)."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def anchor_ratio_reading(norm: str, anchor_logp: Tensor, anchor_ref_logp: Tensor, anchor_old_logp: Optional[Tensor],
+                         in_set: Tensor) -> dict[str, Tensor]:
+    """r_anchor under each reading of what it is normalised by (docs/method.md, open points).
+
+    Each reading is r_anchor = sum_{k in S} a_k pi_theta(k) with a weight a_k fixed during the update:
+        ref        a_k = 1 / Z_ref                       r = M_S / Z_ref   (the paper's write-up)
+        old_mass   a_k = 1 / M_S(theta_old)              r = M_S / M_S(theta_old), 1 at theta_old
+        old_token  a_k = (pi_ref(k)/Z_ref) / pi_old(k)   r = sum_S (pi_ref(k)/Z_ref) pi_theta(k)/pi_old(k)
+    old_token clamps each log(pi_theta(k)/pi_old(k)) to +-20 like the token ratio; an anchor with
+    pi_old(k) = 0 contributes 0. Returns r_anchor, z_ref [B, T] and, detached, the parts
+    c_k = a_k pi_theta(k) [B, T, K] (their sum is r_anchor; the diagnostics' force uses them).
+    """
+    p_anchor = anchor_logp.exp()  # [B, T, K] pi_theta on the reference Top-K
+    zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
+    p_ref = torch.where(in_set, anchor_ref_logp.exp(), zero)  # [B, T, K]
+    if norm == "ref":
+        r_anchor, z_ref = _anchor_ratio_from_probs(p_anchor, anchor_ref_logp.exp(), in_set)
+        a = _safe_div(torch.ones_like(z_ref), z_ref)[..., None]  # [B, T, 1]
+    elif norm == "old_mass":
+        z_ref = p_ref.sum(-1)
+        m_old = torch.where(in_set, anchor_old_logp.exp(), zero).sum(-1)  # [B, T] M_S(theta_old)
+        m_s = torch.where(in_set, p_anchor, zero).sum(-1)
+        r_anchor = _safe_div(m_s, m_old)
+        a = _safe_div(torch.ones_like(m_old), m_old)[..., None]
+    else:  # old_token
+        z_ref = p_ref.sum(-1)
+        q = _safe_div(p_ref, z_ref[..., None])  # [B, T, K] reference renormalised on S
+        old_ok = torch.isfinite(anchor_old_logp)
+        q = torch.where(old_ok, q, zero)
+        old = torch.where(old_ok, anchor_old_logp, zero)  # -inf would give inf - inf = NaN below
+        parts = q * (anchor_logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+        return {"r_anchor": parts.sum(-1), "z_ref": z_ref, "parts": parts.detach()}
+    parts = torch.where(in_set, a * p_anchor.detach(), zero)
+    return {"r_anchor": r_anchor, "z_ref": z_ref, "parts": parts}
 
 
 @dataclass(frozen=True)
 class PolicyTerm:
-    """A registered objective: its per-token policy term and where its KL term applies."""
+    """A registered objective: its per-token policy term and what the caller must know about it."""
 
     fn: Callable[..., tuple[Tensor, dict]]
-    kl_scope: str = "all"  # "all" tokens, or only "negative"-advantage tokens (KL-on-Wrong)
+    kl_scope: str = "all"  # the generic KL term on "all" tokens, or only "negative"-advantage ones
     needs_anchors: bool = False
-    wants_kl: bool = False  # the objective is defined by its KL term (warn when kl_coef = 0)
+    defining_coef: Optional[str] = None  # the field that makes it differ from GRPO (warn when 0)
+    apo_ratio: bool = False  # rectifies A < 0 ratios: apo_clip, apo_anchor_norm, apo_pull_cap apply
+    sign_gated_coef: Optional[str] = None  # coefficient of a term applied on A < 0 tokens, not scaled by A
+    batch_coupled: bool = False  # a token's loss depends on the other tokens of the call
+
+
+def _anchor_set(cfg: LossConfig, anchor_is_sampled: Tensor) -> Tensor:
+    return torch.ones_like(anchor_is_sampled) if cfg.apo_anchoring == "inclusive" else ~anchor_is_sampled
 
 
 def grpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
@@ -217,54 +358,140 @@ def grpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, **_: Tensor) -> tuple
 
 def apo_term(
     cfg: LossConfig, ratio: Tensor, adv: Tensor, *, anchor_logp: Tensor, anchor_ref_logp: Tensor,
-    anchor_is_sampled: Tensor, **_: Tensor,
+    anchor_is_sampled: Tensor, anchor_old_logp: Optional[Tensor] = None, **_: Tensor,
 ) -> tuple[Tensor, dict]:
     """APO token loss. A >= 0: exactly GRPO. A < 0: the ratio is rectified,
 
         rectified: loss = max(-A r_APO, -A clip(r_APO, 1-eps_low, 1+eps_high)),
                    r_APO = lambda w - beta r_anchor                      (+ dual-clip)
-        push_only: loss = lambda max(-A w, -A clip(w, ...)) + A beta r_anchor
+        push_only: loss = lambda max(-A w, -A clip(w, ...)) + A beta min(r_anchor, cap)
                    (dual-clip caps the push part only)
 
-    Minimising either for A < 0 pushes w (the wrong token) down and pulls r_anchor (the mass on
-    the safe manifold S = TopK(pi_ref) minus y_t) up: "elastic recovery".
+    r_anchor follows cfg.apo_anchor_norm (`anchor_ratio_reading`). Minimising either for A < 0
+    pushes w (the wrong token) down and pulls r_anchor (the mass on the safe manifold
+    S = TopK(pi_ref) minus y_t) up: "elastic recovery". The push_only cap (cfg.pull_cap, default
+    1 + eps_high, the PPO bound of a ratio pushed up) makes the pull flat once the anchors hold
+    cap times their normaliser. Its logit force |A| beta |grad_z r_anchor|_1 <= 2 |A| beta r_anchor
+    (docs/theory.md section 7) is then at most 2 |A| beta cap, whatever Z_ref; uncapped, under
+    "ref" it is 2 |A| beta M_S (1 - M_S) / Z_ref, up to ~|A| beta / (2 Z_ref) as Z_ref -> 0.
     """
-    in_set = torch.ones_like(anchor_is_sampled) if cfg.apo_anchoring == "inclusive" else ~anchor_is_sampled
-    p_anchor = anchor_logp.exp()  # [B, T, K] pi_theta on the reference Top-K
-    r_anchor, z_ref = _anchor_ratio_from_probs(p_anchor, anchor_ref_logp.exp(), in_set)
+    in_set = _anchor_set(cfg, anchor_is_sampled)
+    anc = anchor_ratio_reading(cfg.apo_anchor_norm, anchor_logp, anchor_ref_logp, anchor_old_logp, in_set)
+    r_anchor = anc["r_anchor"]
     neg = adv < 0
     grpo_loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
-    pull = adv * cfg.apo_beta * r_anchor  # <= 0 on A < 0: minimising raises r_anchor
+    capped = torch.zeros_like(neg)
     if cfg.apo_clip == "rectified":
+        pull = adv * cfg.apo_beta * r_anchor  # <= 0 on A < 0: minimising raises r_anchor
         rho = cfg.apo_lambda * ratio - cfg.apo_beta * r_anchor
         neg_loss = clipped_surrogate(rho, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
     else:
+        cap = cfg.pull_cap
+        capped = r_anchor.detach() > cap
+        pull = adv * cfg.apo_beta * (r_anchor if math.isinf(cap) else r_anchor.clamp(max=cap))
         push = cfg.apo_lambda * clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, None)
         if cfg.clip_c is not None:
             push = torch.minimum(push, -adv * cfg.clip_c)
         neg_loss = push + pull
         rho = ratio  # the clip decision of push_only is on w alone
     loss = torch.where(neg, neg_loss, grpo_loss)
-    aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": z_ref, "pull": -pull,
-           "manifold": p_anchor.detach().sum(-1)}  # [B, T] safe-manifold mass (diagnostic)
+    p_topk = anchor_logp.detach().exp()  # [B, T, K] for the diagnostics only
+    aux = {"rho": torch.where(neg, rho, ratio), "r_anchor": r_anchor, "z_ref": anc["z_ref"], "pull": -pull,
+           "anchor_parts": anc["parts"], "anchor_pi": torch.where(in_set, p_topk, 0.0), "pull_capped": capped,
+           "manifold": p_topk.sum(-1)}  # [B, T] TopK mass
     if cfg.apo_clip == "push_only":
         # the dual-clip cap |A| c binds on the push lambda * |A| * w, i.e. where lambda * w > c
         aux["rho_dual"] = torch.where(neg, cfg.apo_lambda * ratio, ratio)
     return loss, aux
 
 
+def topk_kl_on_wrong_term(
+    cfg: LossConfig, ratio: Tensor, adv: Tensor, *, anchor_logp: Tensor, anchor_ref_logp: Tensor,
+    anchor_is_sampled: Tensor, **_: Tensor,
+) -> tuple[Tensor, dict]:
+    """Top-K forward KL on wrong responses: the "shape inside the safe manifold" control for APO.
+
+        loss = GRPO + topk_kl_coef * CE_t * 1[A < 0],
+        CE_t = -sum_{k in S} q_k log pi_theta(k),   q_k = pi_ref(k) / Z_ref on S (0 if S is empty)
+
+    S is APO's anchor set (apo_anchoring, apo_k), so this differs from APO only in pulling the
+    reference's shape on S instead of the mass M_S: -dCE/dz_j = q_j 1[j in S] - pi_j. CE equals
+    KL(q || pi_theta restricted to S) + H(q); not scaled by |A| (like kl_on_wrong). An anchor with
+    pi_theta(k) = 0 and q_k > 0 gives an infinite loss (reported by the caller's finiteness check).
+    """
+    in_set = _anchor_set(cfg, anchor_is_sampled)
+    p_ref = torch.where(in_set, anchor_ref_logp.exp(), torch.zeros_like(anchor_ref_logp))  # [B, T, K]
+    q = _safe_div(p_ref, p_ref.sum(-1, keepdim=True))
+    ce = -torch.where(q > 0, q * anchor_logp, torch.zeros_like(q)).sum(-1)  # [B, T]
+    loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    loss = loss + torch.where(adv < 0, cfg.topk_kl_coef * ce, torch.zeros_like(ce))
+    return loss, {"rho": ratio, "topk_ce": ce.detach()}
+
+
+def token_cov(adv: Tensor, logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """cov_t = (A_t - mean A)(log pi_t - mean log pi) (Cui et al. 2025), detached, means over the
+    call's response tokens with finite log pi (the others are not `valid`). Returns (valid, cov) [B, T]."""
+    lp = logp.detach()
+    valid = mask & torch.isfinite(lp)
+    m = valid.to(lp.dtype)
+    n = m.sum().clamp(min=1.0)
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    cov = (adv - (adv * m).sum() / n) * (lp - (lp * m).sum() / n)
+    return valid, torch.where(valid, cov, torch.zeros_like(cov))
+
+
+def _n_cov(cfg: LossConfig, valid: Tensor) -> int:
+    """ceil(cov_frac * valid tokens): at least one token whenever the call has one."""
+    return math.ceil(cfg.cov_frac * int(valid.sum()))
+
+
+def clip_cov_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, mask: Tensor,
+                  generator: Optional[torch.Generator] = None, **_: Tensor) -> tuple[Tensor, dict]:
+    """Clip-Cov (Cui et al. 2025): GRPO, with the gradient of n = ceil(cov_frac N) tokens drawn
+    uniformly (CPU torch.Generator `generator`; torch's global one if None) from the band
+    cov_lb < cov_t < cov_ub removed (their loss value is kept, detached). N = response tokens of
+    this call, so under micro-batching the selection is per micro-batch."""
+    valid, cov = token_cov(adv, logp, mask)
+    cand = (valid & (cov > cfg.cov_lb) & (cov < cfg.cov_ub)).flatten()
+    idx = cand.nonzero().squeeze(1)  # [n_cand] flat positions in the band
+    n = min(idx.numel(), _n_cov(cfg, valid))
+    pick = idx[torch.randperm(idx.numel(), generator=generator)[:n].to(idx.device)]
+    sel = torch.zeros_like(cand).index_fill_(0, pick, True).view_as(mask)  # [B, T]
+    loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    return torch.where(sel, loss.detach(), loss), {"rho": ratio, "cov_selected": sel}
+
+
+def kl_cov_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor, mask: Tensor,
+                **_: Tensor) -> tuple[Tensor, dict]:
+    """KL-Cov (Cui et al. 2025): GRPO + kl_cov_coef * |log pi_theta(y_t) - log pi_old(y_t)| on the
+    n = ceil(cov_frac N) tokens of largest cov_t (ties: torch.topk's order). Its gradient is 0 at
+    theta = theta_old (|x|' = 0 at 0 in torch) and acts from the second inner step on."""
+    valid, cov = token_cov(adv, logp, mask)
+    score = torch.where(valid, cov, torch.full_like(cov, -math.inf)).flatten()
+    top = torch.topk(score, min(int(valid.sum()), _n_cov(cfg, valid))).indices
+    sel = torch.zeros_like(valid.flatten()).index_fill_(0, top, True).view_as(mask)  # [B, T]
+    loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    pen = torch.where(sel, (logp - old_logp).abs(), torch.zeros_like(logp))
+    return loss + cfg.kl_cov_coef * pen, {"rho": ratio, "cov_selected": sel}
+
+
 POLICY_TERMS: dict[str, PolicyTerm] = {
     "grpo": PolicyTerm(grpo_term),
     "dapo": PolicyTerm(grpo_term),
-    "grpo_kl": PolicyTerm(grpo_term, wants_kl=True),
-    "kl_on_wrong": PolicyTerm(grpo_term, kl_scope="negative", wants_kl=True),
-    "apo": PolicyTerm(apo_term, needs_anchors=True),
+    "grpo_kl": PolicyTerm(grpo_term, defining_coef="kl_coef"),
+    "kl_on_wrong": PolicyTerm(grpo_term, kl_scope="negative", defining_coef="kl_coef"),
+    "apo": PolicyTerm(apo_term, needs_anchors=True, apo_ratio=True),
+    "topk_kl_on_wrong": PolicyTerm(topk_kl_on_wrong_term, needs_anchors=True, defining_coef="topk_kl_coef",
+                                   sign_gated_coef="topk_kl_coef"),
+    "clip_cov": PolicyTerm(clip_cov_term, batch_coupled=True),
+    "kl_cov": PolicyTerm(kl_cov_term, defining_coef="kl_cov_coef", batch_coupled=True),
 }
 
 # Field defaults that depend on the loss name; "_defaults" fills what a preset leaves open.
 LOSS_PRESETS: dict[str, dict] = {
-    "_defaults": {"eps_low": 0.2, "eps_high": 0.2},
+    "_defaults": {"eps_low": 0.2, "eps_high": 0.2, "cov_frac": 2e-4},
     "dapo": {"eps_low": 0.2, "eps_high": 0.28},
+    "kl_cov": {"cov_frac": 2e-3},
 }
 
 
@@ -278,7 +505,7 @@ def register_policy_term(name: str, term: PolicyTerm, preset: Optional[dict] = N
 
 
 # --------------------------------------------------------------------------------------------
-# KL estimators (theory.md section 6)
+# KL estimators (docs/theory.md section 6)
 # --------------------------------------------------------------------------------------------
 
 
@@ -320,7 +547,8 @@ def aggregate(
     the whole (global) batch as `global_tokens` / `global_seqs`: the micro-batch losses then
     sum to exactly the full-batch loss. L is `loss_norm_len` (default: the padded width T, which
     is only micro-batch invariant when every micro-batch has the same width).
-    w_i are per-sequence weights (default 1); the simulator's exact mode uses pi_old(leaf).
+    w_i are per-sequence weights (default 1); the simulator's exact mode passes, per row, the old
+    policy's probability of the responses that row stands for.
     """
     for name, count in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
         if count is not None and not (math.isfinite(float(count)) and float(count) > 0):
@@ -361,27 +589,33 @@ def policy_loss(
     entropy: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
     *,
+    anchor_old_logp: Optional[Tensor] = None,
     global_tokens: Optional[float] = None,
     global_seqs: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss to minimise, and float diagnostics.
 
     Per token: loss_t = policy_term_t [+ kl_coef * kl_t on the term's KL scope] [- ent_coef * H_t],
     then `aggregate`. Tensors: logp, old_logp, mask, ref_logp, kl_full, entropy [B, T];
-    advantages [B] or [B, T]; anchor_* [B, T, K]; weights [B]. `global_tokens` / `global_seqs`
-    are the counts of the whole batch when this call sees one micro-batch of it.
+    advantages [B] or [B, T]; anchor_* [B, T, K] (anchor_old_logp: log pi_old at the anchors, for
+    apo_anchor_norm old_mass / old_token); weights [B]. `global_tokens` / `global_seqs` are the
+    counts of the whole batch when this call sees one micro-batch of it. `generator` drives the
+    random token choice of clip_cov. `required_inputs(cfg)` lists the optional tensors needed.
     """
     cfg.validate()
     inputs = _check_inputs(cfg, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
-                           anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights)
+                           anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp)
     mask_b = inputs["mask"]
     adv = inputs["advantages"]
     log_ratio = (inputs["logp"] - inputs["old_logp"]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()  # [B, T] w_t
 
     term = POLICY_TERMS[cfg.name]
-    anchors = {k: inputs[k] for k in ("anchor_logp", "anchor_ref_logp", "anchor_is_sampled") if k in inputs}
-    loss_tok, aux = term.fn(cfg, ratio, adv, **anchors)
+    anchors = {k: inputs[k] for k in ("anchor_logp", "anchor_ref_logp", "anchor_is_sampled", "anchor_old_logp")
+               if k in inputs}
+    loss_tok, aux = term.fn(cfg, ratio, adv, logp=inputs["logp"], old_logp=inputs["old_logp"], mask=mask_b,
+                            generator=generator, **anchors)
     pg_tok = loss_tok
 
     kl_tok = None
@@ -397,25 +631,43 @@ def policy_loss(
     loss = aggregate(loss_tok, mask_b, cfg.loss_agg, **agg)
     with torch.no_grad():
         metrics = _diagnostics(cfg, mask_b, adv, ratio, aux, inputs, kl_tok)
-        metrics["pg_loss"] = float(aggregate(pg_tok, mask_b, cfg.loss_agg, **agg))
-        metrics["loss"] = float(loss)
-    return loss, metrics
+        metrics["pg_loss"] = aggregate(pg_tok, mask_b, cfg.loss_agg, **agg)
+        metrics["loss"] = loss
+    return loss, _to_floats(metrics)
+
+
+def _to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """All diagnostics to Python floats with ONE host sync (one .tolist(), not one float() each).
+
+    Stacked in float64 if any entry is float64, else float32 (exact for bf16/fp16 values and for
+    token counts below 2^24)."""
+    vals = [v.detach().reshape(()) for v in metrics.values()]
+    dt = torch.float64 if any(v.dtype == torch.float64 for v in vals) else torch.float32
+    return dict(zip(metrics, torch.stack([v.to(dt) for v in vals]).tolist()))
 
 
 def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux: dict,
-                 inputs: dict, kl_tok: Optional[Tensor]) -> dict[str, float]:
+                 inputs: dict, kl_tok: Optional[Tensor]) -> dict[str, Tensor]:
     """Clip fractions split by advantage sign (TRL/verl names) and the APO diagnostics.
 
     Every entry is an average over response tokens. With per-sequence `weights` (the simulator's
-    exact mode passes pi_old of each edge) tokens count with |w_i|, so fractions are shares of
-    probability mass rather than counts of rows.
+    exact mode passes, per row, the old policy's probability mass of the responses that row
+    stands for) tokens count with |w_i|, so fractions are shares of probability mass rather than
+    counts of rows. `clip_grad_frac/neg` counts gradient, not tokens: the push of a negative token
+    has logit-space L1 norm |A| w 2 (1 - pi(y_t)) (times lambda for APO), tiny where pi(y_t) ~ 1.
+    Entries stay 0-d tensors (no host sync here); an empty selection gives 0.
     """
     w = inputs.get("weights")
     tok_w = mask.to(ratio.dtype) * (1.0 if w is None else w.abs()[:, None])  # [B, T]
 
-    def mean(x: Tensor, sel: Tensor) -> float:  # weighted mean of x over the selected tokens
-        den = (tok_w * sel).sum()
-        return float((torch.where(sel, x.to(ratio.dtype), torch.zeros_like(ratio)) * tok_w).sum() / den) if den > 0 else 0.0
+    def total(x: Tensor, sel: Tensor) -> Tensor:  # weighted sum of x over the selected tokens
+        return (torch.where(sel, x.to(ratio.dtype), torch.zeros_like(ratio)) * tok_w).sum()
+
+    def share(part: Tensor, whole: Tensor, sel: Tensor) -> Tensor:  # sum part / sum whole, 0 if empty
+        return _safe_div(total(part, sel), total(whole, sel))
+
+    def mean(x: Tensor, sel: Tensor) -> Tensor:  # weighted mean of x over the selected tokens
+        return share(x, torch.ones_like(ratio), sel)
 
     rho = aux["rho"]
     pos, neg = mask & (adv > 0), mask & (adv < 0)
@@ -423,52 +675,90 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     high = pos & (rho > 1.0 + cfg.eps_high)  # flat for A > 0
     rho_dual = aux.get("rho_dual", rho)  # what the dual-clip cap compares with c
     dual = neg & ~low & (rho_dual > cfg.clip_c) if cfg.clip_c is not None else torch.zeros_like(mask)
+    clipped = low | dual
+    push_l1 = 2.0 * adv.abs() * ratio * (1.0 - inputs["logp"].detach().exp())  # [B, T] per unit of lambda
     out = {
-        "num_tokens": float(mask.sum()),
+        "num_tokens": mask.sum(),
         "ratio/mean": mean(ratio, mask),
         "clip_ratio/low_mean": mean(low, mask),
         "clip_ratio/high_mean": mean(high, mask),
         "clip_ratio/dual_mean": mean(dual, mask),
         "clip_ratio/region_mean": mean(low | high | dual, mask),
         "clip_frac/pos": mean(high, pos),
-        "clip_frac/neg": mean(low | dual, neg),
+        "clip_frac/neg": mean(clipped, neg),
+        "clip_grad_frac/neg": share(push_l1 * clipped, push_l1, neg),
         "frac_neg_tokens": mean(neg, mask),
     }
     if kl_tok is not None:
         out["kl"] = mean(kl_tok, mask)
     if "entropy" in inputs:
         out["entropy"] = mean(inputs["entropy"], mask)
+    if "topk_ce" in aux:
+        out["topk_kl/ce_neg"] = mean(aux["topk_ce"], neg)
+    if "cov_selected" in aux:
+        out["cov/selected_frac"] = mean(aux["cov_selected"], mask)
     if "r_anchor" in aux:
-        sampled_in_topk = inputs["anchor_is_sampled"].any(-1)
-        out.update({
-            "apo/r_anchor_mean": mean(aux["r_anchor"], neg),
-            "apo/pull": mean(aux["pull"], neg),
-            "apo/z_ref_mean": mean(aux["z_ref"], mask),
-            "apo/neg_clipped_frac": mean(low | dual, neg),
-            "apo/manifold_mass": mean(aux["manifold"], mask),
-            "apo/outside_topk_frac": mean(~sampled_in_topk, mask),
-        })
+        out.update(_apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, share, tok_w))
     return out
 
 
+def _apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, share, tok_w) -> dict[str, Tensor]:
+    """APO's anchor statistics and the pull's share of the negative tokens' logit force.
+
+    Logit-space L1 norms per token (docs/theory.md section 7): push lambda |A| w 2 (1 - pi(y_t));
+    pull beta |A| F with F = |grad_z r_anchor|_1 = sum_{k in S} |c_k - pi_k r| + r (1 - M_S),
+    r_anchor = sum_S c_k (parts of `anchor_ratio_reading`); for "ref" F = 2 M_S (1 - M_S) / Z_ref.
+    Each counts only where it is not clipped (rectified: both go together; push_only: the push
+    by its clip, the pull by its cap). The log-ratio clamp of old_token is ignored here.
+    """
+    parts, pi_s = aux["anchor_parts"], aux["anchor_pi"]  # [B, T, K]
+    r = parts.sum(-1)
+    unit = (parts - pi_s * r[..., None]).abs().sum(-1) + r * (1.0 - pi_s.sum(-1))  # [B, T] F
+    push_f = cfg.apo_lambda * push_l1 * ~clipped
+    pull_cut = clipped if cfg.apo_clip == "rectified" else aux["pull_capped"]
+    pull_f = cfg.apo_beta * adv.abs() * unit * ~pull_cut
+    sampled_in_topk = inputs["anchor_is_sampled"].any(-1)
+    return {
+        "apo/r_anchor_mean": mean(aux["r_anchor"], neg),
+        "apo/r_anchor_median": _weighted_median(aux["r_anchor"], tok_w, neg),
+        "apo/pull": mean(aux["pull"], neg),
+        "apo/z_ref_mean": mean(aux["z_ref"], mask),
+        "apo/neg_clipped_frac": mean(clipped, neg),
+        "apo/neg_clipped_grad_frac": share(push_l1 * clipped, push_l1, neg),
+        "apo/pull_force_share": share(pull_f, push_f + pull_f, neg),
+        "apo/pull_capped_frac": mean(aux["pull_capped"], neg),
+        "apo/manifold_mass": mean(aux["manifold"], mask),
+        "apo/outside_topk_frac": mean(~sampled_in_topk, mask),
+    }
+
+
+def _weighted_median(x: Tensor, tok_w: Tensor, sel: Tensor) -> Tensor:
+    """Lower weighted median: the smallest selected x_i whose cumulative weight (x sorted) reaches
+    half the total; 0 if nothing is selected. No boolean indexing, so no host sync."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    vals, order = torch.where(sel, x.detach(), math.inf).flatten().sort()  # unselected last, weight 0
+    cum = (tok_w * sel).flatten()[order].cumsum(0)
+    i = torch.searchsorted(cum, 0.5 * cum[-1:]).clamp(max=vals.numel() - 1)
+    return torch.where(cum[-1] > 0, vals[i][0], torch.zeros_like(cum[-1]))
+
+
 def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
-                  anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights) -> dict[str, Tensor]:
+                  anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp=None
+                  ) -> dict[str, Tensor]:
     """Validate shapes and presence; zero out pad positions; raise ValueError naming the argument."""
     if not isinstance(logp, Tensor) or logp.dim() != 2:
         raise ValueError(f"logp: expected a [B, T] tensor, got {_shape(logp)}")
     bt = tuple(logp.shape)
-    need = {
-        "ref_logp": cfg.needs_ref_logp, "kl_full": cfg.needs_kl_full, "entropy": cfg.needs_entropy,
-        "anchor_logp": cfg.needs_anchors, "anchor_ref_logp": cfg.needs_anchors,
-        "anchor_is_sampled": cfg.needs_anchors,
-    }
+    need = required_inputs(cfg)
     given = dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp, anchor_logp=anchor_logp,
                  anchor_ref_logp=anchor_ref_logp, anchor_is_sampled=anchor_is_sampled, kl_full=kl_full,
-                 entropy=entropy, weights=weights)
-    for name, required in need.items():
-        if required and given[name] is None:
+                 entropy=entropy, weights=weights, anchor_old_logp=anchor_old_logp)
+    for name in OPTIONAL_INPUTS:
+        if name in need and given[name] is None:
             raise ValueError(f"{name}: required by LossConfig(name={cfg.name!r}, kl_coef={cfg.kl_coef}, "
-                             f"kl_estimator={cfg.kl_estimator!r}, ent_coef={cfg.ent_coef}) but is None")
+                             f"kl_estimator={cfg.kl_estimator!r}, ent_coef={cfg.ent_coef}, "
+                             f"apo_anchor_norm={cfg.apo_anchor_norm!r}) but is None")
     for name in ("old_logp", "mask"):
         if given[name] is None:
             raise ValueError(f"{name}: required, got None")
@@ -480,11 +770,12 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
     adv = advantages
     if not isinstance(adv, Tensor) or tuple(adv.shape) not in (bt[:1], bt):
         raise ValueError(f"advantages: expected shape [B]={list(bt[:1])} or [B, T]={list(bt)}, got {_shape(adv)}")
+    anchor_names = [n for n in ("anchor_ref_logp", "anchor_is_sampled", "anchor_old_logp") if n in need]
     if cfg.needs_anchors:
         k_shape = tuple(anchor_logp.shape) if isinstance(anchor_logp, Tensor) else None
         if k_shape is None or len(k_shape) != 3 or k_shape[:2] != bt or k_shape[2] < 1:
             raise ValueError(f"anchor_logp: expected shape [B, T, K]=[{bt[0]}, {bt[1]}, K>=1], got {_shape(anchor_logp)}")
-        for name in ("anchor_ref_logp", "anchor_is_sampled"):
+        for name in anchor_names:
             x = given[name]
             if not isinstance(x, Tensor) or tuple(x.shape) != k_shape:
                 raise ValueError(f"{name}: expected shape {list(k_shape)} (as anchor_logp), got {_shape(x)}")
@@ -502,8 +793,8 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
             out[name] = _clean(name, given[name], m, allow_inf=(name == "ref_logp"), all_on=all_on)
     if cfg.needs_anchors:
         mk = m[..., None].expand_as(anchor_logp)
-        out["anchor_logp"] = _clean("anchor_logp", anchor_logp, mk, allow_inf=True, fill=-math.inf, all_on=all_on)
-        out["anchor_ref_logp"] = _clean("anchor_ref_logp", anchor_ref_logp, mk, allow_inf=True, fill=-math.inf, all_on=all_on)
+        for name in ["anchor_logp"] + [n for n in anchor_names if n != "anchor_is_sampled"]:
+            out[name] = _clean(name, given[name], mk, allow_inf=True, fill=-math.inf, all_on=all_on)
         out["anchor_is_sampled"] = anchor_is_sampled.bool()
     if weights is not None:
         if not torch.isfinite(weights).all():
@@ -529,7 +820,7 @@ def _shape(x) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Advantage estimators (objectives.md; groups are consecutive blocks of G rewards)
+# Advantage estimators (docs/objectives.md; groups are consecutive blocks of G rewards)
 # --------------------------------------------------------------------------------------------
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce", "psr", "nsr", "w_reinforce", "passk")
@@ -612,7 +903,7 @@ def _passk_advantages(g: Tensor, k: Optional[int], eps: float) -> Tensor:
 
 
 def expected_group_advantage(p: Tensor, group_size: int, **estimator_kwargs) -> tuple[Tensor, Tensor]:
-    """c_r(p, G) = E[A_i | r_i = r] for a prompt with success probability p (theory.md section 4).
+    """c_r(p, G) = E[A_i | r_i = r] for a prompt with success probability p (docs/theory.md section 4).
 
         c_r = sum_{m=0}^{G-1} C(G-1, m) p^m (1-p)^(G-1-m) A(r; m)
 

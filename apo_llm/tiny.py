@@ -178,7 +178,9 @@ def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     model.train()
     order, pos, checks = list(range(len(pairs))), len(pairs), []
-    step = 0
+    step, t0 = 0, time.time()
+    log(f"[tiny] SFT: at most {spec.max_steps} steps; from step {spec.min_steps} a sampled pass@1 check every "
+        f"{spec.eval_every} steps stops it at >= {spec.target_pass1}")
     for step in range(1, spec.max_steps + 1):
         if pos + spec.batch_size > len(order):
             rng.shuffle(order)
@@ -192,11 +194,14 @@ def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if step % spec.eval_every == 0 and step < spec.min_steps:  # progress against the budget
+            log(f"[tiny] step {step}/{spec.max_steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
         if step % spec.eval_every == 0 and step >= spec.min_steps:
             p1 = sampled_pass_at_1(model, tokenizer, held_out, samples=spec.eval_samples,
                                    max_new_tokens=spec.max_new_tokens, seed=spec.seed + step)
             checks.append((step, round(loss.item(), 4), p1))
-            log(f"[tiny] step {step} loss {loss.item():.3f} pass@1~{p1:.2f}")
+            log(f"[tiny] step {step}/{spec.max_steps} loss {loss.item():.3f} pass@1~{p1:.2f} "
+                f"(target {spec.target_pass1}, {time.time() - t0:.0f} s)")
             if p1 >= spec.target_pass1:
                 break
     return {"sft_steps": step, "final_loss": loss.item(), "checks": checks}

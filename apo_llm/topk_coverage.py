@@ -53,6 +53,7 @@ class CoverageConfig:
     batch_size: int = cli_field(8, "problems per forward pass")
     chunk_size: int = cli_field(256, "positions per log-softmax/Top-K chunk")
     chat_template: str = cli_field("auto", "auto | on | off, as in training")
+    prompt_style: str = cli_field("gsm8k", "instruction suffix of jsonl:/parquet: prompts: gsm8k | math")
     out: str = cli_field("runs/topk_coverage", "output directory")
     dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
     device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
@@ -69,6 +70,8 @@ class CoverageConfig:
         if self.solution_prefix != "auto" and self.solution_prefix not in SOLUTION_PREFIXES:
             raise ValueError(f"solution_prefix: must be auto or one of {sorted(SOLUTION_PREFIXES)}, "
                              f"got {self.solution_prefix!r}")
+        if self.prompt_style not in ("gsm8k", "math"):
+            raise ValueError(f"prompt_style: must be gsm8k or math, got {self.prompt_style!r}")
 
 
 def parse_buckets(spec: str | Sequence[int]) -> list[int]:
@@ -166,7 +169,7 @@ def coverage_counts(model: Any, examples: Sequence[tuple[Sequence[int], Sequence
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
     used = [i for i in order if len(examples[i][1]) > 0]
-    for start in tqdm(range(0, len(used), batch_size), desc="top-k coverage", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(used), batch_size), desc="top-k coverage", unit="batch", disable=not (progress and sys.stderr.isatty())):
         batch = [examples[i] for i in used[start:start + batch_size]]
         input_ids, attention_mask, target_mask, n_prompt = build_teacher_forcing_batch(
             [p for p, _ in batch], [t for _, t in batch], pad_id)
@@ -282,7 +285,7 @@ def run_coverage(cfg: CoverageConfig) -> dict:
     cfg.validate()
     ks, edges = parse_ks(cfg.k), parse_buckets(cfg.buckets)
     check_model_spec(cfg.model)
-    problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit)
+    problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit, prompt_style=cfg.prompt_style)
     model, tokenizer, model_path = load_base_model(cfg)
     model.eval()
     examples, data_stats = tokenize_examples(tokenizer, problems, cfg.chat_template, cfg.max_target_tokens,
@@ -312,8 +315,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from apo_llm.cli import run_or_exit
+
+    run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2

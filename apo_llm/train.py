@@ -15,10 +15,16 @@ One step (the same calls the simulator makes, on real tokens):
 What the loss needs is asked from LossConfig (needs_anchors / needs_ref_logp / needs_entropy),
 never from its name. With no arguments the embedded default runs APO on the project's tiny Llama
 and the synthetic arithmetic task on CPU in a few minutes.
+
+Reliability: paths, the run directory, the checkpoint to resume (manifest-verified, with fallback)
+and the data are validated before the model loads, and user errors exit with one line (code 2).
+Rewards that are NaN count as 0; a non-finite weight rolls the step back; weights are checked
+before every checkpoint. Seeds are applied after the model is built or loaded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,8 +39,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from apo_llm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from apo_llm.config import TINY_MODEL, RunConfig, load_config, save_resolved
+from apo_llm.checkpoint import (
+    checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
+)
+from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
+from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
     completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32, wrap_lora,
@@ -49,7 +58,10 @@ ZERO_STD_WARN = 0.9  # warn when more than this share of groups have identical r
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a NaN/inf loss or gradient."""
+    """Too many consecutive steps with a NaN/inf loss or gradient, or non-finite weights at a checkpoint."""
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "run_info.json", "summary.json", "checkpoints", "adapter")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,23 +108,122 @@ def resolve_model_path(cfg: RunConfig) -> str:
     return cfg.model.name_or_path
 
 
-def load_data(cfg: RunConfig):
-    """(train problems, eval problems, reward name). Malformed rows are skipped and counted by data.py."""
+def check_paths(cfg: RunConfig) -> None:
+    """Local-looking model/adapter paths must exist (no hub retries), and the run dir must be creatable."""
+    name = cfg.model.name_or_path
+    if name != TINY_MODEL and looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model.name_or_path: {name!r} is not a local model directory (and not a hub id)")
+    ad = cfg.lora.adapter_path
+    if ad and looks_local(ad) and not (Path(ad).expanduser() / "adapter_config.json").is_file():
+        raise UserError(f"lora.adapter_path: {ad!r} is not an adapter directory (no adapter_config.json)")
+    p = cfg.run_dir
+    while not p.exists() and p != p.parent:  # the nearest existing ancestor decides
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"logging.output_dir: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"logging.output_dir: {p} is not writable")
+
+
+def _load(field_name: str, source: str, split: str, **kw):
     from apo_llm.data import load_problems
+
+    try:
+        problems, stats = load_problems(source, split, **kw)
+    except ValueError as e:  # data.py names its argument ("path: ..."); name the config field instead
+        raise UserError(f"{field_name}: {str(e).partition(': ')[2] or e}") from None
+    except OSError as e:  # a hub dataset that is neither reachable nor cached (datasets raises OSError kinds)
+        raise UserError(f"{field_name}: cannot load {source!r} split {split!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    (log.warning if stats.n_skipped else log.info)(stats.summary())
+    return problems
+
+
+def load_data(cfg: RunConfig):
+    """(train problems, eval problems, reward name), before any model is loaded.
+
+    Malformed rows, and rows that do not fit data.reward, are skipped and counted with their line
+    numbers by data.py. A jsonl/parquet source without data.eval_path evaluates on a seeded
+    held-out slice of its file, which is then not trained on.
+    """
     from apo_llm.rewards import default_reward_for
 
     d = cfg.data
-    train, stats = load_problems(d.source, d.split, path=d.path, limit=d.limit, seed=d.seed, synthetic_n=d.synthetic_n)
-    log.info(stats.summary())
+    local = d.source in ("jsonl", "parquet")
+    reward = d.reward or default_reward_for(d.source)  # validate() requires data.reward for local files
+    train = _load("data.path" if local else "data.source", d.source, d.split, path=d.path, limit=d.limit,
+                  seed=d.seed, synthetic_n=d.synthetic_n, reward=reward if local else None)
     eval_source = d.eval_source or ("math500" if d.source == "math" else d.source)
-    eval_path = d.eval_path or (d.path if eval_source == d.source else None)
-    evals = []
-    if cfg.eval.every >= 0:
-        evals, estats = load_problems(eval_source, d.eval_split, path=eval_path, limit=cfg.eval.num_problems,
-                                      seed=d.seed)
-        log.info(estats.summary())
-    reward = d.reward or default_reward_for(d.source, prompt_style=stats.prompt_style)
+    if cfg.eval.every <= 0:
+        return train, [], reward
+    if local and eval_source == d.source and d.eval_path is None:
+        hold = min(cfg.eval.num_problems, len(train) // 4)
+        if hold < 1:
+            raise UserError(f"data.eval_path: required ({d.path} has {len(train)} problems, too few to hold "
+                            f"out an evaluation slice); or set eval.every 0")
+        perm = np.random.default_rng([d.seed, 17]).permutation(len(train))
+        held = set(perm[:hold].tolist())
+        log.warning(f"data.eval_path not set: evaluating on a held-out slice of {hold} of the {len(train)} "
+                    f"problems of {d.path}; they are not trained on")
+        return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)], reward
+    eval_local = eval_source in ("jsonl", "parquet")
+    evals = _load("data.eval_path" if eval_local else "data.eval_source", eval_source, d.eval_split,
+                  path=d.eval_path, limit=cfg.eval.num_problems, seed=d.seed, reward=reward if eval_local else None)
     return train, evals, reward
+
+
+def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
+    """The verified checkpoint to resume from (or None), after refusing to mix two runs.
+
+    A run directory that already holds a run is only reused by a resume of it, or with
+    logging.overwrite (the old run is moved aside by start_run_dir). A resume whose settings
+    differ from the checkpoint's config applies the loop settings (config.APPLIED_ON_RESUME) and
+    refuses the rest.
+    """
+    run_dir = cfg.run_dir
+    resuming = cfg.checkpoint.resume not in (None, "", "none", "None", "false")
+    if cfg.logging.overwrite and resuming:
+        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # CheckpointError names the bad file
+    ours = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_root(run_dir).resolve()
+    held = run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+    if held and not ours and not cfg.logging.overwrite:
+        raise UserError(f"logging.run_name: {run_dir} already holds a run"
+                        + (" without an intact checkpoint" if resuming else "")
+                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
+                          "--logging.overwrite true to move it aside")
+    if resume_from is not None:
+        saved = read_trainer_state(resume_from).get("config")
+        applied, refused = resume_differences(saved or {}, cfg)
+        if refused:
+            key, (old, new) = next(iter(refused.items()))
+            more = f" (also: {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
+            raise UserError(f"{key}: {new!r} differs from {old!r} in checkpoint {resume_from}; a resumed run keeps "
+                            f"its settings (drop the flag, or start a new run){more}")
+        for key, (old, new) in applied.items():
+            if key != "checkpoint.resume":
+                log.info(f"resume: applying changed setting {key}: {old!r} -> {new!r}")
+    return resume_from
+
+
+def start_run_dir(cfg: RunConfig) -> None:
+    """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
+    run_dir = cfg.run_dir
+    if cfg.logging.overwrite and run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES):
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        i = 0
+        while aside.exists():
+            i += 1
+            aside = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}.{i}")
+        os.replace(run_dir, aside)
+        log.warning(f"logging.overwrite: moved the previous run {run_dir} to {aside}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"logging.output_dir: cannot write the run directory {run_dir} ({e.strerror})") from None
 
 
 def format_prompts(cfg: RunConfig, tokenizer, prompts: list[str]) -> list[str]:
@@ -187,65 +298,85 @@ def single_pass(cfg: RunConfig, rows: int) -> bool:
     return cfg.train.ppo_epochs == 1 and cfg.train.mini_batch_size >= rows
 
 
+def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor, passes: dict,
+                        device, mb_rows: torch.Tensor, sums: dict) -> tuple[bool, float, float]:
+    """Accumulate the gradient of one minibatch over its micro-batches.
+
+    Returns (finite, minibatch loss, completion tokens seen); `sums` collects token-weighted
+    policy_loss diagnostics. Stops at the first non-finite log-prob or loss (finite=False).
+    """
+    lc, tc = cfg.loss, cfg.train
+    mask = comp.completion_mask
+    fill_old = single_pass(cfg, mask.shape[0])
+    mb_tokens = float(mask[mb_rows].sum())
+    mb_loss, weight = 0.0, 0.0
+    for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
+        rows = mb_rows[sl]
+        ids, am, t = _trim(comp, rows)
+        gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
+        st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                    temperature=cfg.rollout.temperature, gather_ids=gather,
+                                    want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
+        if fill_old:  # the behaviour pass was skipped: this forward is pi_old
+            passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
+            passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
+        m = mask[rows, :t].to(device)
+        if not torch.isfinite(st.logp[m.bool()]).all():
+            return False, mb_loss, weight
+        kw: dict[str, Any] = {}
+        if lc.needs_ref_logp:
+            kw["ref_logp"] = passes["ref_logp"][rows, :t].to(device)
+        if lc.needs_anchors:
+            kw.update(anchor_logp=st.gathered_logp,
+                      anchor_ref_logp=passes["anchor_ref_logp"][rows, :t].to(device),
+                      anchor_is_sampled=passes["anchor_is_sampled"][rows, :t].to(device))
+        if lc.needs_entropy:
+            kw["entropy"] = st.entropy
+        loss, metrics = policy_loss(
+            lc, st.logp, passes["old_logp"][rows, :t].to(device), adv[rows].to(device), m,
+            global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), **kw)
+        if not torch.isfinite(loss):
+            return False, mb_loss, weight
+        accelerator.backward(loss)
+        mb_loss += float(loss.detach())
+        w = float(m.sum())
+        weight += w
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+    return True, mb_loss, weight
+
+
+def nonfinite_weights(params) -> list[str]:
+    """Names (or indices) of the given trainable tensors that hold a NaN or inf."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    return [str(n) for n, p in items if not torch.isfinite(p.detach()).all()]
+
+
 def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Completions, adv: torch.Tensor,
            passes: dict, device) -> dict[str, float]:
     """ppo_epochs over shuffled minibatches, gradient accumulation over micro-batches.
 
-    Returns token-weighted means of the policy_loss diagnostics, grad_norm, and the number of
-    optimizer steps skipped because the loss or gradient was not finite.
+    A minibatch with a non-finite log-prob, loss or gradient is skipped. After every optimizer step
+    the trainable weights are checked: a non-finite weight rolls the whole step back (weights,
+    optimizer, scheduler) to its start, the last good state. Returns token-weighted means of the
+    policy_loss diagnostics, grad_norm, and counts of skipped updates and rollbacks.
     """
-    lc, tc = cfg.loss, cfg.train
+    tc = cfg.train
     N = comp.input_ids.shape[0]
-    fill_old = single_pass(cfg, N)
-    mask = comp.completion_mask
     params = [p for p in model.parameters() if p.requires_grad]
+    # the last good state: LoRA-sized, so one copy per step is cheap next to a forward pass
+    snapshot = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()),
+                copy.deepcopy(scheduler.state_dict()))
     sums: dict[str, float] = {}
-    weight = 0.0
-    grad_norms, skipped, n_updates = [], 0, 0
-    mb_losses: list[float] = []  # each minibatch's loss = the sum of its micro-batch parts
+    weight, grad_norms, mb_losses, skipped, n_updates = 0.0, [], [], 0, 0
+    planned = tc.ppo_epochs * math.ceil(N / tc.mini_batch_size)
     model.train()
     for _ in range(tc.ppo_epochs):
         order = torch.randperm(N)  # global torch RNG: restored on resume
         for mb_start in range(0, N, tc.mini_batch_size):
-            mb_rows = order[mb_start: mb_start + tc.mini_batch_size]
-            mb_tokens = float(mask[mb_rows].sum())
-            finite = True
-            mb_loss = 0.0
-            for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
-                rows = mb_rows[sl]
-                ids, am, t = _trim(comp, rows)
-                gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
-                st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
-                                            temperature=cfg.rollout.temperature, gather_ids=gather,
-                                            want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
-                if fill_old:
-                    passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
-                    passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
-                m = mask[rows, :t].to(device)
-                if not torch.isfinite(st.logp[m.bool()]).all():
-                    finite = False
-                    break
-                kw: dict[str, Any] = {}
-                if lc.needs_ref_logp:
-                    kw["ref_logp"] = passes["ref_logp"][rows, :t].to(device)
-                if lc.needs_anchors:
-                    kw.update(anchor_logp=st.gathered_logp,
-                              anchor_ref_logp=passes["anchor_ref_logp"][rows, :t].to(device),
-                              anchor_is_sampled=passes["anchor_is_sampled"][rows, :t].to(device))
-                if lc.needs_entropy:
-                    kw["entropy"] = st.entropy
-                loss, metrics = policy_loss(
-                    lc, st.logp, passes["old_logp"][rows, :t].to(device), adv[rows].to(device), m,
-                    global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), **kw)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                accelerator.backward(loss)
-                mb_loss += float(loss.detach())
-                w = float(m.sum())
-                weight += w
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + w * v
+            finite, mb_loss, w = _minibatch_backward(cfg, model, accelerator, comp, adv, passes, device,
+                                                     order[mb_start: mb_start + tc.mini_batch_size], sums)
+            weight += w
             if finite:
                 max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
                 gn = accelerator.clip_grad_norm_(params, max_norm)
@@ -260,11 +391,21 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
+            if finite and nonfinite_weights(params):
+                with torch.no_grad():
+                    for p, saved in zip(params, snapshot[0]):
+                        p.copy_(saved)
+                optimizer.load_state_dict(snapshot[1])
+                scheduler.load_state_dict(snapshot[2])
+                log.warning("non-finite trainable weights after an optimizer step: rolled the step back")
+                return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite/skipped_updates": float(planned),
+                        "nonfinite/weights_rolled_back": 1.0, "optimizer_steps": 0.0}
     # diagnostics: token-weighted means over micro-batches (fractions and means of token quantities)
     out = {k: v / weight for k, v in sums.items() if k not in ("loss", "pg_loss", "num_tokens")} if weight else {}
     out["loss"] = float(np.mean(mb_losses)) if mb_losses else float("nan")
     out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
     out["nonfinite/skipped_updates"] = float(skipped)
+    out["nonfinite/weights_rolled_back"] = 0.0
     out["optimizer_steps"] = float(n_updates)
     return out
 
@@ -370,25 +511,32 @@ def train(cfg: RunConfig) -> dict:
     if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
         # Dr. GRPO's constant normaliser: the maximum completion length, the same for every micro-batch
         cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens
+    # Everything a user can get wrong is checked before the model loads: paths, the run directory
+    # (never mix two runs), the checkpoint to resume, the data files.
+    check_paths(cfg)
+    quiet_progress_unless_tty()
+    run_dir = cfg.run_dir
+    resume_from = prepare_run_dir(cfg)
+    train_problems, eval_problems, reward_name = load_data(cfg)
     accelerator = Accelerator(cpu=(cfg.model.device == "cpu"))
     device = torch.device(cfg.model.device) if cfg.model.device else accelerator.device
-    run_dir = cfg.run_dir
-    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
 
-    model_path = resolve_model_path(cfg)
-    base, tokenizer = load_model_and_tokenizer(
-        model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation,
-        lm_head_fp32=want_lm_head_fp32(cfg), stop_token_ids=cfg.rollout.stop_token_ids,
-        stop_on_template_eot=cfg.model.chat_template)
+    model_path = resolve_model_path(cfg)  # may build the tiny model on first use, which draws random numbers
+    try:
+        base, tokenizer = load_model_and_tokenizer(
+            model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
+            stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
+    except OSError as e:  # not found on the hub / in its cache, or an unreadable folder: transformers says which
+        raise UserError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0][:300]})") from None
+    start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
+    seed_everything(cfg.train.seed)  # after the build, before the LoRA init: a first run equals a second
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules == "all-linear" else [t.strip() for t in
                                                                           lo.target_modules.split(",")]
     model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
                       adapter_path=lo.adapter_path)
-    train_problems, eval_problems, reward_name = load_data(cfg)
     save_resolved(cfg, run_dir, {"model_path": model_path, "reward": reward_name,
                                  "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                                  "resumed_from": str(resume_from) if resume_from else None})
@@ -408,6 +556,8 @@ def train(cfg: RunConfig) -> dict:
                              "nonfinite_total": 0, "eval_history": []}
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, policy, optimizer, scheduler))
+    state["config"] = cfg.to_dict()  # saved in every checkpoint: a resume compares its settings with it
+    if resume_from is not None:
         sampler.position = state["data_position"]
         log.info(f"resumed from {resume_from} at step {state['step']}")
     mlog = MetricsLog(run_dir, cfg.logging.tensorboard, keep_lines=state["metrics_lines"] if resume_from else None)
@@ -428,8 +578,10 @@ def train(cfg: RunConfig) -> dict:
         log.info("eval step 0: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
 
     show = cfg.logging.progress
-    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc="apo_llm.train", unit="step", disable=not show,
-               dynamic_ncols=True)
+    tty = quiet_progress_unless_tty()  # a bar only on a terminal; redirected logs get one plain line per step
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc="apo_llm.train", unit="step",
+               disable=not (show and tty), dynamic_ncols=True)
+    say = tqdm.write if tty else log.info
     last_ckpt = latest_checkpoint(run_dir)
     stop_at = cfg.train.stop_at_step
     try:
@@ -449,8 +601,8 @@ def train(cfg: RunConfig) -> dict:
             # 2. rewards and advantages
             t0 = time.perf_counter()
             golds = [problems[i].gold for i in comp.prompt_index]
-            rewards = torch.tensor(score_completions(reward_name, comp.texts, golds), dtype=torch.float32)
-            adv = group_advantages(rewards, G, cfg.train.advantage, std=cfg.train.adv_std)
+            rewards, n_bad = finite_rewards(score_completions(reward_name, comp.texts, golds), reward_name)
+            adv = group_advantages(rewards, G, cfg.train.advantage, std=cfg.train.adv_std, k=cfg.train.passk_k)
             t_reward = time.perf_counter() - t0
             # 3. behaviour (old) and reference passes
             passes, t_old, t_ref = behaviour_and_reference(cfg, policy, comp, device)
@@ -470,12 +622,12 @@ def train(cfg: RunConfig) -> dict:
             m.update({"timing/generate": t_gen, "timing/reward": t_reward, "timing/old_logp": t_old,
                       "timing/reference": t_ref, "timing/update": t_upd, "timing/step": dt,
                       "tokens_per_second": m["num_tokens"] / dt, "memory/peak_mb": peak_memory_mb(device),
-                      "nonfinite/steps_total": float(state["nonfinite_total"])})
+                      "nonfinite/steps_total": float(state["nonfinite_total"]), "nonfinite/rewards": float(n_bad)})
             mlog.write({"step": step, **m})
             loud_warnings(m)
             bar.update(1)
             if show:
-                tqdm.write(summary_line(step, m))
+                say(summary_line(step, m))
             if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteError(
                     f"{state['consecutive_nonfinite']} consecutive steps with a non-finite loss or gradient "
@@ -484,10 +636,11 @@ def train(cfg: RunConfig) -> dict:
             if do_eval and step % cfg.eval.every == 0:
                 ev = run_eval(step)
                 if show:
-                    tqdm.write("  eval: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
+                    say("  eval: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
             every = cfg.checkpoint.every
             end = step == cfg.train.steps or step == stop_at
             if not nonfinite and ((every and step % every == 0) or end):
+                check_weights(policy, step, last_ckpt)
                 state["metrics_lines"] = mlog.lines
                 last_ckpt = save_checkpoint(run_dir, step, policy, optimizer, scheduler, state,
                                             keep_last=cfg.checkpoint.keep_last)
@@ -506,6 +659,7 @@ def train(cfg: RunConfig) -> dict:
         if do_eval and state["step"] not in evaluated:
             run_eval(state["step"])
             summary["eval"] = state["eval_history"]
+        check_weights(policy, state["step"], last_ckpt)
         policy.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
         if cfg.logging.plots:
@@ -514,6 +668,24 @@ def train(cfg: RunConfig) -> dict:
             summary["plots"] = [str(p) for p in plot_run(run_dir)]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def finite_rewards(raw: list[float], reward_name: str) -> tuple[torch.Tensor, int]:
+    """Rewards as a tensor with NaN/inf replaced by 0 (a failed check is no reward), and how many were."""
+    r = torch.tensor(raw, dtype=torch.float32)
+    bad = ~torch.isfinite(r)
+    n_bad = int(bad.sum())
+    if n_bad:
+        log.warning(f"{n_bad} of {r.numel()} rewards from {reward_name!r} were NaN/inf; counted as 0")
+    return torch.where(bad, torch.zeros_like(r), r), n_bad
+
+
+def check_weights(policy, step: int, last_ckpt: Optional[Path]) -> None:
+    """Refuse to save non-finite weights: stop, naming the last good checkpoint."""
+    bad = nonfinite_weights({n: p for n, p in policy.named_parameters() if p.requires_grad})
+    if bad:
+        raise NonFiniteError(f"non-finite values in {len(bad)} trainable weights (e.g. {bad[0]}) at step {step}; "
+                             f"nothing saved. Last good checkpoint: {last_ckpt} (resume with --resume auto)")
 
 
 def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: dict, upd: dict,
@@ -561,14 +733,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         refuse_several_processes(cfg)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if cfg.train.engine == "trl":
-        from apo_llm.trl_engine import train_trl
+        fail(f"config error: {e}")
+    try:
+        if cfg.train.engine == "trl":
+            from apo_llm.trl_engine import train_trl
 
-        summary = train_trl(cfg)
-    else:
-        summary = train(cfg)
+            summary = train_trl(cfg)
+        else:
+            summary = train(cfg)
+    except UserError as e:  # exit code 2, one line naming the file or field
+        fail(str(e))
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     if summary["eval"]:
         first, last = summary["eval"][0], summary["eval"][-1]

@@ -1,8 +1,10 @@
 """apo_toy: a reasoning-tree bandit simulator that reproduces Recursive Space Contraction exactly.
 
 A prompt is a complete b-ary tree of depth D (nodes = token positions, children = tokens, leaves =
-responses with a 0/1 reward); a reference policy per node plays the base model; the policy is a
-tabular logits tensor initialised at the reference. Every method is trained through the project's
+responses with a 0/1 reward); a reference policy per node plays the base model. Two policy
+models: tabular (a logits tensor initialised at the reference, prompts share nothing) and coupled
+(apo_toy/coupled.py: edge logits are one map of shared parameters, with held-out prompts that are
+never trained on; see docs/simulator.md). Every method is trained through the project's
 one loss, `apo_llm.objectives.policy_loss`, in two modes: `sampled` (rollouts, group advantages,
 PPO epochs/minibatches) and `exact` (the expected surrogate, no sampling noise; see
 apo_toy/dynamics.py for what exact means).
@@ -17,8 +19,9 @@ Python API (what the notebooks use)::
     table.rows                                # list of dicts, one per (method, seed, step); "base" rows too
     table.where(method="apo").column("pass@1")
     table.summary()                           # final mean / std over seeds per method
-    run_preset("rsc", seeds=5)                # a named experiment (PRESETS: squeeze, rsc, tradeoff,
-                                              # recovery, ablation)
+    run_preset("rsc", seeds=5)                # a named experiment (PRESETS: squeeze, rsc (coupled),
+                                              # rsc_tabular, tradeoff, recovery, ablation)
+    run(CoupledSpec(), ["grpo", "apo"], RunConfig(optimizer="adam", lr=0.05))   # held-out keys + train/...
     get_method("apo", apo_beta=0.3)           # a variant of a named method (METHODS)
 
 Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final logits),
@@ -28,15 +31,17 @@ Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final
 Importing apo_toy never imports transformers, peft or datasets.
 """
 
+from .coupled import CoupledPolicy, CoupledSpec, CoupledSuite, TabularPolicy, build_coupled_suite
 from .dynamics import exact_batch, exact_loss, exact_update, npg_update, sample_rollouts, sampled_loss, sampled_update
 from .measures import PASS_KS, base_measures, measure, per_prompt_success
 from .methods import METHODS, Method, get_method
-from .presets import PRESETS, Preset, RunConfig, Table, collapse, get_preset, run, run_preset, train_method
+from .presets import (PRESETS, Preset, RunConfig, Table, collapse, get_preset, make_policy, measure_policy, run,
+                      run_preset, train_method)
 from .tree import BRANCH_NAMES, Suite, SuiteSpec, build_suite
 
 __all__ = [
-    "BRANCH_NAMES", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset", "RunConfig", "Suite", "SuiteSpec",
+    "BRANCH_NAMES", "CoupledPolicy", "CoupledSpec", "CoupledSuite", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset", "RunConfig", "Suite", "SuiteSpec",
     "Table", "base_measures", "build_suite", "collapse", "exact_batch", "exact_loss", "exact_update",
     "get_method", "get_preset", "measure", "npg_update", "per_prompt_success", "run", "run_preset",
-    "sample_rollouts", "sampled_loss", "sampled_update", "train_method",
+    "sample_rollouts", "sampled_loss", "sampled_update", "TabularPolicy", "train_method",
 ]

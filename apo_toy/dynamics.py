@@ -1,4 +1,4 @@
-"""Sampled and exact updates of tabular tree policies, both through `policy_loss`.
+"""Sampled and exact updates of tree policies (tabular or coupled), both through `policy_loss`.
 
 Both modes build token tensors and call `apo_llm.objectives.policy_loss`, the function the LLM
 trainer uses: clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation
@@ -41,7 +41,7 @@ expected first update.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -131,18 +131,47 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1}
 
 
+def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
+    """Row index maps of the exact surrogate, and the row weights: (class, edge) rows of nonzero weight.
+
+    A row of weight W_r(s, a) = 0 (no correct leaf below the edge for the correct class, say)
+    contributes 0 * loss to the value and 0 * dloss to the gradient, so dropping it is exact; in a
+    tree with few correct leaves this removes almost the whole correct class (about half the rows).
+    The maps (and the theta-independent anchor tensors built on them) are cached on the suite and
+    reused while the set of rows is unchanged, which it is from step to step unless a weight
+    underflows to 0.
+    """
+    if "rows" not in batch:
+        P, N, b = shape
+        E = P * N * b
+        flat_w = batch["weights"].reshape(-1)
+        ids = (flat_w != 0).nonzero().flatten()  # [R] class-major row ids
+        cache = suite.__dict__.setdefault("_cache", {})
+        maps = cache.get("exact_rows")
+        if maps is None or maps["ids"].shape != ids.shape or not torch.equal(maps["ids"], ids):
+            edge = ids % E  # flat (p, n, a) edge id
+            maps = {"ids": ids, "cls": ids // E, "edge": edge, "node": edge // b, "prompt": edge // (N * b),
+                    "child": edge % b}
+            cache["exact_rows"] = maps
+        batch["rows"] = (maps, flat_w[ids])
+    return batch["rows"]
+
+
 def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
-    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges."""
+    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges.
+
+    One "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    """
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
-    C = batch["weights"].shape[0]
     P, N, b = logpi.shape
-    E = P * N * b
+    ix, weight = _rows(suite, batch, (P, N, b))
+    R = weight.numel()
 
-    def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [C * E, 1], class-major
-        return x.reshape(1, E).expand(C, E).reshape(C * E, 1)
+    def per_edge(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1]
+        return x.reshape(-1)[ix["edge"]][:, None]
 
-    def per_node(x: Tensor) -> Tensor:  # [P, N] -> [C * E, 1]
-        return per_edge(x[..., None].expand(P, N, b))
+    def per_node(x: Tensor) -> Tensor:  # [P, N] -> [R, 1]
+        return x.reshape(-1)[ix["node"]][:, None]
 
     kw = {}
     if cfg.needs_ref_logp:
@@ -152,34 +181,49 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
     if cfg.needs_entropy:
         kw["entropy"] = per_node(node_entropy(logpi))
     if cfg.needs_anchors:
-        topk = suite.topk(cfg.apo_k)  # [P, N, K]
-        K = topk.shape[-1]
+        topk = suite.topk(cfg.apo_k).reshape(P * N, -1)  # [P*N, K]
 
-        def anchors(x: Tensor) -> Tensor:  # [P, N, K] -> [C * E, 1, K], same for every child of a node
-            return x[None, :, :, None, :].expand(C, P, N, b, K).reshape(C * E, 1, K)
+        def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
+            return x.reshape(P * N, b).gather(-1, topk)[ix["node"]][:, None, :]
 
-        kw["anchor_logp"] = anchors(logpi.gather(-1, topk))
-        if "anchor_ref_logp" not in batch:  # theta-independent: built once per exact_batch, reused every epoch
-            batch["anchor_ref_logp"] = anchors(suite.ref_logpi.gather(-1, topk))
-            sampled = topk[:, :, None, :] == torch.arange(b)[None, None, :, None]  # [P, N, b, K] child a is anchor k
-            batch["anchor_is_sampled"] = sampled[None].expand(C, P, N, b, K).reshape(C * E, 1, K)
-        kw["anchor_ref_logp"] = batch["anchor_ref_logp"]
-        kw["anchor_is_sampled"] = batch["anchor_is_sampled"]
-    adv = batch["adv"][:, :, None, None].expand(C, P, N, b).reshape(C * E)
-    weights = batch["weights"].reshape(C * E)
-    mask = torch.ones(C * E, 1, dtype=torch.bool)
-    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weights,
+        kw["anchor_logp"] = anchors(logpi)
+        key = ("anchors", cfg.apo_k)
+        if key not in ix:  # theta-independent: built once per set of rows
+            is_sampled = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
+            ix[key] = (anchors(suite.ref_logpi), is_sampled)
+        kw["anchor_ref_logp"], kw["anchor_is_sampled"] = ix[key]
+        if cfg.needs_anchor_old:  # pi_old at the anchors: fixed within one exact_batch
+            if "anchor_old_logp" not in batch:
+                batch["anchor_old_logp"] = anchors(batch["logpi_old"])
+            kw["anchor_old_logp"] = batch["anchor_old_logp"]
+    adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
+    mask = torch.ones(R, 1, dtype=torch.bool)
+    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
                        **kw, **batch["norm"])
 
 
-def exact_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
-                 adv_kwargs: dict, epochs: int = 1) -> dict:
-    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate."""
-    batch = exact_batch(suite, cfg, logits, group_size, adv_kwargs)
+def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Tensor]:
+    """A tabular logits tensor (the identity map) or a map theta -> edge logits, as one callable.
+
+    The coupled model (apo_toy/coupled.py) passes a callable: every loss below is evaluated on the
+    edge logits it returns, so autograd carries the gradient to whatever parameters produced them.
+    """
+    return logits if callable(logits) else (lambda: logits)
+
+
+def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
+                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1) -> dict:
+    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate.
+
+    `logits`: the [P, N, b] tensor the optimizer updates, or a callable returning the edge logits
+    from the optimizer's parameters (`as_logits_fn`).
+    """
+    fn = as_logits_fn(logits)
+    batch = exact_batch(suite, cfg, fn().detach(), group_size, adv_kwargs)
     metrics: dict = {}
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
-        loss, metrics = exact_loss(suite, cfg, logits, batch)
+        loss, metrics = exact_loss(suite, cfg, fn(), batch)
         loss.backward()
         opt.step()
     return metrics
@@ -219,10 +263,13 @@ def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
 
 
 def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
-                 idx: Optional[Tensor] = None, weights: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
+                 idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                 old_logpi: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
     """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
 
     `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
+    `old_logpi` [P, N, b], the behaviour policy's log-probabilities, is needed only by the APO
+    readings that normalise r_anchor by pi_old (LossConfig.needs_anchor_old).
     """
     P, N, b = logits.shape
     if idx is None:
@@ -243,20 +290,31 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
         kw["anchor_logp"] = logpi[flat[..., None], topk]
         kw["anchor_ref_logp"] = ref[flat[..., None], topk]
         kw["anchor_is_sampled"] = topk == act[..., None]
+        if cfg.needs_anchor_old:
+            if old_logpi is None:
+                raise ValueError(f"old_logpi: required by apo_anchor_norm={cfg.apo_anchor_norm!r} (pi_old at the anchors)")
+            kw["anchor_old_logp"] = old_logpi.reshape(P * N, b)[flat[..., None], topk]
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:
         kw["weights"] = weights[idx]
     return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm)
 
 
-def sampled_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.optim.Optimizer, group_size: int,
-                   adv_kwargs: dict, generator: torch.Generator, epochs: int = 1, minibatches: int = 1) -> dict:
-    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches."""
-    roll = sample_rollouts(suite, logits, group_size, generator)
-    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
-    P, N, b = logits.shape
+def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
+                   opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, generator: torch.Generator,
+                   epochs: int = 1, minibatches: int = 1) -> dict:
+    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches.
+
+    `logits`: a tensor or a callable returning the edge logits (as in `exact_update`).
+    """
+    fn = as_logits_fn(logits)
     with torch.no_grad():
-        old = torch.log_softmax(logits, -1).reshape(P * N, b)
+        z_old = fn().detach()
+    roll = sample_rollouts(suite, z_old, group_size, generator)
+    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
+    P, N, b = z_old.shape
+    with torch.no_grad():
+        old = torch.log_softmax(z_old, -1).reshape(P * N, b)
         old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]  # [B, D]
     B = adv.numel()
     sums: dict = {}
@@ -265,7 +323,7 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Tensor, opt: torch.opt
         perm = torch.randperm(B, generator=generator)
         for idx in perm.chunk(minibatches):
             opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, logits, roll, old_logp, adv, idx)
+            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old)
             loss.backward()
             opt.step()
             for k, v in m.items():

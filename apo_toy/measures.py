@@ -10,6 +10,9 @@
     manifold_mass= E_{s ~ d_pi}[ sum_{a in TopK(pi_ref)(s)} pi(a|s) ] averaged over depths
     entropy_d{t} = E_{s ~ d_pi at depth t}[ H(pi(.|s)) ];  entropy = mean over depths
     branch_{name}= P(named leaf)  (dominant, secondary, rare_in, rare_out)
+    crossover_k  = smallest k in 1, 2, 4, ..., 1024 where the mean pass@k is below the reference's
+                   (the Pass@K crossover k*); None when there is none up to 1024
+    frac_prompts_below_base = share of prompts whose p fell below the reference's p
 
 The on-policy expectations (manifold mass, entropy) weight each node by its reach probability
 d(s), i.e. they are what a sampled token-mean of the LLM trainer would log.
@@ -25,7 +28,8 @@ from apo_llm.metrics import pass_at_k_exact
 
 from .tree import Suite, level_slice, reach_and_leaf_logp
 
-PASS_KS = (1, 4, 16, 64, 256)
+PASS_KS = (1, 4, 16, 64, 256, 1024)
+CROSSOVER_KS = tuple(2**i for i in range(11))  # 1 .. 1024: the grid k* is read on
 DEFAULT_BUDGET = 256
 
 
@@ -42,6 +46,7 @@ def measure(suite: Suite, logits: Tensor, budget: int = DEFAULT_BUDGET) -> dict[
     p_np = p.numpy()
     for k in PASS_KS:
         out[f"pass@{k}"] = float(np.mean(pass_at_k_exact(p_np, k)))
+    out.update(crossover(p_np, base_success(suite).numpy()))
     tau = 1.0 / budget
     valid = _base_valid(suite, budget)  # [P, L]
     kept = valid & (leaf_p >= tau)
@@ -80,6 +85,25 @@ def _base_valid(suite: Suite, budget: int) -> Tensor:
         _, ref_leaf = reach_and_leaf_logp(suite.ref_logpi, suite.depth)
         cache[key] = (suite.rewards > 0) & (ref_leaf.exp() >= 1.0 / budget)
     return cache[key]
+
+
+def crossover(p: np.ndarray, p_base: np.ndarray) -> dict:
+    """Pass@K crossover of success probabilities p [P] against the reference's p_base [P].
+
+    A tolerance of 1e-12 keeps rounding at the reference itself (p == p_base) from counting.
+    """
+    below = [k for k in CROSSOVER_KS
+             if np.mean(pass_at_k_exact(p, k)) < np.mean(pass_at_k_exact(p_base, k)) - 1e-12]
+    return {"crossover_k": below[0] if below else None,
+            "frac_prompts_below_base": float(np.mean(p < p_base - 1e-12))}
+
+
+def base_success(suite: Suite) -> Tensor:
+    """Success probability of the reference per prompt, [P] (cached)."""
+    cache = suite.__dict__.setdefault("_cache", {})
+    if "_base_p" not in cache:
+        cache["_base_p"] = per_prompt_success(suite, suite.ref_logits).clamp(0.0, 1.0)
+    return cache["_base_p"]
 
 
 def base_measures(suite: Suite, budget: int = DEFAULT_BUDGET) -> dict[str, float]:

@@ -15,14 +15,17 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .coupled import CoupledPolicy, CoupledSpec, CoupledSuite, TabularPolicy, build_coupled_suite
 from .dynamics import exact_update, npg_update, sampled_update
-from .measures import DEFAULT_BUDGET, base_measures, measure
+from .measures import DEFAULT_BUDGET, measure
 from .methods import OPTIMIZERS, Method, get_method
 from .tree import Suite, SuiteSpec, build_suite
 
 MODES = ("exact", "sampled")
-SUMMARY_KEYS = ("pass@1", "pass@4", "pass@16", "pass@64", "pass@256", "coverage", "distinct@256", "rsc_lost",
-                "entropy", "manifold_mass", "branch_dominant", "branch_secondary", "branch_rare_in", "branch_rare_out")
+SUMMARY_KEYS = ("pass@1", "pass@4", "pass@16", "pass@64", "pass@256", "pass@1024", "crossover_k",
+                "frac_prompts_below_base", "coverage", "distinct@256", "rsc_lost", "entropy", "manifold_mass",
+                "branch_dominant", "branch_secondary", "branch_rare_in", "branch_rare_out",
+                "train/pass@1", "train/pass@256", "train/pass@1024", "train/coverage")
 
 
 @dataclass
@@ -111,6 +114,9 @@ class Table:
                 if np.isfinite(col).any():
                     row[k] = float(np.nanmean(col))
                     row[k + "_std"] = float(np.nanstd(col))
+            kstar = sub.column("crossover_k")  # NaN: no crossover up to k = 1024 on that seed
+            row["crossover_k_median"] = float(np.nanmedian(kstar)) if np.isfinite(kstar).any() else None
+            row["crossover_seeds"] = int(np.isfinite(kstar).sum())
             out.append(row)
         return out
 
@@ -119,21 +125,53 @@ def _optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr) if name == "sgd" else torch.optim.Adam(params, lr=lr)
 
 
-def train_method(suite: Suite, method: Method, cfg: RunConfig, seed: int = 0,
+AnySuite = Union[Suite, CoupledSuite]
+
+
+def make_policy(suite: AnySuite, init_logits: Optional[torch.Tensor] = None) -> Union[TabularPolicy, CoupledPolicy]:
+    """The trainable policy of a suite: tabular logits (from init_logits or the reference) or coupled theta = 0."""
+    if isinstance(suite, CoupledSuite):
+        if init_logits is not None:
+            raise ValueError("init_logits: the coupled model starts at theta = 0 (init_steps / recovery are tabular only)")
+        return CoupledPolicy(suite)
+    return TabularPolicy(suite.ref_logits if init_logits is None else init_logits)
+
+
+@torch.no_grad()
+def measure_policy(suite: AnySuite, policy, budget: int = DEFAULT_BUDGET) -> dict:
+    """Exact measures; on a coupled suite the plain keys are held-out prompts and `train/...` training prompts."""
+    if not isinstance(suite, CoupledSuite):
+        return measure(suite, policy.logits(), budget)
+    out = measure(suite.heldout, policy.logits("heldout"), budget)
+    out.update({f"train/{k}": v for k, v in measure(suite.train, policy.logits("train"), budget).items()})
+    return out
+
+
+def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
                  init_logits: Optional[torch.Tensor] = None,
-                 on_step: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], torch.Tensor]:
-    """Train one method on one suite from init_logits (default: the reference). Rows per measured step."""
+                 on_step: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], Union[torch.Tensor, dict]]:
+    """Train one method on one suite from init_logits (default: the reference). Rows per measured step.
+
+    Returns the rows and the final logits: a [P, N, b] tensor (tabular) or {"train": ..., "heldout": ...}
+    (coupled; only the training prompts are trained on).
+    """
     cfg.validate()
-    logits = (suite.ref_logits if init_logits is None else init_logits).detach().clone().requires_grad_(True)
+    coupled = isinstance(suite, CoupledSuite)
+    if method.yardstick and coupled:
+        raise ValueError(f"method {method.name!r}: the natural-PG yardstick acts on tabular logits only "
+                         "(use a tabular preset such as rsc_tabular)")
+    policy = make_policy(suite, init_logits)
+    train_suite = suite.train if coupled else suite
     lr = method.lr if method.lr is not None else cfg.lr
-    opt = None if method.yardstick else _optimizer(method.optimizer or cfg.optimizer, [logits], lr)
+    opt = None if method.yardstick else _optimizer(method.optimizer or cfg.optimizer, policy.params, lr)
     loss_cfg = None if method.yardstick else method.loss_config()
     gen = torch.Generator().manual_seed(10_000 + seed)
+    logits_fn = lambda: policy.logits("train")  # noqa: E731  the map theta -> edge logits of the trained prompts
     rows = []
 
     def record(step: int, train: dict) -> None:
         row = {"method": method.name, "seed": seed, "step": step, "mode": cfg.mode}
-        row.update(measure(suite, logits, cfg.budget))
+        row.update(measure_policy(suite, policy, cfg.budget))
         row.update({k: v for k, v in train.items()})
         rows.append(row)
         if on_step:
@@ -142,15 +180,17 @@ def train_method(suite: Suite, method: Method, cfg: RunConfig, seed: int = 0,
     record(0, {})
     for step in range(1, cfg.steps + 1):
         if method.yardstick:
-            train = npg_update(suite, logits, method.lr if method.lr is not None else cfg.npg_lr)
+            train = npg_update(suite, policy.theta, method.lr if method.lr is not None else cfg.npg_lr)
         elif cfg.mode == "exact":
-            train = exact_update(suite, loss_cfg, logits, opt, cfg.group_size, method.adv, cfg.epochs)
+            train = exact_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, cfg.epochs)
         else:
-            train = sampled_update(suite, loss_cfg, logits, opt, cfg.group_size, method.adv, gen,
+            train = sampled_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, gen,
                                    cfg.epochs, cfg.minibatches)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step, train)
-    return rows, logits.detach()
+    with torch.no_grad():
+        final = {part: policy.logits(part).detach() for part in ("train", "heldout")} if coupled else policy.theta.detach()
+    return rows, final
 
 
 def collapse(suite: Suite, cfg: RunConfig, seed: int = 0) -> torch.Tensor:
@@ -161,13 +201,14 @@ def collapse(suite: Suite, cfg: RunConfig, seed: int = 0) -> torch.Tensor:
     return logits
 
 
-def run(spec: Union[SuiteSpec, Suite, None] = None, methods: Sequence[Union[str, Method]] = ("grpo", "apo"),
+def run(spec: Union[SuiteSpec, Suite, CoupledSpec, CoupledSuite, None] = None, methods: Sequence[Union[str, Method]] = ("grpo", "apo"),
         cfg: Optional[RunConfig] = None, seeds: int = 1, preset: str = "custom", progress: bool = False,
         **cfg_overrides) -> Table:
     """Run methods x seeds; returns a Table with one row per measured step, method and seed.
 
-    The base policy appears as method "base" at step 0 of every seed. A `Suite` is used as is
-    for every seed (only the sampler changes); a `SuiteSpec` is re-seeded per seed.
+    The base policy appears as method "base" at step 0 of every seed. A `Suite` / `CoupledSuite` is
+    used as is for every seed (only the sampler changes); a `SuiteSpec` / `CoupledSpec` is re-seeded
+    per seed.
     """
     cfg = dataclasses.replace(cfg or RunConfig(), **cfg_overrides)
     cfg.validate()
@@ -183,13 +224,15 @@ def run(spec: Union[SuiteSpec, Suite, None] = None, methods: Sequence[Union[str,
         bar = tqdm(total=seeds * len(meths) * cfg.steps, desc=f"apo_toy {preset}", unit="step")
     rows = []
     for seed in range(seeds):
-        if isinstance(spec, Suite):
+        if isinstance(spec, (Suite, CoupledSuite)):
             suite = spec
+        elif isinstance(spec, CoupledSpec):
+            suite = build_coupled_suite(dataclasses.replace(spec, seed=spec.seed + seed))
         else:
             base_spec = spec or SuiteSpec()
             suite = build_suite(dataclasses.replace(base_spec, seed=base_spec.seed + seed))
         base = {"preset": preset, "method": "base", "seed": seed, "step": 0, "mode": cfg.mode}
-        base.update(base_measures(suite, cfg.budget))
+        base.update(measure_policy(suite, make_policy(suite), cfg.budget))  # theta = 0 is the reference
         rows.append(base)
         init = collapse(suite, cfg, seed) if cfg.init_steps > 0 else None
         for m in meths:
@@ -212,7 +255,7 @@ class Preset:
 
     name: str
     description: str
-    spec: SuiteSpec
+    spec: Union[SuiteSpec, CoupledSpec]
     methods: tuple
     cfg: RunConfig
     seeds: int = 1
@@ -231,13 +274,29 @@ def tradeoff_methods() -> tuple:
     return tuple(ms)
 
 
+KL_COEF_LLM = 0.001  # a KL coefficient in the range LLM RLVR runs use (verl's default kl_loss_coef)
+# The coupled model's parameters are shared by thousands of edges with very different gradient
+# scales (alpha multiplies z_ref, u sums over every edge of a token), so it is trained with Adam.
+RSC_RUN = RunConfig(steps=150, optimizer="adam", lr=0.05)
+
+
+def rsc_methods() -> tuple:
+    """The coupled `rsc` preset's six arms: GRPO, k3 KL at two strengths, exact reverse KL, KL-on-wrong, APO."""
+    return ("grpo", "grpo_kl", get_method("grpo_kl", name=f"grpo_kl@{KL_COEF_LLM}", kl_coef=KL_COEF_LLM),
+            "grpo_kl_full", "kl_on_wrong", "apo")
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("squeeze", "one decision node, b=16: negative squeezing / positive sharpening (theory.md 2-3)",
                SuiteSpec(n_prompts=16, branching=16, depth=1, n_extra_correct=0),
                ("grpo", "w_reinforce", "apo", "npg"), RunConfig(steps=150)),
-        Preset("rsc", "GRPO vs KL variants vs APO on a 32-prompt suite (b=10, D=3, K=8): recursive space contraction",
+        Preset("rsc", "coupled model (shared parameters; 32 training, 64 held-out prompts; b=10, D=3, K=8; peaked "
+               "reference): GRPO vs KL variants vs APO, measured on held-out prompts (the Pass@K crossover)",
+               CoupledSpec(), rsc_methods(), RSC_RUN),
+        Preset("rsc_tabular", "tabular model, 32 prompts (b=10, D=3, K=8): GRPO vs KL variants vs APO, "
+               "recursive space contraction without shared parameters",
                SuiteSpec(), ("grpo", "dr_grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "entropy", "apo",
                              "apo_push_only", "npg"), RunConfig(steps=200)),
         Preset("tradeoff", "Pass@1 vs Pass@256 / coverage frontier: kl_coef sweep of k3 / full KL, beta sweep of APO (both clip placements)",
@@ -261,12 +320,25 @@ def get_preset(name: str) -> Preset:
 
 
 def run_preset(name: str, mode: Optional[str] = None, methods: Optional[Sequence[str]] = None,
-               seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False) -> Table:
-    """Run a named preset with optional overrides (what the CLI calls)."""
+               seeds: Optional[int] = None, steps: Optional[int] = None, progress: bool = False,
+               spec_overrides: Optional[dict] = None, **cfg_overrides) -> Table:
+    """Run a named preset with optional overrides (what the CLI calls).
+
+    `spec_overrides`: fields of the preset's SuiteSpec / CoupledSpec; `cfg_overrides`: RunConfig fields.
+    """
     p = get_preset(name)
-    cfg = dataclasses.replace(p.cfg, **({"mode": mode} if mode else {}), **({"steps": steps} if steps is not None else {}))
+    spec = p.spec
+    if spec_overrides:
+        known = {f.name for f in dataclasses.fields(spec)}
+        bad = sorted(set(spec_overrides) - known)
+        if bad:
+            raise ValueError(f"spec: unknown field(s) {bad} of {type(spec).__name__}; choose from {sorted(known)}")
+        spec = dataclasses.replace(spec, **spec_overrides)
+        spec.validate()
+    over = {k: v for k, v in (("mode", mode), ("steps", steps)) if v is not None}
+    cfg = dataclasses.replace(p.cfg, **over, **{k: v for k, v in cfg_overrides.items() if v is not None})
     meths = p.methods if not methods else [_lookup(p, m) for m in methods]
-    return run(p.spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
+    return run(spec, meths, cfg, seeds=seeds or p.seeds, preset=name, progress=progress)
 
 
 def _lookup(p: Preset, name: str) -> Method:

@@ -1,9 +1,11 @@
 """CLI: run a named experiment and write metrics.jsonl, summary.json and PNG figures.
 
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
-                          [--seeds N] [--steps N]
+                          [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X] [--spec FIELD=VALUE ...]
 
-metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0).
+metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0). On a
+coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_prompts_below_base,
+coverage, ...) are measured on the held-out prompts and `train/...` on the training prompts.
 summary.json: the resolved settings, the base measures per seed, and per method the final mean /
 std over seeds of every measure.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .measures import PASS_KS
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
 PLOT_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256", "manifold_mass", "entropy")
@@ -44,7 +47,7 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
     plot(table, out, preset)
 
 
-TABLE_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256")
+TABLE_KEYS = ("pass@1", "pass@256", "pass@1024", "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256")
 
 
 def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
@@ -52,9 +55,17 @@ def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
     head = "| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     rows = []
     for r in [dict(summary["base"], method="base (reference)")] + summary["methods"]:
-        cells = [f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a" for k in keys]
+        cells = [_cell(r, k) for k in keys]
         rows.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def _cell(r: dict, k: str) -> str:
+    """mean ± std; the crossover k* as its median over the seeds that have one, and how many do."""
+    if k == "crossover_k":
+        med = r.get("crossover_k_median")
+        return "none" if med is None else f"{med:g} ({r['crossover_seeds']}/{r['n_seeds']} seeds)"
+    return f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a"
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:
@@ -86,7 +97,7 @@ def plot(table: Table, out: Path, preset: str) -> list[Path]:
     fig.savefig(paths[0], dpi=90)
     plt.close(fig)
 
-    ks = [1, 4, 16, 64, 256]
+    ks = list(PASS_KS)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     fin = runs.final()
     for m in methods:
@@ -105,6 +116,21 @@ def plot(table: Table, out: Path, preset: str) -> list[Path]:
     return paths
 
 
+def parse_spec(spec, items: list) -> dict:
+    """["kappa=1.0", "n_train=8"] -> {"kappa": 1.0, "n_train": 8}, typed like the spec's current values."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(spec, name):
+            raise ValueError(f"--spec {item!r}: expected FIELD=VALUE with FIELD a field of {type(spec).__name__}")
+        kind = type(getattr(spec, name))
+        try:
+            out[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--spec {item!r}: {name} must be {kind.__name__}") from None
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
@@ -113,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (each seed = a different suite)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the preset's")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    ap.add_argument("--spec", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="override fields of the preset's suite spec, e.g. kappa=1.0 peaked_frac=0")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
@@ -122,13 +152,16 @@ def main(argv=None) -> int:
     try:
         p = get_preset(args.preset)
         methods = [m for m in args.methods.split(",") if m] if args.methods else None
+        spec_over = parse_spec(p.spec, args.spec)
         table = run_preset(args.preset, mode=args.mode, methods=methods, seeds=args.seeds, steps=args.steps,
-                           progress=True)
+                           progress=True, spec_overrides=spec_over, optimizer=args.optimizer, lr=args.lr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = dataclasses.replace(p.cfg, **{k: v for k, v in (("mode", args.mode), ("steps", args.steps)) if v is not None})
-    settings = {"spec": dataclasses.asdict(p.spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
+    over = (("mode", args.mode), ("steps", args.steps), ("optimizer", args.optimizer), ("lr", args.lr))
+    cfg = dataclasses.replace(p.cfg, **{k: v for k, v in over if v is not None})
+    spec = dataclasses.replace(p.spec, **spec_over)
+    settings = {"spec": dataclasses.asdict(spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
     print((Path(args.out) / "table.md").read_text())

@@ -155,11 +155,11 @@ print("all checks passed")'''),
 NB["02_recursive_space_contraction"] = [
 ("md", """# 2. Recursive Space Contraction in a reasoning tree
 
-**Claim** (apo_method.md section 1). Under GRPO a prompt's tree of reasoning paths is pruned:
-Pass@1 rises, but the set of valid paths the policy can still reach shrinks, and in the paper's
-experiments Pass@K at large K falls below the base model.
+**Claim** (docs/method.md). Under GRPO a prompt's tree of reasoning paths is pruned:
+Pass@1 rises, but the set of valid paths the policy can still reach shrinks, and Pass@K at large
+K on *held-out* prompts falls below the base model (the Pass@K crossover).
 
-**Why recursive** (theory.md section 5). The policy gradient at node `s` is
+**Why recursive** (docs/theory.md section 5). The policy gradient at node `s` is
 
     dJ/dz_{s,a} = d(s) pi(a|s) (Q(s,a) - V(s)),      d(s) = reach probability of s
 
@@ -168,8 +168,10 @@ entry token is squeezed (notebook 1) also stops learning *inside*: less reach, f
 more squeezing. **Why irreversible**: a token with `pi = 0` is never sampled and gets exactly zero
 gradient from every sampled-token estimator.
 
-Simulator: `apo_toy`, 16 prompts, complete 10-ary trees of depth 3, reference = "base model";
-measures are exact (`coverage` = share of base-valid leaves with `P(leaf) >= 1/256`)."""),
+Simulator: `apo_toy` (docs/simulator.md), complete 10-ary trees of depth 3, reference = "base
+model"; measures are exact (`coverage` = share of base-valid leaves with `P(leaf) >= 1/256`). Part 1
+uses the *tabular* model (16 prompts, each with its own logits); part 2 the *coupled* model
+(shared parameters, held-out prompts), which is what the crossover needs."""),
 ("code", SETUP),
 ("code", '''from apo_toy import RunConfig, SuiteSpec, run, build_suite
 spec = SuiteSpec(n_prompts=16)
@@ -190,13 +192,43 @@ axes[0].legend(fontsize=7); plt.show()
 final = exact.where(method="grpo").rows[-1]
 for k in keys:
     print(f"{k:>13}: base {base[k]:.3f} -> GRPO exact {final[k]:.3f}")'''),
-("md", """Read the numbers above honestly. In this suite GRPO raises Pass@1 a lot and loses a large share
-of the base model's valid leaves (coverage) and of the distinct correct solutions it samples; but
-Pass@256 does **not** fall below the base here: the exact update ascends every prompt's success
-probability `p` (theory.md section 4: every GRPO-family estimator's expected direction is `grad p`),
-and `pass@k = 1 - (1-p)^k` is increasing in `p`. In the simulator a Pass@K drop needs prompts whose
-`p` actually falls, which exact dynamics cannot produce and the sampled runs here do not show
-either. What collapses is *which* correct paths remain reachable, not whether one does."""),
+("md", """Read the numbers above honestly. In the tabular model GRPO raises Pass@1 a lot and loses a large
+share of the base model's valid leaves (coverage) and of the distinct correct solutions it samples;
+but Pass@256 does **not** fall below the base: each prompt has its own logits, so the exact update
+ascends every prompt's own success probability `p` (docs/theory.md section 4: every GRPO-family
+estimator's expected direction is `grad p`), and `pass@k = 1 - (1-p)^k` is increasing in `p`. What
+collapses is *which* correct paths remain reachable, not whether one does.
+
+**Part 2: the Pass@K crossover needs shared parameters.** In an LLM the prompts share the weights,
+and Pass@K is measured on prompts the model was not trained on. The coupled model (the `rsc`
+preset, docs/simulator.md) gives every edge a token from a shared vocabulary; its logits are
+`(1 + alpha_t) z_ref + u[v] + h(s)^T W e_v` with shared `alpha, u, W` (theta = 0 is the reference),
+most reference nodes are peaked (top-1 > 0.99), and a leaf is correct when its summed token quality
+plus a prompt-specific term is in the prompt's top 50. Training is on 32 prompts; everything below
+is measured on 64 held-out prompts. A shared update can now lower `p` on prompts it never saw."""),
+("code", '''from apo_toy import get_preset, PASS_KS
+pre = get_preset("rsc")
+coupled = run(pre.spec, ["grpo", "apo"], pre.cfg, seeds=2, eval_every=pre.cfg.steps, preset="rsc")
+fin = coupled.final()
+ks = np.array(PASS_KS)
+curves = {"base": coupled.where(method="base"), "grpo": fin.where(method="grpo"), "apo": fin.where(method="apo")}
+fig, ax = plt.subplots(figsize=(6, 4))
+for m, t in curves.items():
+    ax.plot(ks, [np.mean(t.column(f"pass@{k}")) for k in ks], marker="o", color=style.color(m),
+            ls="--" if m == "base" else "-", label=style.label(m))
+kstar = np.nanmedian(fin.where(method="grpo").column("crossover_k"))
+ax.axvline(kstar, color=style.color("grpo"), ls=":", label=f"GRPO crossover k* (median over seeds {kstar:g})")
+ax.set_xscale("log", base=2)
+ax.set(xlabel="k", ylabel="held-out pass@k", title="Pass@K crossover on held-out prompts")
+ax.legend(fontsize=7); plt.show()
+for m, t in curves.items():
+    vals = {k: np.mean(t.column(k)) for k in ("pass@1", "pass@256", "pass@1024", "frac_prompts_below_base", "train/pass@1")}
+    print(f"{m:>5}: " + ", ".join(f"{k} {v:.3f}" for k, v in vals.items()) + f"; k* per seed {t.column('crossover_k').tolist()}")'''),
+("md", """GRPO's pass@1 rises far more on the training prompts than on held-out ones. On the held-out
+prompts pass@1 rises a little while pass@256 and pass@1024 fall below the base: a share of held-out
+prompts (`frac_prompts_below_base`) lost success probability, because the shared update sharpens
+the reference (alpha grows) and moves token biases toward what the training prompts rewarded.
+The README's 5-seed table compares all the arms. APO's pull does not prevent the crossover here."""),
 ("md", """**The recursion, measured.** The gradient of the exact GRPO surrogate at the reference, divided by
 `pi(a|s) (Q(s,a) - V(s))`, should be one constant per prompt times the reach probability `d(s)`."""),
 ("code", '''from apo_llm.objectives import LossConfig
@@ -241,10 +273,11 @@ for p in range(suite.n_prompts):
 rows, final_logits = train_method(suite, get_method("grpo"), RunConfig(mode="sampled", steps=40, eval_every=40), init_logits=init)
 moved = [float(final_logits[p, 0, a] - init[p, 0, a]) for p, a in killed]
 print(f"{len(killed)} zero-support valid branches; change of their logits after 40 GRPO steps: {moved}")'''),
-("md", """**Closing checks.** GRPO (exact and sampled) raises Pass@1 and shrinks coverage and the number of
-distinct correct leaves; Pass@256 does not fall in this suite (asserted, so a simulator change that
-makes it fall will flag this notebook for an update); the gradient inside the tree is exactly
-`const_p * d(s) * pi (Q - V)`; zero-support tokens never move."""),
+("md", """**Closing checks.** Tabular model: GRPO (exact and sampled) raises Pass@1 and shrinks coverage and
+the number of distinct correct leaves; Pass@256 does not fall (asserted, so a change that makes it
+fall will flag this notebook for an update); the gradient inside the tree is exactly
+`const_p * d(s) * pi (Q - V)`; zero-support tokens never move. Coupled model: GRPO's held-out
+pass@1 rises while its held-out pass@256 falls below the base, with a crossover k* on every seed."""),
 ("code", '''s_fin = [sampled.where(method="grpo", seed=s).rows[-1] for s in (0, 1)]
 assert final["pass@1"] > base["pass@1"] + 0.3 and all(r["pass@1"] > base["pass@1"] + 0.3 for r in s_fin)
 assert final["coverage"] < base["coverage"] - 0.2 and all(r["coverage"] < base["coverage"] - 0.2 for r in s_fin)
@@ -252,6 +285,10 @@ assert final["distinct@256"] < base["distinct@256"] and final["rsc_lost"] >= 1.0
 assert final["pass@256"] >= base["pass@256"] - 1e-9     # what holds here: exact GRPO does not lower pass@256
 assert all(float(s.std() / s.mean().abs()) < 1e-8 for s in per_prompt)   # grad = const_p d(s) pi (Q - V)
 assert killed and all(m == 0.0 for m in moved)           # zero support is irreversible
+g, b0 = curves["grpo"], curves["base"]
+assert np.mean(g.column("pass@1")) > np.mean(b0.column("pass@1"))        # held-out pass@1 rises ...
+assert np.mean(g.column("pass@256")) < np.mean(b0.column("pass@256"))    # ... and pass@256 falls: the crossover
+assert np.isfinite(g.column("crossover_k")).all()
 print("all checks passed")'''),
 ]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from apo_llm.objectives import LossConfig, policy_loss
-from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, run
-from apo_toy.presets import tradeoff_methods
+from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, get_preset, run
+from apo_toy.presets import rsc_methods, tradeoff_methods
 
 from . import style
 
@@ -31,10 +31,13 @@ class Sizes:
     sweep_seeds: int = field(default=2, metadata={"help": "seeds of the frontier sweep (13 arms)"})
     eval_every: int = field(default=5, metadata={"help": "measure every n steps"})
     init_steps: int = field(default=100, metadata={"help": "GRPO collapse steps before the recovery runs"})
+    coupled_steps: int = field(default=150, metadata={"help": "RL steps of the coupled model (pass@k figure)"})
+    coupled_seeds: int = field(default=5, metadata={"help": "seeds of the coupled model (pass@k figure)"})
 
 
 FULL = Sizes()
-QUICK = Sizes(n_prompts=6, steps=12, seeds=2, sweep_seeds=1, eval_every=4, init_steps=10)
+QUICK = Sizes(n_prompts=6, steps=12, seeds=2, sweep_seeds=1, eval_every=4, init_steps=10, coupled_steps=12,
+              coupled_seeds=2)
 
 MAIN_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "apo")
 
@@ -127,9 +130,9 @@ def fig_squeezing(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
 
 
 def run_main(sz: Sizes, mode: str = "exact"):
-    """GRPO vs KL variants vs APO on the default suite (the rsc preset's arms)."""
+    """GRPO vs KL variants vs APO on the default tabular suite (the rsc_tabular preset's arms)."""
     cfg = RunConfig(mode=mode, steps=sz.steps, eval_every=sz.eval_every)
-    return run(_spec(sz), MAIN_METHODS, cfg, seeds=sz.seeds, preset="rsc")
+    return run(_spec(sz), MAIN_METHODS, cfg, seeds=sz.seeds, preset="rsc_tabular")
 
 
 def fig_rsc(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
@@ -152,37 +155,60 @@ def fig_rsc(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
         ax.set_ylabel(ylab)
         ax.set_title(key)
     axes[0].legend(loc="lower right")
-    fig.suptitle(f"Recursive Space Contraction in the tree simulator (exact dynamics, {sz.n_prompts} prompts, "
+    fig.suptitle(f"Recursive Space Contraction in the tabular tree model (exact dynamics, {sz.n_prompts} prompts, "
                  f"b=10, D=3; mean +- std over {sz.seeds} suites)", fontsize=11)
     return style.save(fig, out, "rsc_trajectories"), info
 
 
+def run_coupled(sz: Sizes):
+    """The coupled `rsc` preset (shared parameters, held-out prompts) at figure sizes."""
+    p = get_preset("rsc")
+    spec = dataclasses.replace(p.spec, n_train=sz.n_prompts, n_heldout=2 * sz.n_prompts)
+    cfg = dataclasses.replace(p.cfg, steps=sz.coupled_steps, eval_every=sz.coupled_steps)
+    return run(spec, rsc_methods(), cfg, seeds=sz.coupled_seeds, preset="rsc")
+
+
 def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
+    """Held-out pass@k of the coupled model: base vs every arm, k on a log axis, crossover k* marked."""
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     info = {}
     base = np.array([table.where(method="base").column(f"pass@{k}") for k in PASS_KS])  # [k, seeds]
-    for m in ("base",) + MAIN_METHODS:
+    arms = [m if isinstance(m, str) else m.name for m in rsc_methods()]
+    for m in ["base"] + arms:
         vals = base if m == "base" else np.array([_final(table, m, f"pass@{k}") for k in PASS_KS])
         mean, std = vals.mean(1), vals.std(1)
-        a1.errorbar(PASS_KS, mean, yerr=std, color=style.color(m), ls=style.linestyle(m), marker="o", ms=4,
-                    capsize=3, label=style.label(m))
-        if m != "base":
-            d = vals - base  # paired by suite
-            a2.errorbar(PASS_KS, d.mean(1), yerr=d.std(1), color=style.color(m), marker="o", ms=4, capsize=3,
-                        label=style.label(m))
+        ls = "--" if "@" in m else style.linestyle(m)  # the weak-KL variant shares its family's colour
+        a1.errorbar(PASS_KS, mean, yerr=std, color=style.color(m), ls=ls, marker="o", ms=4, capsize=3,
+                    label=style.label(m))
         info[m] = {f"pass@{k}": float(v) for k, v in zip(PASS_KS, mean)}
+        if m == "base":
+            continue
+        d = vals - base  # paired by suite
+        a2.errorbar(PASS_KS, d.mean(1), yerr=d.std(1), color=style.color(m), ls=ls, marker="o", ms=4, capsize=3,
+                    label=style.label(m))
+        kstar = _final(table, m, "crossover_k")  # NaN where a seed has no crossover up to k = 1024
+        info[m]["crossover_k_median"] = float(np.nanmedian(kstar)) if np.isfinite(kstar).any() else None
+        info[m]["seeds_with_crossover"] = int(np.isfinite(kstar).sum())
+        if m in ("grpo", "apo") and np.isfinite(kstar).any():
+            for a in (a1, a2):
+                a.axvline(float(np.nanmedian(kstar)), color=style.color(m), ls=":", lw=1.2)
+            a2.annotate(f"k* {style.label(m).split(' ')[0]} = {np.nanmedian(kstar):g}", (np.nanmedian(kstar), 0),
+                        textcoords="offset points", xytext=(3, 6 if m == "grpo" else -12), fontsize=7,
+                        color=style.color(m))
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xticks(PASS_KS, [str(k) for k in PASS_KS])
-        a.set_xlabel("k (samples per prompt)")
-    a1.set_ylabel("pass@k = 1 - (1 - p)^k, mean over prompts")
-    a1.set_title(f"pass@k after {sz.steps} steps")
-    a1.legend(loc="lower right")
+        a.set_xlabel("k (samples per held-out prompt)")
+    a1.set_ylabel("pass@k = 1 - (1 - p)^k, mean over held-out prompts")
+    a1.set_title(f"Held-out pass@k after {sz.coupled_steps} steps (coupled model)")
+    a1.legend(loc="lower right", fontsize=7)
     a2.axhline(0, color="k", lw=0.8)
     a2.set_ylabel("pass@k(method) - pass@k(base)")
-    a2.set_title("Gain over the base policy (paired by suite)")
+    a2.set_title("Gain over the base (paired by suite); dotted: median crossover k*")
+    fig.suptitle(f"Pass@K crossover: trained on {sz.n_prompts} prompts, measured on {2 * sz.n_prompts} held-out "
+                 f"prompts (exact dynamics, mean +- std over {sz.coupled_seeds} suites)", fontsize=10)
     return style.save(fig, out, "passk_curves"), info
 
 

@@ -1,4 +1,4 @@
-"""Group advantage estimators (objectives.md table) and theory.md section 4: in expectation every
+"""Group advantage estimators (docs/objectives.md table) and docs/theory.md section 4: in expectation every
 exchangeable group estimator moves along the policy gradient, E[(1/G) sum_i A_i grad log pi(a_i)]
 = d(p, G) grad p with d = c_1 - c_0 from `expected_group_advantage`.
 
@@ -24,7 +24,7 @@ QUICK = settings(max_examples=40, deadline=None)
 
 
 def reference_advantages(group: list[float], estimator: str, std: str, eps: float, lambda_pos: float, k) -> list[float]:
-    """One group's advantages straight from the objectives.md table."""
+    """One group's advantages straight from the docs/objectives.md table."""
     G, mean = len(group), statistics.fmean(group)
     if estimator == "grpo":
         if len(set(group)) == 1:
@@ -114,7 +114,7 @@ def test_passk_worked_example():
 
 
 # --------------------------------------------------------------------------------------------
-# theory.md section 4: direction invariance
+# docs/theory.md section 4: direction invariance
 # --------------------------------------------------------------------------------------------
 
 
@@ -189,7 +189,7 @@ def test_expected_group_advantage_by_enumeration(p, G, estimator):
 
 
 def test_worked_direction_numbers():
-    """theory.md: p = 0.5242, G = 5."""
+    """docs/theory.md: p = 0.5242, G = 5."""
     p = torch.tensor(0.5242, dtype=F64)
     want = {"grpo": 1.5432, "grpo_pop": 1.7254, "dr_grpo": 0.8, "rloo": 1.0, "w_reinforce": 1.1}
     for est, d in want.items():

@@ -147,3 +147,64 @@ def test_sigkill_during_save_leaves_previous_checkpoint(char_dir, tmp_path, vict
     save_checkpoint(tmp_path, 2, model, opt, sched, {})
     assert not list((tmp_path / "checkpoints").glob(".tmp-step-*"))
     assert latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # same size, one byte flipped: only the hash can tell
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("victim,how", [("adapter/adapter_model.safetensors", "truncate"),
+                                        ("optimizer.pt", "truncate"), ("optimizer.pt", "flip")])
+def test_resume_auto_falls_back_past_a_corrupt_checkpoint(char_dir, tmp_path, caplog, victim, how):
+    """Issue 12 item 2: the newest intact checkpoint is chosen, the skipped one named with the reason."""
+    model, opt, sched, params = _setup(char_dir)
+    _train_a_bit(model, opt, sched, params)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {"data_position": 4}, keep_last=3)
+    good = [p.detach().clone() for p in params]
+    _train_a_bit(model, opt, sched, params)
+    save_checkpoint(tmp_path, 2, model, opt, sched, {"data_position": 8}, keep_last=3)
+    bad_file = tmp_path / "checkpoints" / "step-000002" / victim
+    _corrupt(bad_file, how)
+    with caplog.at_level("WARNING", logger="apo_llm.checkpoint"):
+        chosen = resolve_resume("auto", tmp_path)
+    assert chosen.name == "step-000001"
+    assert "step-000002" in caplog.text and victim.split("/")[-1] in caplog.text
+    assert ("truncated" if how == "truncate" else "sha256") in caplog.text
+    # the bad one is kept for inspection under a name that is never picked again
+    assert (tmp_path / "checkpoints" / "invalid-step-000002").is_dir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    model2, opt2, sched2, params2 = _setup(char_dir)
+    assert load_checkpoint(chosen, model2, opt2, sched2)["data_position"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(good, params2))
+
+
+def test_explicit_or_all_corrupt_checkpoints_are_one_line_errors(char_dir, tmp_path):
+    from apo_llm.checkpoint import CheckpointError
+
+    model, opt, sched, _ = _setup(char_dir)
+    path = save_checkpoint(tmp_path, 1, model, opt, sched, {})
+    _corrupt(path / "trainer_state.pt", "truncate")
+    with pytest.raises(CheckpointError) as e:
+        resolve_resume(str(path), tmp_path)
+    assert "trainer_state.pt" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*trainer_state.pt"):
+        resolve_resume("auto", tmp_path)
+    # reading a damaged file directly names it too (no bare PytorchStreamReader / SafetensorError)
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):
+        load_checkpoint(path, model)
+    _corrupt(path / "adapter" / "adapter_model.safetensors", "truncate")
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        load_checkpoint(path, model)
+
+
+def test_saving_prunes_relative_to_the_saved_step(char_dir, tmp_path):
+    """After resuming from step 2, saving step 3 must not be pruned by a stale step 5 (issue 12 item 1)."""
+    model, opt, sched, _ = _setup(char_dir)
+    for step in (2, 5):
+        save_checkpoint(tmp_path, step, model, opt, sched, {}, keep_last=2)
+    save_checkpoint(tmp_path, 3, model, opt, sched, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]

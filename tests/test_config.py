@@ -76,7 +76,12 @@ def test_cli_type_conversion():
     (["--train.prompts_per_step", "0"], "train.prompts_per_step"),
     (["--train.scheduler", "zigzag"], "train.scheduler"),
     (["--train.advantage", "magic"], "train.advantage"),
-    (["--train.advantage", "passk"], "train.advantage"),
+    (["--train.advantage", "passk"], "train.passk_k"),
+    (["--train.advantage", "passk", "--train.passk_k", "9"], "train.passk_k"),  # > G = 8
+    (["--train.max_grad_norm", "nan"], "train.max_grad_norm"),  # NaN would silently disable clipping
+    (["--train.lr", "inf"], "train.lr"),
+    (["--loss.apo_beta", "nan"], "loss.apo_beta"),
+    (["--data.source", "jsonl", "--data.path", "x.jsonl"], "data.reward"),  # never guessed from rows
     (["--train.adv_std", "sample"], "train.adv_std"),
     (["--train.adam_betas", "[0.9]"], "train.adam_betas"),
     (["--train.warmup_steps", "-1"], "train.warmup_steps"),
@@ -157,3 +162,41 @@ def test_real_configs_cover_the_matrix_and_avoid_traps():
         assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
         assert (cfg.loss.kl_coef > 0) == cfg.loss.name.endswith(("_kl", "kl_on_wrong")), p.name
         assert cfg.logging.run_name == p.stem
+
+
+def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train:\n  lr: 1e-3\n  steps: [1, 2\n")
+    with pytest.raises(ValueError) as e:
+        load_config(["--config", str(f)])
+    msg = str(e.value)
+    assert str(f) in msg and "line" in msg and "\n" not in msg and "<unicode string>" not in msg
+
+
+def test_passk_k_is_accepted_within_the_group():
+    cfg = load_config(["--train.advantage", "passk", "--train.passk_k", "4"])
+    assert cfg.train.passk_k == 4
+
+
+def test_help_offers_only_kl_estimators_the_trainer_accepts():
+    line = [x for x in help_text().splitlines() if "--loss.kl_estimator" in x][0]
+    assert "full" not in line.split(":", 1)[1].replace("'full' is simulator-only", "")
+    with pytest.raises(ValueError, match="loss.kl_estimator"):
+        load_config(["--loss.kl_estimator", "full", "--loss.kl_coef", "0.1"])
+
+
+def test_run_info_versions_are_the_installed_ones(tmp_path):
+    from importlib import metadata
+
+    save_resolved(load_config([]), tmp_path)
+    versions = json.loads((tmp_path / "run_info.json").read_text())["versions"]
+    assert versions["math_verify"] == metadata.version("math-verify")  # was null: no __version__ attribute
+    assert versions["torch"] == metadata.version("torch")
+
+
+def test_resume_differences_split_applied_and_refused():
+    from apo_llm.config import resume_differences
+
+    old = load_config([]).to_dict()
+    applied, refused = resume_differences(old, load_config(["--train.steps", "60", "--train.lr", "1e-4"]))
+    assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (3e-3, 1e-4)}

@@ -102,11 +102,15 @@ def test_jsonl_file_with_malformed_rows(tmp_path):
     f = tmp_path / "probs.jsonl"
     f.write_text("\n".join(lines))
     with pytest.warns(UserWarning, match="skipped"):
-        problems, stats = load_problems("jsonl", path=str(f))
+        problems, stats = load_problems("jsonl", path=str(f), reward="gsm8k_strict")
     assert [(p.question, p.gold) for p in problems] == [("q1", "1500"), ("q2", "7"), ("q3", "12")]
     assert problems[2].solution == "6+6" and problems[0].id == "probs-0"
     assert stats.skipped == {"invalid_json": 1, "missing_question": 1, "missing_answer_or_gold": 1,
                              "row_not_an_object": 1}
+    # every skip carries its 1-based line number, and the summary shows it
+    assert stats.lines == {"invalid_json": [2], "missing_question": [5], "missing_answer_or_gold": [6],
+                           "row_not_an_object": [7]}
+    assert "invalid_json=1 at line 2" in stats.summary() and str(f) in stats.summary()
     assert stats.rows == 7 and stats.loaded == 3
     assert stats.prompt_style == "gsm8k" and problems[0].prompt.endswith(PROMPT_SUFFIX["gsm8k"])
 
@@ -118,7 +122,7 @@ def test_local_math_style_and_parquet(tmp_path):
     f = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": r"so \boxed{\frac{1}{2}}"},
                                          {"question": "b", "answer": r"\sqrt{2}"}]), f)
-    problems, stats = load_problems("parquet", path=str(f))
+    problems, stats = load_problems("parquet", path=str(f), reward="math")
     assert [p.gold for p in problems] == [r"\frac{1}{2}", r"\sqrt{2}"]
     assert stats.prompt_style == "math" and problems[0].prompt.endswith(PROMPT_SUFFIX["math"])
     forced, st2 = load_problems("parquet", path=str(f), prompt_style="gsm8k")
@@ -130,9 +134,25 @@ def test_local_math_style_and_parquet(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no valid problems"):
-        load_problems("jsonl", path=str(empty))
+        load_problems("jsonl", path=str(empty), reward="math")
     with pytest.raises(ValueError, match="prompt_style"):
         load_problems("jsonl", path=str(empty), prompt_style="chat")
+
+
+def test_local_reward_is_explicit_and_misfit_rows_are_counted_by_line(tmp_path):
+    """Issue 12 item 4: one non-numeric gold must not switch the file to MATH prompts and reward."""
+    f = tmp_path / "g.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"q{i}", "gold": g})
+                           for i, g in enumerate(["3", "5", "N/A", "8"])) + "\n")
+    with pytest.raises(ValueError, match="reward"):
+        load_problems("jsonl", path=str(f))  # no guess from the rows
+    with pytest.warns(UserWarning, match="gold_not_a_number=1 at line 3"):
+        probs, stats = load_problems("jsonl", path=str(f), reward="gsm8k_strict")
+    assert [p.gold for p in probs] == ["3", "5", "8"] and stats.prompt_style == "gsm8k"
+    assert all(p.prompt.endswith(PROMPT_SUFFIX["gsm8k"]) for p in probs)
+    assert stats.lines == {"gold_not_a_number": [3]}
+    probs, stats = load_problems("jsonl", path=str(f), reward="math")  # math compares any LaTeX: all kept
+    assert len(probs) == 4 and stats.prompt_style == "math" and probs[2].prompt.endswith(PROMPT_SUFFIX["math"])
 
 
 def test_shuffle_and_limit():

@@ -260,13 +260,17 @@ def test_empty_dataset_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(apo_llm.modeling, "load_model_and_tokenizer", lambda *a, **k: 1 / 0)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="no valid problems|no problems"):
+    with pytest.raises(ValueError, match="needs --reward"):  # the reward is explicit for local files
         ev.main(["--dataset", f"jsonl:{empty}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="no valid problems|no problems"):
+        ev.main(["--dataset", f"jsonl:{empty}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o"),
+                 "--reward", "math"])
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match="no valid problems|no problems"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ev.main(["--dataset", f"jsonl:{junk}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o")])
+        ev.main(["--dataset", f"jsonl:{junk}", "--n", "2", "--k", "1", "--out", str(tmp_path / "o"),
+                 "--reward", "gsm8k_strict"])
     with pytest.raises(ValueError, match="does not exist"):
         ev.main(["--dataset", f"jsonl:{tmp_path / 'missing.jsonl'}", "--n", "2", "--k", "1",
                  "--out", str(tmp_path / "o")])

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apo_llm.objectives import LossConfig, POLICY_TERMS, group_advantages, policy_loss
+from apo_llm.objectives import OPTIONAL_INPUTS, LossConfig, POLICY_TERMS, group_advantages, policy_loss, required_inputs
 
 F64 = torch.float64
 B, T, K = 3, 4, 2
@@ -37,6 +37,10 @@ BAD_CONFIGS = [
     ("apo_k", 0), ("apo_k", 1.5), ("apo_k", True), ("apo_clip", "both"), ("apo_anchoring", "none"),
     ("loss_agg", "seq-mean"), ("loss_norm_len", 0), ("loss_norm_len", True),
     ("loss_norm_len", 2.5), ("loss_norm_len", math.inf), ("loss_norm_len", math.nan), ("loss_norm_len", "8"),
+    ("apo_anchor_norm", "old"), ("apo_anchor_norm", None), ("apo_pull_cap", 0.0), ("apo_pull_cap", -1.0),
+    ("apo_pull_cap", math.nan), ("apo_pull_cap", "1.2"), ("topk_kl_coef", -0.1), ("topk_kl_coef", math.inf),
+    ("cov_frac", 0.0), ("cov_frac", 1.5), ("cov_frac", math.nan), ("cov_lb", math.nan), ("cov_ub", 0.5),
+    ("cov_ub", math.inf), ("kl_cov_coef", -1.0), ("eps_low", True),
 ]
 
 
@@ -59,6 +63,56 @@ def test_kl_losses_without_kl_coef_warn():
     for name in ("grpo_kl", "kl_on_wrong"):
         with pytest.warns(UserWarning, match="kl_coef"):
             LossConfig(name=name)
+
+
+def test_positive_only_rectified_arm_warns_and_validate_says_so():
+    """lambda - beta < 1 - eps_low with the rectified clip: every negative token starts flat."""
+    with pytest.warns(UserWarning, match="positive-only learning, not APO"):
+        cfg = LossConfig(name="apo", apo_beta=0.3)  # 1.05 - 0.3 = 0.75 < 0.8
+    assert cfg.is_positive_only and any("positive-only" in n for n in cfg.validate())
+    for ok in (LossConfig(name="apo"), LossConfig(name="apo", apo_beta=0.3, apo_clip="push_only"),
+               LossConfig(name="apo", apo_beta=0.3, eps_low=0.3), LossConfig(name="grpo", apo_beta=0.3)):
+        assert not ok.is_positive_only and ok.validate() == []
+    with pytest.warns(UserWarning, match="topk_kl_coef"):
+        LossConfig(name="topk_kl_on_wrong")
+
+
+@pytest.mark.parametrize("cfg_kw, want", [
+    (dict(name="grpo"), set()),
+    (dict(name="grpo", ent_coef=0.01), {"entropy"}),
+    (dict(name="grpo_kl", kl_coef=0.1), {"ref_logp"}),
+    (dict(name="kl_on_wrong", kl_coef=0.1, kl_estimator="full"), {"kl_full"}),
+    (dict(name="apo"), {"anchor_logp", "anchor_ref_logp", "anchor_is_sampled"}),
+    (dict(name="apo", apo_anchor_norm="old_mass"), {"anchor_logp", "anchor_ref_logp", "anchor_is_sampled",
+                                                    "anchor_old_logp"}),
+    (dict(name="apo", apo_anchor_norm="old_token", kl_coef=0.1), {"anchor_logp", "anchor_ref_logp",
+                                                                  "anchor_is_sampled", "anchor_old_logp", "ref_logp"}),
+    (dict(name="topk_kl_on_wrong", topk_kl_coef=0.1, apo_anchor_norm="old_mass"),
+     {"anchor_logp", "anchor_ref_logp", "anchor_is_sampled"}),
+    (dict(name="clip_cov"), set()), (dict(name="kl_cov"), set()),
+])
+def test_required_inputs(cfg_kw, want):
+    """The one decision of what to compute; policy_loss accepts exactly that set (others None)."""
+    cfg = LossConfig(**cfg_kw)
+    assert set(required_inputs(cfg)) == want and want <= set(OPTIONAL_INPUTS)
+    assert cfg.needs_anchor_old == ("anchor_old_logp" in want)
+    x = _inputs()
+    for name in OPTIONAL_INPUTS:
+        if name not in want:
+            x[name] = None
+    loss, _ = policy_loss(cfg, **x)
+    assert math.isfinite(float(loss.detach()))
+
+
+def test_sign_split_and_batch_coupling_flags():
+    """What an expected-update caller (the simulator's exact mode) must know."""
+    assert LossConfig(name="kl_on_wrong", kl_coef=0.1).needs_sign_split
+    assert LossConfig(name="topk_kl_on_wrong", topk_kl_coef=0.1).needs_sign_split
+    assert not LossConfig(name="apo").needs_sign_split and not LossConfig(name="grpo_kl", kl_coef=0.1).needs_sign_split
+    assert LossConfig(name="clip_cov").batch_coupled and LossConfig(name="kl_cov").batch_coupled
+    assert not LossConfig(name="apo").batch_coupled
+    assert LossConfig(name="kl_cov").cov_frac == 2e-3 and LossConfig(name="clip_cov").cov_frac == 2e-4
+    assert LossConfig().pull_cap == pytest.approx(1.2) and LossConfig(eps_high=0.28).pull_cap == pytest.approx(1.28)
 
 
 def test_needs_properties():
@@ -90,10 +144,12 @@ def _inputs(seed: int = 0, adv_per_token: bool = False) -> dict:
         ref_logp=old + 0.1, anchor_logp=(-1.0 - 2.0 * r(B, T, K)).requires_grad_(),
         anchor_ref_logp=-1.0 - 2.0 * r(B, T, K), anchor_is_sampled=r(B, T, K) > 0.7,
         kl_full=r(B, T).requires_grad_(), entropy=(1.0 + r(B, T)).requires_grad_(), weights=1.0 + r(B),
+        anchor_old_logp=-1.0 - 2.0 * r(B, T, K),
     )
 
 
 CFG_ALL = dict(name="apo", kl_coef=0.1, ent_coef=0.01)  # needs anchors, ref_logp, entropy
+CFG_OLD = dict(CFG_ALL, apo_anchor_norm="old_token")  # and anchor_old_logp
 
 
 @pytest.mark.parametrize(
@@ -113,6 +169,22 @@ def test_shape_mismatch_names_the_argument(arg, value):
     x[arg] = value
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         policy_loss(LossConfig(**CFG_ALL), **x)
+
+
+@pytest.mark.parametrize("value", [torch.zeros(B, T, K + 1), torch.zeros(B, T), [[[0.0] * K] * T] * B])
+def test_anchor_old_logp_shape_is_named(value):
+    x = _inputs()
+    x["anchor_old_logp"] = value
+    with pytest.raises(ValueError, match=r"^anchor_old_logp: expected shape"):
+        policy_loss(LossConfig(**CFG_OLD), **x)
+    policy_loss(LossConfig(**CFG_ALL), **x)  # "ref" does not read it
+
+
+def test_nan_in_anchor_old_logp_is_reported():
+    x = _inputs()
+    x["anchor_old_logp"][0, 0, 1] = math.nan
+    with pytest.raises(ValueError, match=r"^anchor_old_logp:.*NaN"):
+        policy_loss(LossConfig(**CFG_OLD), **x)
 
 
 def test_kl_full_shape_is_checked():
@@ -191,25 +263,26 @@ def test_nan_in_kl_full_and_inf_advantage_are_reported():
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**31), name=st.sampled_from(["grpo", "dapo", "grpo_kl", "kl_on_wrong", "apo"]),
+@given(seed=st.integers(0, 2**31), name=st.sampled_from(sorted(POLICY_TERMS)),
        est=st.sampled_from(["k1", "k2", "k3", "full"]),
        agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
-       apo_clip=st.sampled_from(["rectified", "push_only"]), clip_c=st.one_of(st.none(), st.just(3.0)))
-def test_nan_on_padded_positions_changes_nothing(seed, name, est, agg, apo_clip, clip_c):
+       apo_clip=st.sampled_from(["rectified", "push_only"]), clip_c=st.one_of(st.none(), st.just(3.0)),
+       norm=st.sampled_from(["ref", "old_mass", "old_token"]))
+def test_nan_on_padded_positions_changes_nothing(seed, name, est, agg, apo_clip, clip_c, norm):
     """Pads holding NaN (or -inf / +inf) give the same loss and gradients as pads holding finite
     junk; gradients at pads are exactly zero."""
     cfg = LossConfig(name=name, kl_coef=0.1, kl_estimator=est, ent_coef=0.01, loss_agg=agg, apo_clip=apo_clip,
-                     clip_c=clip_c)
+                     clip_c=clip_c, apo_anchor_norm=norm, topk_kl_coef=0.1, cov_frac=0.3)
     results = []
     for fill in (math.nan, 7.0, -math.inf):
         x = _inputs(seed, adv_per_token=True)
         pad = ~x["mask"]
         for k in ("logp", "old_logp", "advantages", "ref_logp", "kl_full", "entropy", "anchor_logp",
-                  "anchor_ref_logp"):
+                  "anchor_ref_logp", "anchor_old_logp"):
             at_pad = pad if x[k].dim() == 2 else pad[..., None]  # anchors: [B, T, K]
             filled = torch.where(at_pad, torch.full_like(x[k], fill), x[k].detach())
             x[k] = filled.requires_grad_() if x[k].requires_grad else filled
-        loss, m = policy_loss(cfg, **x)
+        loss, m = policy_loss(cfg, **x, generator=torch.Generator().manual_seed(seed))
         leaves = [x[k] for k in ("logp", "anchor_logp", "kl_full", "entropy")]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(lf) if gr is None else gr for lf, gr in zip(leaves, grads)]
@@ -234,17 +307,18 @@ def test_fully_padded_sequence_with_nan_advantage():
     assert math.isfinite(float(loss.detach()))
 
 
-@pytest.mark.parametrize("name", ["grpo", "dapo", "grpo_kl", "kl_on_wrong", "apo"])
+@pytest.mark.parametrize("name", sorted(POLICY_TERMS))
 @pytest.mark.parametrize("est", ["k3", "full"])
 def test_metrics_are_floats(name, est):
-    cfg = LossConfig(name=name, kl_coef=0.1, kl_estimator=est, ent_coef=0.01, clip_c=3.0)
+    cfg = LossConfig(name=name, kl_coef=0.1, kl_estimator=est, ent_coef=0.01, clip_c=3.0, topk_kl_coef=0.1)
     loss, m = policy_loss(cfg, **_inputs())
     assert m and all(isinstance(k, str) and type(v) is float for k, v in m.items()), m
     assert {"loss", "pg_loss", "num_tokens", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy"} <= set(m)
     assert m["loss"] == pytest.approx(float(loss.detach()), abs=1e-12) and m["num_tokens"] == 9.0
     if cfg.needs_anchors:
         assert {"apo/r_anchor_mean", "apo/pull", "apo/manifold_mass", "apo/outside_topk_frac",
-                "apo/neg_clipped_frac"} <= set(m)
+                "apo/neg_clipped_frac"} <= set(m) or "topk_kl/ce_neg" in m
+    assert "clip_grad_frac/neg" in m
 
 
 # --------------------------------------------------------------------------------------------

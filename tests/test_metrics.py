@@ -1,4 +1,4 @@
-"""Unbiased pass@k (theory.md section 9) against the combinatorial definition.
+"""Unbiased pass@k (docs/theory.md section 9) against the combinatorial definition.
 
     pass@k = 1 - C(n-c, k) / C(n, k)     (= 1 when n - c < k; defined for 1 <= k <= n)
 

@@ -1,4 +1,4 @@
-"""APO at one position in logit space (theory.md section 7) and APO's clipping, via policy_loss.
+"""APO at one position in logit space (docs/theory.md section 7) and APO's clipping, via policy_loss.
 
 One position with vocabulary V, logits z (requires_grad), pi = softmax(z), reference rho,
 sampled (wrong) token y, anchors = TopK(rho). The shipped loss gets
@@ -83,10 +83,11 @@ def _draw_position(seed, V, K, scale, y_in_topk):
 @QUICK
 @given(r=st.floats(0.85, 1.5), **position)
 def test_push_only_gradient_closed_form(seed, V, K, scale, adv, lam, beta, anchoring, y_in_topk, r):
-    """push_only with w = r inside the window: the closed form holds for any r, beta, lambda."""
+    """push_only with w = r inside the window and no pull cap: the closed form holds for any r,
+    beta, lambda (the capped pull is tested in tests/test_obj_readings.py)."""
     K, z, log_rho, y = _draw_position(seed, V, K, scale, y_in_topk)
     cfg = LossConfig(name="apo", apo_clip="push_only", apo_k=K, apo_lambda=lam, apo_beta=beta,
-                     apo_anchoring=anchoring)
+                     apo_anchoring=anchoring, apo_pull_cap=math.inf)
     loss, m, topk = apo_position(cfg, z, log_rho, y, adv, r)
     (g,) = torch.autograd.grad(loss, z)
     pi, rho = torch.softmax(z.detach(), -1), log_rho.exp()
@@ -139,30 +140,17 @@ def test_rectified_default_zero_gradient_example():
     (g,) = torch.autograd.grad(loss, z)
     assert m["apo/r_anchor_mean"] == pytest.approx(3.0)
     assert not g.any() and m["apo/neg_clipped_frac"] == 1.0
-    # push_only keeps both forces at the same point
-    loss, _, _ = apo_position(LossConfig(name="apo", apo_k=2, apo_clip="push_only"), z, rho.log(), 0, -1.0)
+    # push_only without a cap keeps both forces at the same point
+    uncapped = LossConfig(name="apo", apo_k=2, apo_clip="push_only", apo_pull_cap=math.inf)
+    loss, _, _ = apo_position(uncapped, z, rho.log(), 0, -1.0)
     (g,) = torch.autograd.grad(loss, z)
     S = anchor_set(torch.tensor([0, 1]), 0, V, "exclusive")
     torch.testing.assert_close(-g, closed_form(pi, rho, S, 0, -1.0, 1.05, 0.1, 1.0), **TIGHT)
-
-
-@QUICK
-@given(**position)
-def test_pull_is_gradient_ascent_on_safe_manifold_mass(seed, V, K, scale, adv, lam, beta, anchoring, y_in_topk):
-    """Gradient alignment: with the push clipped away (push_only, w < 1 - eps_low), the loss
-    gradient is the pull alone and equals -(beta |A| / Z) grad_z M_S."""
-    K, z, log_rho, y = _draw_position(seed, V, K, scale, y_in_topk)
-    cfg = LossConfig(name="apo", apo_clip="push_only", apo_k=K, apo_lambda=lam, apo_beta=beta,
-                     apo_anchoring=anchoring)
-    loss, m, topk = apo_position(cfg, z, log_rho, y, adv, r=0.5)  # w = 0.5 < 0.8: push flat
+    # with the default cap (1 + eps_high = 1.2 < r_anchor = 3) only the push is left
+    loss, m, _ = apo_position(LossConfig(name="apo", apo_k=2, apo_clip="push_only"), z, rho.log(), 0, -1.0)
     (g,) = torch.autograd.grad(loss, z)
-    S = anchor_set(topk, y, V, anchoring)
-    Z = float((log_rho.exp() * S).sum())
-    zz = z.detach().clone().requires_grad_()
-    (g_mass,) = torch.autograd.grad((torch.softmax(zz, -1) * S).sum(), zz)  # grad M_S
-    expected = (beta * abs(adv) / Z) * g_mass if Z > 0 else torch.zeros(V, dtype=F64)
-    torch.testing.assert_close(-g, expected, **TIGHT)
-    assert m["clip_frac/neg"] == 1.0  # the push is what got clipped
+    torch.testing.assert_close(-g, closed_form(pi, rho, S, 0, -1.0, 1.05, 0.0, 1.0), **TIGHT)
+    assert m["apo/pull_capped_frac"] == 1.0 and m["apo/pull"] == pytest.approx(0.1 * 1.2)
 
 
 @QUICK
@@ -176,7 +164,7 @@ def test_exclusive_anchoring_leaves_sampled_token_out(seed, V, K, adv):
     mass, ref = float(pi[topk].sum()), float(rho[topk].sum())
     for anchoring, r_anchor in (("exclusive", (mass - float(pi[y])) / (ref - float(rho[y]))),
                                 ("inclusive", mass / ref)):
-        cfg = LossConfig(name="apo", apo_clip="push_only", apo_k=K, apo_anchoring=anchoring)
+        cfg = LossConfig(name="apo", apo_clip="push_only", apo_k=K, apo_anchoring=anchoring, apo_pull_cap=math.inf)
         loss, m, _ = apo_position(cfg, z, log_rho, y, adv)
         (g,) = torch.autograd.grad(loss, z)
         assert m["apo/r_anchor_mean"] == pytest.approx(r_anchor, rel=1e-12)
@@ -266,21 +254,24 @@ def test_apo_with_lambda_one_beta_zero_is_grpo(seed, B, T, K, apo_clip, anchorin
 
 
 @QUICK
-@example(seed=1, B=1, T=1, K=1, apo_clip="push_only", lam=0.75, beta=0.0, el=0.5, eh=0.5, clip_c=1.5)
-@example(seed=3, B=3, T=4, K=2, apo_clip="push_only", lam=1.9, beta=0.2, el=0.05, eh=0.3, clip_c=1.2)
-@example(seed=0, B=1, T=1, K=1, apo_clip="push_only", lam=2.0, beta=0.0, el=0.125, eh=0.5, clip_c=1.5)
+@example(seed=1, B=1, T=1, K=1, apo_clip="push_only", lam=0.75, beta=0.0, el=0.5, eh=0.5, clip_c=1.5, cap=None)
+@example(seed=3, B=3, T=4, K=2, apo_clip="push_only", lam=1.9, beta=0.2, el=0.05, eh=0.3, clip_c=1.2, cap=math.inf)
+@example(seed=0, B=1, T=1, K=1, apo_clip="push_only", lam=2.0, beta=0.0, el=0.125, eh=0.5, clip_c=1.5, cap=0.5)
 @given(seed=st.integers(0, 2**31), B=st.integers(1, 4), T=st.integers(1, 5), K=st.integers(1, 4),
        apo_clip=st.sampled_from(["rectified", "push_only"]), lam=st.floats(0.5, 2.0), beta=st.floats(0.0, 0.6),
-       el=st.floats(0.05, 0.5), eh=st.floats(0.05, 0.5), clip_c=st.one_of(st.none(), st.floats(1.05, 3.0)))
-def test_apo_clipping_piecewise(seed, B, T, K, apo_clip, lam, beta, el, eh, clip_c):
+       el=st.floats(0.05, 0.5), eh=st.floats(0.05, 0.5), clip_c=st.one_of(st.none(), st.floats(1.05, 3.0)),
+       cap=st.one_of(st.none(), st.just(math.inf), st.floats(0.01, 3.0)))
+def test_apo_clipping_piecewise(seed, B, T, K, apo_clip, lam, beta, el, eh, clip_c, cap):
     """Token by token: loss, d/dlogp and d/danchor_logp of APO vs piecewise formulas, and the
     negative-token clip metrics vs where the push is flat.
 
     rectified: rho = lambda w - beta r_anchor goes through the PPO surrogate (`piecewise_grpo`).
-    push_only: lambda * surrogate(w) without dual-clip, then capped at |A| c; plus A beta r_anchor.
+    push_only: lambda * surrogate(w) without dual-clip, then capped at |A| c; plus A beta
+    min(r_anchor, cap) (cap None: 1 + eps_high), flat in r_anchor above the cap.
     """
     cfg = LossConfig(name="apo", apo_clip=apo_clip, apo_k=K, apo_lambda=lam, apo_beta=beta, eps_low=el,
-                     eps_high=eh, clip_c=clip_c)
+                     eps_high=eh, clip_c=clip_c, apo_pull_cap=cap)
+    cap = 1.0 + eh if cap is None else cap
     data = _batch(seed, B, T, K)
     adv = torch.round(_rand(seed + 3, B, T, scale=2.0), decimals=1)
     assume(bool(data["mask"].any()))
@@ -292,6 +283,7 @@ def test_apo_clipping_piecewise(seed, B, T, K, apo_clip, lam, beta, el, eh, clip
     assume(_far(w, (1 - el, 1 + eh, clip_c)) and _far(rho, (1 - el, 1 + eh, clip_c)))
     if clip_c is not None:
         assume(_far(lam * w, (clip_c,)))
+    assume(_far(ra, (cap,)))
     loss, m = policy_loss(cfg, advantages=adv, **data)
     g_lp, g_an = torch.autograd.grad(loss, [data["logp"], data["anchor_logp"]])
 
@@ -318,7 +310,7 @@ def test_apo_clipping_piecewise(seed, B, T, K, apo_clip, lam, beta, el, eh, clip
                 if capped:
                     push, dpush = -A * clip_c, 0.0
                 is_dual = capped and dlp != 0.0  # counted as dual only if not already flat (low)
-                li, dw, dra = push + A * beta * rai, dpush, A * beta
+                li, dw, dra = push + A * beta * min(rai, cap), dpush, (A * beta if rai <= cap else 0.0)
                 flat = dpush == 0.0
             if A < 0:
                 n_neg += 1

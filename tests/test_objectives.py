@@ -1,5 +1,5 @@
-"""Property tests of the GRPO-family loss in apo_llm/objectives.py (theory.md sections 1 and 6,
-objectives.md clipping and aggregation).
+"""Property tests of the GRPO-family loss in apo_llm/objectives.py (docs/theory.md sections 1 and 6,
+docs/objectives.md clipping and aggregation).
 
 Every test builds its quantity with the shipped code (`policy_loss`, `kl_estimate`, `aggregate`)
 and compares it, in float64, with an independent computation: torch autograd of a plain softmax
@@ -53,7 +53,7 @@ def _sum_norm_cfg(name: str, **kw) -> LossConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# theory.md section 1: one node
+# docs/theory.md section 1: one node
 # --------------------------------------------------------------------------------------------
 
 
@@ -77,7 +77,7 @@ def test_expected_reward_gradient_through_policy_loss(seed, V, scale):
 @QUICK
 @given(seed=st.integers(0, 2**31), V=st.integers(2, 12), scale=st.floats(0.1, 5.0))
 def test_one_node_softmax_identities(seed, V, scale):
-    """Documentation test of the pure-softmax formulas of theory.md section 1 against autograd."""
+    """Documentation test of the pure-softmax formulas of docs/theory.md section 1 against autograd."""
     z0, lr = _rand(seed, V, scale=scale), _rand(seed + 7, V, scale=scale)
     log_rho = torch.log_softmax(lr, -1)
     rho = log_rho.exp()
@@ -150,7 +150,7 @@ def test_restoring_force_on_collapsed_child():
 
 
 # --------------------------------------------------------------------------------------------
-# theory.md section 6: KL estimators as losses, by exact enumeration
+# docs/theory.md section 6: KL estimators as losses, by exact enumeration
 # --------------------------------------------------------------------------------------------
 
 

@@ -88,6 +88,18 @@ def test_sft_is_deterministic_and_lowers_the_loss():
     assert any(not torch.equal(untouched[k], states[0][k]) for k in untouched)
 
 
+def test_sft_reports_progress_against_its_budget():
+    """Issue 12 item 8: the build states its step budget and reports before the first pass@1 check."""
+    spec = replace(tiny.QUICK, max_steps=6, min_steps=10**6, eval_every=2, n_train=64, batch_size=4, warmup=2,
+                   hidden=32, intermediate=64)
+    tok = tiny.train_tokenizer(spec.vocab_size, spec.seed)
+    lines: list[str] = []
+    with tiny._one_thread():
+        tiny.sft_warm_start(tiny.build_model(spec, tok), tok, spec, log=lines.append)
+    assert "at most 6 steps" in lines[0]
+    assert [line.split()[2] for line in lines[1:]] == ["2/6", "4/6", "6/6"]
+
+
 def test_lr_schedule_shape():
     spec = replace(tiny.QUICK, warmup=10, max_steps=110)
     f = [tiny._lr_factor(s, spec) for s in range(111)]

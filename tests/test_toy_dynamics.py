@@ -50,10 +50,12 @@ def enumerated_expectation(suite, cfg, logits, logits_old, G, adv_kwargs):
     else:
         norm = {"global_seqs": float(G)}
     del pi_old
-    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=weights, **norm)
+    return sampled_loss(suite, cfg, logits, roll, old_logp, adv, weights=weights,
+                        old_logpi=torch.log_softmax(logits_old, -1), **norm)
 
 
-CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2"]
+CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2", "apo_old_mass", "apo_old_token",
+                        "apo_push_old_mass"]
 
 
 def case_method(name, k=2):
@@ -68,6 +70,9 @@ def _case_method(name):
         "grpo_seqmean": ("grpo", {"loss_agg": "seq-mean-token-mean"}),
         "kl_on_wrong_full": ("kl_on_wrong", {"kl_estimator": "full", "kl_coef": 0.3}),
         "grpo_k2": ("grpo_kl", {"kl_estimator": "k2", "kl_coef": 0.3}),
+        "apo_old_mass": ("apo", {"apo_anchor_norm": "old_mass"}),  # r_anchor normalised by pi_old
+        "apo_old_token": ("apo", {"apo_anchor_norm": "old_token"}),
+        "apo_push_old_mass": ("apo_push_only", {"apo_anchor_norm": "old_mass"}),
     }
     if name in extra:
         base, kw = extra[name]
@@ -188,3 +193,22 @@ def test_natural_pg_is_not_bound_by_zero_support():
     before = float(z[0, 0, correct])
     npg_update(suite, z, 1.0)
     assert float(z[0, 0, correct]) > before
+
+
+def test_exact_row_cache_matches_a_fresh_suite_across_methods():
+    """The row maps / anchor tensors cached on a suite are reused only when valid: alternating
+    methods with different reward-class layouts (KL-on-Wrong has three) and Top-K sizes on one suite
+    gives bit-identical losses and gradients to a fresh suite each time."""
+    shared = tiny_suite(seed=5, prompts=2)
+    g = torch.Generator().manual_seed(2)
+    z_old = shared.ref_logits + 0.3 * torch.randn(shared.ref_logits.shape, generator=g)
+    z_new = z_old + 0.5 * torch.randn(z_old.shape, generator=g)
+    for name, k in (("apo", 2), ("kl_on_wrong", 2), ("apo", 3), ("grpo", 2), ("apo", 2)):
+        m = case_method(name, k=k)
+        cfg = m.loss_config()
+        out = []
+        for suite in (shared, tiny_suite(seed=5, prompts=2)):
+            z = z_new.clone().requires_grad_(True)
+            loss, _ = exact_loss(suite, cfg, z, exact_batch(suite, cfg, z_old, 4, m.adv))
+            out.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), (name, k)

@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from apo_toy import PRESETS, RunConfig, SuiteSpec, Table, run
+from apo_toy import PRESETS, CoupledSpec, RunConfig, SuiteSpec, Table, run
 from apo_toy.run import main
 
-REQUIRED = ("preset", "method", "seed", "step", "pass@1", "pass@4", "pass@16", "pass@64", "pass@256",
-            "coverage", "distinct@256", "entropy", "manifold_mass")
+REQUIRED = ("preset", "method", "seed", "step", "pass@1", "pass@4", "pass@16", "pass@64", "pass@256", "pass@1024",
+            "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256", "entropy", "manifold_mass")
+TRAIN_KEYS = tuple(f"train/pass@{k}" for k in (1, 4, 16, 64, 256, 1024))
 TINY = SuiteSpec(n_prompts=3, branching=6, depth=2, top_k=4)
 
 
@@ -70,10 +71,18 @@ def test_cli_writes_metrics_summary_and_figures(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"base", "grpo", "apo"}
     assert len([r for r in rows if r["method"] == "apo"]) == 3  # one row per step (0, 1, 2)
     for r in rows:
-        for k in REQUIRED:
+        for k in REQUIRED + TRAIN_KEYS:  # rsc is the coupled model: held-out keys and train/ keys
             assert k in r, k
+    base = [r for r in rows if r["method"] == "base"][0]
+    assert base["crossover_k"] is None and base["frac_prompts_below_base"] == 0.0
+    assert base["pass@1"] != base["train/pass@1"]  # two different prompt sets
     summary = json.load(open(out / "summary.json"))
     assert [m["method"] for m in summary["methods"]] == ["grpo", "apo"] and "pass@256" in summary["base"]
+    for m in summary["methods"]:  # k* summarised as a median over the seeds that cross, and their count
+        ks = [r["crossover_k"] for r in rows if r["method"] == m["method"] and r["step"] == 2]
+        assert m["crossover_seeds"] == sum(k is not None for k in ks)
+        assert m["crossover_k_median"] == (None if all(k is None for k in ks) else float(ks[0]))
+    assert "crossover_k" in (out / "table.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000 and (out / "pass_at_k.png").stat().st_size > 1000
 
 
@@ -87,7 +96,7 @@ def test_cli_rejects_unknown_preset_and_method(tmp_path, capsys):
 def test_every_preset_is_well_formed():
     from apo_toy.methods import get_method
 
-    assert {"squeeze", "rsc", "tradeoff", "recovery", "ablation"} <= set(PRESETS)
+    assert {"squeeze", "rsc", "rsc_tabular", "tradeoff", "recovery", "ablation"} <= set(PRESETS)
     for p in PRESETS.values():
         p.spec.validate()
         p.cfg.validate()
@@ -102,7 +111,24 @@ def test_every_preset_runs_on_a_small_suite(name):
 
     p = PRESETS[name]
     cfg = dataclasses.replace(p.cfg, steps=1, init_steps=min(p.cfg.init_steps, 2))
-    spec = dataclasses.replace(p.spec, n_prompts=2, depth=min(p.spec.depth, 2))
+    small = {"n_train": 2, "n_heldout": 2} if isinstance(p.spec, CoupledSpec) else {"n_prompts": 2}
+    spec = dataclasses.replace(p.spec, depth=min(p.spec.depth, 2), **small)
     for mode in ("exact", "sampled"):
         t = run(spec, p.methods, dataclasses.replace(cfg, mode=mode), preset=name)
         assert len(t.where(step=1)) == len(p.methods)
+
+
+def test_cli_spec_overrides(tmp_path, capsys):
+    """--spec FIELD=VALUE changes the preset's suite (typed like the field); bad fields are named."""
+    out = tmp_path / "k"
+    args = ["--preset", "rsc", "--out", str(out), "--methods", "grpo", "--seeds", "1", "--steps", "1",
+            "--spec", "n_train=3", "n_heldout=2", "depth=2", "peaked_frac=0"]
+    assert main(args) == 0
+    spec = json.load(open(out / "summary.json"))["settings"]["spec"]
+    assert spec["n_train"] == 3 and spec["peaked_frac"] == 0.0 and spec["depth"] == 2
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "n_train=2.5"]) == 2
+    assert "n_train" in capsys.readouterr().err
+    assert main(["--preset", "rsc", "--out", str(out), "--spec", "vocab=1"]) == 2
+    assert "vocab" in capsys.readouterr().err

@@ -220,7 +220,9 @@ def test_apo_one_position_gradient_and_elastic_threshold(seed, b, beta):
     suite = one_node_suite(ref, [0], top_k=K)
     topk = suite.ref_topk[0, 0]
     y = int(torch.randint(b, (1,), generator=g))
-    method = get_method("apo", apo_beta=beta, apo_k=K, apo_clip="push_only")  # r = 1: no clip binds
+    # r = 1: no clip binds; the push_only pull cap (flat above r_anchor = 1 + eps_high) is lifted,
+    # since the closed form is that of the uncapped pull (docs/theory.md section 7)
+    method = get_method("apo", apo_beta=beta, apo_k=K, apo_clip="push_only", apo_pull_cap=float("inf"))
     suite.ref_logits = suite.ref_logits  # reference stays; policy is z
     cfg = method.loss_config()
     zz = z.reshape(1, 1, b).clone().requires_grad_(True)

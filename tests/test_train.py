@@ -214,3 +214,205 @@ def test_prompt_sampler_positions_are_resumable():
     b = train_mod.PromptSampler(5, seed=3, position=7)
     assert b.take(5) == seq[7:12]
     assert sorted(seq[:5]) == list(range(5)) and sorted(seq[5:10]) == list(range(5))  # each pass a permutation
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12: reliability (each of these fails on the trainer before the fix)
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lora_finite(char_dir, ckpt):
+    base, _ = load_model_and_tokenizer(str(char_dir))
+    model = wrap_lora(base, r=16, alpha=32)
+    load_checkpoint(ckpt, model, restore_rng=False)
+    return all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(char_dir, tmp_path, caplog):
+    """Item 2 through train(): a truncated newest optimizer.pt -> the previous checkpoint, same run."""
+    common = ["--train.steps", "4", "--eval.every", "0", "--checkpoint.keep_last", "3"]
+    train_mod.train(_cfg(char_dir, tmp_path, *common, "--checkpoint.every", "2", "--logging.run_name", "straight"))
+    train_mod.train(_cfg(char_dir, tmp_path, *common, "--checkpoint.every", "2", "--train.stop_at_step", "3",
+                         "--logging.run_name", "broken"))
+    run = tmp_path / "broken"
+    opt = run / "checkpoints" / "step-000003" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:64])
+    with caplog.at_level("WARNING"):
+        s = train_mod.train(_cfg(char_dir, tmp_path, *common, "--checkpoint.every", "2", "--resume", "auto",
+                                 "--logging.run_name", "broken"))
+    assert s["finished"] and "skipped checkpoint step-000003" in caplog.text and "optimizer.pt" in caplog.text
+    assert _metrics(tmp_path / "straight") == _metrics(run)  # resumed from step 2, bit for bit
+
+
+def test_nonfinite_weight_after_an_optimizer_step_rolls_the_step_back(char_dir, tmp_path, monkeypatch):
+    """Item 3: a NaN written into a LoRA weight by an optimizer step is rolled back, never checkpointed."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 2nd of the 4 optimizer steps of RL step 2
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    real_update, seen = train_mod.update, []
+
+    def spy(cfg, model, *a, **k):
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        out = real_update(cfg, model, *a, **k)
+        seen.append((before, [p.detach().clone() for p in model.parameters() if p.requires_grad]))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    monkeypatch.setattr(train_mod, "update", spy)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--checkpoint.every", "1",
+               "--checkpoint.keep_last", "5", "--logging.run_name", "roll")
+    s = train_mod.train(cfg)
+    rows = _rows(tmp_path / "roll")
+    assert s["finished"] and s["nonfinite_steps"] == 1
+    assert [r["optimizer_steps"] for r in rows] == [4, 0, 4]
+    assert [r["nonfinite/weights_rolled_back"] for r in rows] == [0, 1, 0]
+    before, after = seen[1]  # step 2 ends exactly where it started
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    ckpts = sorted(p.name for p in (tmp_path / "roll" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000001", "step-000003"]
+    assert all(_lora_finite(char_dir, tmp_path / "roll" / "checkpoints" / c) for c in ckpts)
+
+
+def test_nonfinite_weights_are_never_checkpointed(char_dir, tmp_path, monkeypatch):
+    """Item 3: weights corrupted outside an optimizer step stop the run before the checkpoint."""
+    real_metrics, calls = train_mod.step_metrics, {"n": 0}
+
+    def poison_at_step_2(cfg, comp, rewards, passes, upd, optimizer):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the update of step 2, before its checkpoint
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return real_metrics(cfg, comp, rewards, passes, upd, optimizer)
+
+    monkeypatch.setattr(train_mod, "step_metrics", poison_at_step_2)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--checkpoint.every", "1",
+               "--logging.run_name", "corrupt")
+    with pytest.raises(train_mod.NonFiniteError, match="Last good checkpoint: .*step-000001"):
+        train_mod.train(cfg)
+    latest = latest_checkpoint(tmp_path / "corrupt")
+    assert latest.name == "step-000001" and _lora_finite(char_dir, latest)
+
+
+def test_nan_rewards_are_counted_and_treated_as_zero(char_dir, tmp_path, monkeypatch, caplog):
+    def score(name, completions, golds, **kw):
+        return [float("nan") if i % 3 == 0 else float(zlib.crc32(c.encode()) % 2) for i, c in enumerate(completions)]
+
+    monkeypatch.setattr(apo_llm.rewards, "score_completions", score)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "2", "--eval.every", "0", "--logging.run_name", "nanr")
+    with caplog.at_level("WARNING", logger="apo_llm.train"):
+        s = train_mod.train(cfg)
+    rows = _rows(tmp_path / "nanr")
+    assert s["finished"] and [r["nonfinite/rewards"] for r in rows] == [3, 3]  # rows 0, 3, 6 of 8
+    assert all(math.isfinite(r["reward"]) for r in rows) and "were NaN/inf; counted as 0" in caplog.text
+
+
+def test_nonfinite_logprob_skips_the_update(char_dir, tmp_path, monkeypatch):
+    """The non-finite log-prob branch of update(), through train()."""
+    real_stats, real_update, step = train_mod.completion_token_stats, train_mod.update, {"n": 0}
+
+    def counting_update(*a, **k):
+        step["n"] += 1
+        return real_update(*a, **k)
+
+    def stats(*a, **k):
+        st = real_stats(*a, **k)
+        if step["n"] == 2 and torch.is_grad_enabled():
+            st.logp = st.logp - float("inf")
+        return st
+
+    monkeypatch.setattr(train_mod, "update", counting_update)
+    monkeypatch.setattr(train_mod, "completion_token_stats", stats)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--logging.run_name", "lp")
+    assert train_mod.train(cfg)["nonfinite_steps"] == 1
+    assert [r["optimizer_steps"] for r in _rows(tmp_path / "lp")] == [4, 0, 4]
+
+
+def test_resume_applies_loop_settings_and_refuses_others(char_dir, tmp_path, caplog):
+    """Item 6: a changed setting on resume is applied and logged, or refused; never recorded and ignored."""
+    from apo_llm.cli import UserError
+
+    first = _cfg(char_dir, tmp_path, "--train.steps", "2", "--eval.every", "0", "--logging.run_name", "re")
+    train_mod.train(first)
+    with pytest.raises(UserError, match="train.lr"):
+        train_mod.train(_cfg(char_dir, tmp_path, "--train.steps", "2", "--eval.every", "0", "--resume", "auto",
+                             "--logging.run_name", "re", "--train.lr", "1e-4"))
+    assert load_config(["--config", str(tmp_path / "re" / "config.yaml")]).train.lr == 5e-2  # not rewritten
+    with caplog.at_level("INFO", logger="apo_llm.train"):
+        s = train_mod.train(_cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--resume", "auto",
+                                 "--logging.run_name", "re"))
+    assert s["steps"] == 3 and "applying changed setting train.steps: 2 -> 3" in caplog.text
+    assert [r["step"] for r in _rows(tmp_path / "re")] == [1, 2, 3]
+
+
+def test_jsonl_without_eval_path_holds_out_a_slice(tmp_path, caplog):
+    """Item 6: the evaluation set is a held-out slice of the file, not the training file itself."""
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"question": f"q{i}", "gold": str(i)}) + "\n" for i in range(12)))
+    cfg = load_config(["--data.source", "jsonl", "--data.path", str(f), "--data.reward", "gsm8k_strict",
+                       "--eval.num_problems", "2"])
+    with caplog.at_level("WARNING", logger="apo_llm.train"):
+        train, evals, reward = train_mod.load_data(cfg)
+    assert reward == "gsm8k_strict" and len(evals) == 2 and len(train) == 10
+    assert not {p.id for p in train} & {p.id for p in evals}
+    assert "held-out slice of 2 of the 12 problems" in caplog.text
+    train, evals, _ = train_mod.load_data(load_config(["--data.source", "jsonl", "--data.path", str(f),
+                                                        "--data.reward", "gsm8k_strict", "--eval.every", "0"]))
+    assert len(train) == 12 and evals == []
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(char_dir, tmp_path, capsys, caplog):
+    """Item 8: no progress bar redraws in redirected output; one plain line per step instead."""
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "2", "--eval.every", "0", "--logging.run_name", "p",
+               "--logging.progress", "true")
+    with caplog.at_level("INFO", logger="apo_llm.train"):
+        train_mod.train(cfg)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "apo_llm.train:" not in err
+    assert caplog.text.count("| reward ") == 2
+
+
+def test_first_run_builds_the_tiny_model_and_equals_the_second(tmp_path, monkeypatch):
+    """Item 7: the seed is applied after the tiny model is built on first use, so run 1 == run 2."""
+    import dataclasses
+
+    import apo_llm.tiny as tiny
+
+    spec = dataclasses.replace(tiny.QUICK, name="tiny-firstrun", hidden=32, intermediate=64, max_steps=10,
+                               min_steps=10, eval_every=10, eval_problems=2, eval_samples=1, final_problems=2,
+                               final_samples=1, n_train=64, max_new_tokens=16)
+    monkeypatch.setattr(tiny, "QUICK", spec)
+    monkeypatch.setattr(tiny, "DEFAULT_CACHE", tmp_path / "cache")
+    args = ["--model.name_or_path", "tiny", "--model.tiny_quick", "true", "--train.steps", "2", "--eval.every", "0",
+            "--rollout.max_new_tokens", "8", "--lora.dropout", "0.1"]
+    assert not (tmp_path / "cache").exists()
+    train_mod.train(_cfg(None, tmp_path, *args, "--logging.run_name", "first"))
+    assert list((tmp_path / "cache").glob("tiny-firstrun-*/build_info.json"))  # built inside the first run
+    train_mod.train(_cfg(None, tmp_path, *args, "--logging.run_name", "second"))
+    a, b = _metrics(tmp_path / "first"), _metrics(tmp_path / "second")
+    assert len(a) == 2 and a == b
+
+
+def test_passk_advantage_is_wired_with_its_k(char_dir, tmp_path, monkeypatch):
+    """train.passk_k reaches objectives.group_advantages (k is required by validation)."""
+    seen = []
+    real = train_mod.group_advantages
+
+    def spy(rewards, G, estimator, **kw):
+        seen.append((estimator, kw.get("k")))
+        return real(rewards, G, estimator, **kw)
+
+    monkeypatch.setattr(train_mod, "group_advantages", spy)
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--eval.every", "0", "--logging.run_name", "pk",
+               "--train.advantage", "passk", "--train.passk_k", "2")
+    assert train_mod.train(cfg)["finished"] and seen == [("passk", 2)]
