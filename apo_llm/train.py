@@ -46,7 +46,8 @@ from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
-    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32, wrap_lora,
+    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32,
+    wrap_lora,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.rollout import Completions, generate_completions
