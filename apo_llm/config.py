@@ -46,6 +46,8 @@ class ModelSection:
     attn_implementation: Optional[str] = _f(None, "e.g. sdpa | flash_attention_2; None = transformers default")
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template when it has one")
     tiny_quick: bool = _f(False, "with name_or_path='tiny': the smaller, faster build used by tests")
+    lm_head_fp32: Optional[bool] = _f(
+        None, "output projection in float32 under bf16/fp16; None = on for APO (r_anchor divides by a small Z_ref)")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class RolloutSection:
     top_p: float = _f(1.0, "nucleus sampling (1.0 keeps log-probs equal to the sampling distribution)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     batch_size: int = _f(64, "rows per generate call")
+    engine: str = _f("hf", "hf (transformers generate) | vllm (train.engine trl only; vLLM colocated, GPU)")
+    stop_token_ids: list[int] = _f([], "extra token ids that end a completion (the chat template's end-of-turn "
+                                       "token is added automatically when model.chat_template is on)")
 
 
 @dataclass
@@ -105,6 +110,8 @@ class TrainSection:
     max_consecutive_nonfinite: int = _f(3, "stop with an error after this many non-finite steps in a row")
     stop_at_step: Optional[int] = _f(None, "exit cleanly after this step (preemption / tests); resume later")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    engine: str = _f("native", "native (this package's loop, one process) | trl (inside TRL's GRPOTrainer: "
+                               "several processes, DeepSpeed/FSDP, vLLM); see docs/trainer_engines.md")
 
 
 @dataclass
@@ -127,6 +134,7 @@ class LoggingSection:
     progress: bool = _f(True, "progress bar on a terminal (plain log lines otherwise) and one line per step")
     overwrite: bool = _f(False, "start afresh in a run directory that already holds a run, moving the old "
                                 "run aside to <run_name>.old-<time> (never mixed)")
+    report_to: list[str] = _f([], "extra trackers: wandb and/or trackio (optional installs; train.engine trl)")
 
 
 @dataclass
@@ -336,6 +344,14 @@ def validate(cfg: RunConfig) -> None:
          "suffix and which rows fit")
     need(d.eval_source not in ("jsonl", "parquet") or bool(d.eval_path), "data.eval_path",
          f"required for eval_source {d.eval_source!r}")
+    need(t.engine in ("native", "trl"), "train.engine", "choose native or trl")
+    need(r.engine in ("hf", "vllm"), "rollout.engine", "choose hf or vllm")
+    need(r.engine == "hf" or t.engine == "trl", "rollout.engine", "vllm needs train.engine: trl")
+    need(all(isinstance(i, int) and i >= 0 for i in r.stop_token_ids), "rollout.stop_token_ids",
+         "must be a list of token ids >= 0")
+    need(all(x in ("wandb", "trackio") for x in cfg.logging.report_to), "logging.report_to",
+         "choose from wandb, trackio (TensorBoard: logging.tensorboard)")
+    need(not cfg.logging.report_to or t.engine == "trl", "logging.report_to", "needs train.engine: trl")
     if d.reward is not None:
         from apo_llm.rewards import REWARD_FNS
 

@@ -137,7 +137,7 @@ def completion_token_stats(
         feats = hidden[:, n_prompt - 1: L - 1].reshape(B * T, -1)  # [B*T, H] states that predict y_t
 
         def to_logits(x: Tensor) -> Tensor:
-            return _upcast(head(x)) / temperature
+            return _upcast(head(x.to(head.weight.dtype))) / temperature  # float32 head: model.lm_head_fp32
     else:  # no separable head: the model's full logits (kept in its own dtype), chunked afterwards
         logits_full = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                             use_cache=False).logits
@@ -146,6 +146,20 @@ def completion_token_stats(
         def to_logits(x: Tensor) -> Tensor:
             return _upcast(x) / temperature
 
+    return chunked_token_stats(feats, to_logits, targets, topk=topk, gather_ids=gather_ids,
+                               want_entropy=want_entropy, chunk_size=chunk_size)
+
+
+def chunked_token_stats(feats: Tensor, to_logits, targets: Tensor, *, topk: int = 0,
+                        gather_ids: Optional[Tensor] = None, want_entropy: bool = False,
+                        chunk_size: int = 1024) -> TokenStats:
+    """TokenStats from per-position features: the chunk loop shared by every forward path.
+
+    feats [B*T, H] (hidden states that predict targets [B, T], row-major); `to_logits` maps a chunk
+    [n, H] to float logits [n, V] already divided by the temperature. The TRL engine calls this
+    with hidden states captured from the wrapped model's forward (apo_llm/trl_engine.py).
+    """
+    B, T = targets.shape
     flat_t = targets.reshape(B * T)
     flat_g = gather_ids.reshape(B * T, -1) if gather_ids is not None else None
 
@@ -186,9 +200,16 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 def load_model_and_tokenizer(
     model_name_or_path: str, *, dtype: str = "float32", device: Optional[str] = None,
     trust_remote_code: bool = False, gradient_checkpointing: bool = False,
-    attn_implementation: Optional[str] = None,
+    attn_implementation: Optional[str] = None, lm_head_fp32: bool = False,
+    stop_token_ids: Sequence[int] = (), stop_on_template_eot: bool = False,
 ):
-    """(model, tokenizer) from a hub id or local directory; pad token set (eos when missing)."""
+    """(model, tokenizer) from a hub id or local directory; pad token set (eos when missing).
+
+    lm_head_fp32: keep the output projection in float32 (see `cast_lm_head_fp32`).
+    stop_token_ids / stop_on_template_eot: extra ids that end a completion, added to the model's
+    generation_config.eos_token_id (which both engines read): e.g. Qwen2.5-Math-7B lists only
+    <|endoftext|> there, so without <|im_end|> a chat-formatted answer never stops.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(model_name_or_path).expanduser()
@@ -202,11 +223,67 @@ def load_model_and_tokenizer(
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if device is not None:
         model.to(device)
+    extra_stops = list(stop_token_ids) + (template_stop_ids(tokenizer) if stop_on_template_eot else [])
+    if extra_stops:
+        add_stop_ids(model, extra_stops)
+    if lm_head_fp32:
+        cast_lm_head_fp32(model)
     if gradient_checkpointing:
         # non-reentrant checkpointing works with a frozen base and LoRA inputs without input grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
+
+
+def template_stop_ids(tokenizer) -> list[int]:
+    """Ids of end-of-turn special tokens that the chat template emits (<|im_end|>, <|eot_id|>, ...)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return []
+    names = set(getattr(tokenizer, "all_special_tokens", [])) | set(getattr(tokenizer, "get_added_vocab", dict)())
+    out = []
+    for name in sorted(names):
+        low = name.lower()
+        if name in template and ("end" in low or "eot" in low) and "endoftext" not in low:
+            out.append(int(tokenizer.convert_tokens_to_ids(name)))
+    return out
+
+
+def add_stop_ids(model, ids: Sequence[int]) -> None:
+    """Add ids to generation_config.eos_token_id (kept as a list)."""
+    gc = model.generation_config
+    cur = gc.eos_token_id
+    cur = [] if cur is None else [cur] if isinstance(cur, int) else list(cur)
+    gc.eos_token_id = cur + [int(i) for i in ids if int(i) not in cur]
+
+
+def want_lm_head_fp32(cfg) -> bool:
+    """model.lm_head_fp32, where None means: on for losses with anchors (APO) under bf16/fp16.
+
+    r_anchor divides by Z_ref, the reference mass of the safe manifold, which can be tiny: bf16
+    rounding noise in the logits is amplified by 1/Z_ref (docs/method.md).
+    """
+    setting = cfg.model.lm_head_fp32
+    if setting is None:
+        return cfg.loss.needs_anchors and cfg.model.dtype != "float32"
+    return bool(setting)
+
+
+def cast_lm_head_fp32(model) -> None:
+    """Output projection in float32: its weight is cast, and its input is cast on the way in.
+
+    With tied embeddings the input embedding shares the weight, so its output is cast back to
+    the model's dtype to keep the backbone in bf16/fp16.
+    """
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype
+    if dtype == torch.float32:
+        return
+    head.float()
+    head.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype), *args[1:]))
+    emb = model.get_input_embeddings()
+    if emb.weight is head.weight:
+        emb.register_forward_hook(lambda mod, args, out: out.to(dtype))
 
 
 def wrap_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,

@@ -46,7 +46,8 @@ from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
-    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, wrap_lora,
+    completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32,
+    wrap_lora,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.rollout import Completions, generate_completions
@@ -265,7 +266,7 @@ def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) ->
     was_training = model.training
     model.eval()
     mb = cfg.train.micro_batch_size
-    for sl in _micro_slices(N, mb):
+    for sl in _micro_slices(N, mb) if not single_pass(cfg, N) else []:  # else update() fills them
         ids, am, t = _trim(comp, sl)
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, want_entropy=True,
@@ -292,6 +293,12 @@ def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) ->
     return out, t_old, time.perf_counter() - t0
 
 
+def single_pass(cfg: RunConfig, rows: int) -> bool:
+    """One epoch, one minibatch: the update's forward *is* pi_old (the ratio is 1 at its only step), so
+    the behaviour pass is skipped and update() records log pi_old and the entropy from that forward."""
+    return cfg.train.ppo_epochs == 1 and cfg.train.mini_batch_size >= rows
+
+
 def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor, passes: dict,
                         device, mb_rows: torch.Tensor, sums: dict) -> tuple[bool, float, float]:
     """Accumulate the gradient of one minibatch over its micro-batches.
@@ -301,6 +308,7 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
     """
     lc, tc = cfg.loss, cfg.train
     mask = comp.completion_mask
+    fill_old = single_pass(cfg, mask.shape[0])
     mb_tokens = float(mask[mb_rows].sum())
     mb_loss, weight = 0.0, 0.0
     for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
@@ -309,7 +317,10 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
         gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, gather_ids=gather,
-                                    want_entropy=lc.needs_entropy, chunk_size=tc.chunk_size)
+                                    want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
+        if fill_old:  # the behaviour pass was skipped: this forward is pi_old
+            passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
+            passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
         m = mask[rows, :t].to(device)
         if not torch.isfinite(st.logp[m.bool()]).all():
             return False, mb_loss, weight
@@ -495,6 +506,7 @@ def train(cfg: RunConfig) -> dict:
 
     from apo_llm.rewards import score_completions
 
+    refuse_several_processes(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
@@ -515,7 +527,8 @@ def train(cfg: RunConfig) -> dict:
         base, tokenizer = load_model_and_tokenizer(
             model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
-            attn_implementation=cfg.model.attn_implementation)
+            attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
+            stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
     except OSError as e:  # not found on the hub / in its cache, or an unreadable folder: transformers says which
         raise UserError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0][:300]})") from None
     start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
@@ -706,15 +719,29 @@ def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passe
     return m
 
 
+def refuse_several_processes(cfg: RunConfig) -> None:
+    """The native loop is single-process (no gradient sync, data sharding or rank-0-only writes)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.engine == "native" and n > 1:
+        raise ValueError(f"train.engine=native runs in one process, got WORLD_SIZE={n}; "
+                         f"use --train.engine trl for several processes (docs/trainer_engines.md)")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        refuse_several_processes(cfg)
     except ValueError as e:
         fail(f"config error: {e}")
     try:
-        summary = train(cfg)
+        if cfg.train.engine == "trl":
+            from apo_llm.trl_engine import train_trl
+
+            summary = train_trl(cfg)
+        else:
+            summary = train(cfg)
     except UserError as e:  # exit code 2, one line naming the file or field
         fail(str(e))
     except NonFiniteError as e:

@@ -41,6 +41,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _torch_default_dtype(request):
+    """Each test runs under its module's `torch_default_dtype` (float32 unless the module says).
+
+    A module-level `torch.set_default_dtype` would leak into every test collected after it in the
+    same process (all of them, under xdist), so that float32 trainer code silently ran in float64.
+    """
+    import torch
+
+    torch.set_default_dtype(getattr(request.module, "torch_default_dtype", torch.float32))
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 def _shared_cache(tmp_path_factory) -> Path:
     """A folder shared by all xdist workers of this run (and only this run)."""
     base = tmp_path_factory.getbasetemp()

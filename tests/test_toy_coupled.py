@@ -25,7 +25,7 @@ from apo_toy.presets import train_method
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
 from tests.test_toy_dynamics import CASES, case_method
 
-torch.set_default_dtype(torch.float64)
+torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 TINY = CoupledSpec(n_train=2, n_heldout=2, branching=3, depth=2, top_k=2, vocab=5, rank=2, n_correct=3,
                    peaked_frac=0.5, seed=3)

@@ -20,7 +20,7 @@ from apo_llm.objectives import group_advantages
 from apo_toy import METHODS, Suite, SuiteSpec, build_suite, get_method
 from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_rollouts, sampled_loss, sampled_update
 
-torch.set_default_dtype(torch.float64)
+torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
 # Clip-Cov / KL-Cov select tokens by a batch statistic: sampled mode only (exact mode refuses them)

@@ -19,7 +19,7 @@ from apo_toy import Suite, get_method
 from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sampled_loss
 from apo_toy.tree import path_to_leaf
 
-torch.set_default_dtype(torch.float64)
+torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 SETTINGS = dict(max_examples=25, deadline=None)
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from apo_toy import BRANCH_NAMES, Suite, SuiteSpec, base_measures, build_suite, get_method, measure
 from apo_toy.tree import num_internal, path_to_leaf, reach_and_leaf_logp, success_q
 
-torch.set_default_dtype(torch.float64)
+torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 
 def test_suite_is_seeded_and_reproducible():

@@ -1,0 +1,431 @@
+"""`train.engine: trl`: the same YAML config and loss code, run inside TRL's GRPOTrainer.
+
+TRL supplies what the native trainer does not: several processes (DDP, DeepSpeed ZeRO-2/3, FSDP
+through `accelerate launch` or `torchrun`), vLLM generation and multi-node runs. This module adds
+to it only what APO needs (docs/trainer_engines.md has the field-by-field mapping):
+
+    TRL generates and scores            -> our reward function on our data loader's problems
+    advantages                          -> objectives.group_advantages (train.advantage), recomputed
+                                           from TRL's gathered rewards so groups spanning ranks stay whole
+    one no-grad reference pass          -> log pi_ref(y_t) and, for APO, the safe manifold
+                                           M_t = TopK(pi_ref) ids + log-probs [B, T, K], chunked
+    loss                                -> objectives.policy_loss for every loss.name (TRL's beta = 0:
+                                           any KL lives in LossConfig), with TRL's token normaliser
+                                           as global_tokens
+
+The training forward goes through the wrapped model (DDP / DeepSpeed / FSDP) so that gradients
+sync: a forward hook keeps the backbone's last hidden state and our chunked head turns it into
+log-probs, so no [B, L, V] float32 logits tensor exists (apo_llm/modeling.py, chunked_token_stats).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from apo_llm.config import RolloutSection, RunConfig, TrainSection
+from apo_llm.modeling import (
+    chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
+)
+from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+
+log = logging.getLogger("apo_llm.trl_engine")
+
+# Fields with no TRL equivalent: refused when set to anything but this default (why, in the error).
+UNMAPPED = {
+    "rollout.batch_size": (RolloutSection().batch_size,
+                           "TRL generates each process's generation batch in one call"),
+    "train.stop_at_step": (TrainSection().stop_at_step, "TRL has no clean early exit; lower train.steps"),
+    "train.max_consecutive_nonfinite": (TrainSection().max_consecutive_nonfinite,
+                                        "TRL does not skip non-finite steps"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Config mapping: our sections -> trl.GRPOConfig
+# --------------------------------------------------------------------------------------------
+
+
+def _need(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: {why} (train.engine: trl; see docs/trainer_engines.md)")
+
+
+def check_trl_config(cfg: RunConfig, world_size: int) -> None:
+    """Refuse, naming the field, what the TRL engine cannot run as configured."""
+    t, r = cfg.train, cfg.rollout
+    rows = t.prompts_per_step * r.num_generations
+    _need(t.mini_batch_size == rows, "train.mini_batch_size", t.mini_batch_size,
+          f"must equal prompts_per_step * num_generations = {rows}: one optimizer step per pass over the "
+          f"rollouts, the only layout where TRL's token normaliser is the real token count")
+    _need(rows % (world_size * t.micro_batch_size) == 0, "train.micro_batch_size", t.micro_batch_size,
+          f"processes ({world_size}) x micro_batch_size must divide the rollout rows {rows}")
+    _need(cfg.eval.every == 0, "eval.every", cfg.eval.every,
+          "no periodic pass@k inside TRL; set 0 and run python -m apo_llm.evaluate on the saved adapter")
+    _need(cfg.model.device in (None, "cpu", "cuda"), "model.device", cfg.model.device,
+          "choose cpu, cuda or None (pick GPUs with CUDA_VISIBLE_DEVICES / the accelerate config)")
+    _need(cfg.loss.kl_estimator != "full", "loss.kl_estimator", cfg.loss.kl_estimator, "use k1, k2 or k3")
+    for key, (default, why) in UNMAPPED.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _need(value == default, key, value, f"no TRL equivalent ({why}); leave it at {default!r}")
+
+
+def grpo_config(cfg: RunConfig, world_size: int = 1):
+    """trl.GRPOConfig for `cfg` run on `world_size` processes (table in docs/trainer_engines.md)."""
+    from trl import GRPOConfig
+
+    check_trl_config(cfg, world_size)
+    m, t, r, lc, lg, ck = cfg.model, cfg.train, cfg.rollout, cfg.loss, cfg.logging, cfg.checkpoint
+    steps_per_gen = t.prompts_per_step * r.num_generations // (world_size * t.micro_batch_size)
+    report = (["tensorboard"] if lg.tensorboard else []) + list(lg.report_to)
+    kw: dict[str, Any] = dict(
+        output_dir=str(cfg.run_dir), seed=t.seed, data_seed=cfg.data.seed,
+        use_cpu=(m.device == "cpu"), bf16=(m.dtype == "bfloat16"), fp16=(m.dtype == "float16"),
+        gradient_checkpointing=m.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if m.gradient_checkpointing else None,
+        per_device_train_batch_size=t.micro_batch_size,
+        # equal, so each optimizer step covers exactly one generation batch (see check_trl_config)
+        gradient_accumulation_steps=steps_per_gen, steps_per_generation=steps_per_gen,
+        num_iterations=t.ppo_epochs, max_steps=t.steps * t.ppo_epochs,
+        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1],
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 1e30,
+        num_generations=r.num_generations, max_completion_length=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, repetition_penalty=1.0,
+        # KL, clipping and aggregation live in LossConfig; TRL's own loss never runs
+        beta=0.0, loss_type="dapo", epsilon=lc.eps_low, epsilon_high=lc.eps_high,
+        mask_truncated_completions=False, disable_dropout=False, remove_unused_columns=False,
+        cast_lm_head_to_fp32=False,  # our head does the float32 cast itself (model.lm_head_fp32)
+        logging_steps=1, report_to=report or "none", disable_tqdm=not lg.progress, log_completions=False,
+        save_strategy="steps" if ck.every else "no", save_steps=ck.every * t.ppo_epochs or 500,
+        save_total_limit=ck.keep_last,
+    )
+    if r.engine == "vllm":
+        # colocate: vLLM shares the training GPUs; the sequence-level correction gives one weight per
+        # completion, which policy_loss takes as `weights` (a token-level one it could not)
+        kw.update(use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=True,
+                  vllm_importance_sampling_mode="sequence_mask")
+    return GRPOConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards and data
+# --------------------------------------------------------------------------------------------
+
+
+def make_reward_func(name: str):
+    """A TRL reward function scoring with apo_llm.rewards; the dataset's `gold` column arrives as a kwarg."""
+    from apo_llm.rewards import score_completions
+
+    def reward(completions, gold, **_):
+        return score_completions(name, list(completions), list(gold))
+
+    reward.__name__ = name  # TRL logs rewards/<name>/mean
+    return reward
+
+
+def build_dataset(cfg: RunConfig, tokenizer, problems):
+    """datasets.Dataset(prompt = chat-formatted text, gold): TRL applies no template to plain strings."""
+    from datasets import Dataset
+
+    from apo_llm.train import format_prompts
+
+    return Dataset.from_dict({"prompt": format_prompts(cfg, tokenizer, [p.prompt for p in problems]),
+                              "gold": [p.gold for p in problems]})
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+from trl import GRPOTrainer  # noqa: E402  (heavy; this module is only imported for engine: trl)
+from transformers import TrainerCallback  # noqa: E402
+
+
+def _full(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An FSDP2 DTensor parameter as a plain tensor (the hidden states are plain tensors)."""
+    return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
+
+
+class APOGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages, reference pass and loss are the project's (objectives.py)."""
+
+    def __init__(self, run_cfg: RunConfig, *args, **kwargs):
+        self.run_cfg = run_cfg
+        self.loss_cfg = run_cfg.loss
+        self._gathered_rewards: Optional[torch.Tensor] = None
+        super().__init__(*args, **kwargs)
+
+    # ---- generation batch: our advantages + the reference pass -------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # [N_global]: the same weighted sum TRL logs as `reward`; kept for group_advantages
+        self._gathered_rewards = (per_func * self.reward_weights.to(per_func.device)[None]).nansum(1)
+        return per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        tc = self.run_cfg.train
+        G = self.num_generations
+        adv = group_advantages(self._gathered_rewards.float().cpu(), G, tc.advantage, std=tc.adv_std)  # [N_global]
+        n = out["prompt_ids"].shape[0]
+        rank = self.accelerator.process_index
+        out["advantages"] = adv[rank * n:(rank + 1) * n].to(out["prompt_ids"].device)  # this rank's rows
+        t0 = time.perf_counter()
+        out.update(self._reference_pass(out))
+        self._metrics["train"]["timing/reference"].append(time.perf_counter() - t0)
+        return out
+
+    @torch.no_grad()
+    def _reference_pass(self, batch: dict) -> dict:
+        """ref_logp [B, T] and, when the loss needs anchors, anchor ids / log-probs [B, T, K] and y_t in M_t."""
+        lc = self.loss_cfg
+        if not lc.needs_reference:
+            return {}
+        B, T = batch["completion_ids"].shape
+        dev = batch["completion_ids"].device
+        out = {"ref_logp": torch.zeros(B, T, device=dev)}
+        if lc.needs_anchors:
+            out["anchor_ids"] = torch.zeros(B, T, lc.apo_k, dtype=torch.long, device=dev)
+            out["anchor_ref_logp"] = torch.full((B, T, lc.apo_k), -math.inf, device=dev)
+        mb = self.args.per_device_train_batch_size
+        # self.model, not the DDP wrapper: no gradient to sync here, and no collective that every rank
+        # would have to match; ZeRO-3 / FSDP2 hooks sit on the module itself and still gather weights
+        policy = self.accelerator.unwrap_model(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        with reference_context(policy):
+            for s in range(0, B, mb):
+                rows = slice(s, min(s + mb, B))
+                st, t = self._token_stats(self.model, batch, rows, topk=lc.apo_k if lc.needs_anchors else 0)
+                out["ref_logp"][rows, :t] = st.logp.float()
+                if lc.needs_anchors:  # only K ids + log-probs per position are kept
+                    out["anchor_ids"][rows, :t] = st.topk_ids
+                    out["anchor_ref_logp"][rows, :t] = st.topk_logp.float()
+        self.model.train(was_training)
+        if lc.needs_anchors:
+            out["anchor_is_sampled"] = out["anchor_ids"] == batch["completion_ids"][..., None]  # y_t in M_t
+        return out
+
+    # ---- forward through the wrapped model -------------------------------------------------
+
+    def _token_stats(self, model, batch: dict, rows, *, topk: int = 0, gather_ids=None, want_entropy=False):
+        """(TokenStats, T') of `rows`, completion columns trimmed to the longest completion T'."""
+        cmask = batch["completion_mask"][rows]
+        t = max(int(cmask.sum(-1).max().item()), 1)
+        n_prompt = batch["prompt_ids"].shape[1]
+        ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows, :t]], dim=1)  # [b, P + t]
+        am = torch.cat([batch["prompt_mask"][rows], cmask[:, :t]], dim=1)
+        hidden = self._hidden_states(model, ids, am)  # [b, P + t, H]
+        feats = hidden[:, n_prompt - 1: n_prompt - 1 + t].reshape(-1, hidden.shape[-1])  # [b*t, H] predict y_t
+        g = gather_ids[:, :t] if gather_ids is not None else None
+        st = chunked_token_stats(feats, self._head_fn(model), ids[:, n_prompt:], topk=topk, gather_ids=g,
+                                 want_entropy=want_entropy, chunk_size=self.run_cfg.train.chunk_size)
+        return st, t
+
+    def _lm(self, model):
+        return unwrap_causal_lm(self.accelerator.unwrap_model(model))
+
+    def _hidden_states(self, model, ids, am) -> torch.Tensor:
+        """Backbone's last hidden state, from a forward of the *wrapped* model (so DDP/ZeRO/FSDP hooks run)."""
+        lm = self._lm(model)
+        backbone = getattr(lm, lm.base_model_prefix)
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, output):
+            kept["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        handle = backbone.register_forward_hook(keep)
+        try:
+            # logits_to_keep=1: the model's own head projects a single position; ours does the rest in chunks
+            model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=False,
+                  logits_to_keep=1)
+        finally:
+            handle.remove()
+        return kept["h"]
+
+    def _head_fn(self, model):
+        """Chunk [n, H] -> logits [n, V] / temperature, float32 (the head weight gathered under ZeRO-3/FSDP)."""
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        head = self._lm(model).get_output_embeddings()
+        temperature = self.run_cfg.rollout.temperature
+
+        def to_logits(x: torch.Tensor) -> torch.Tensor:
+            # entered on every call, also when a checkpointed chunk is recomputed in backward
+            with maybe_gather_lm_head_ctx(head.weight, head.bias):
+                w, b = _full(head.weight), _full(head.bias)
+                z = F.linear(x.to(w.dtype), w, b)
+            return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+
+        return to_logits
+
+    # ---- the loss ------------------------------------------------------------------------------
+
+    def _loss_normalisers(self, inputs: dict) -> tuple[float, float]:
+        """(global_tokens, global_seqs) such that DDP's gradient mean over processes gives the
+        whole-batch aggregate: TRL's "dapo" normaliser (tokens of the generation batch / processes,
+        times GA / steps_per_generation = 1 here) and the same for sequences."""
+        n_proc = self.accelerator.num_processes
+        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = ga / self.args.steps_per_generation
+        tokens = float(inputs["num_items_in_batch"]) / n_proc * scale
+        seqs = self.args.per_device_train_batch_size * self.args.steps_per_generation * scale
+        return max(tokens, 1.0), float(seqs)
+
+    def _compute_loss(self, model, inputs):
+        lc = self.loss_cfg
+        rows = slice(0, inputs["completion_ids"].shape[0])
+        gather = inputs["anchor_ids"] if lc.needs_anchors else None
+        st, t = self._token_stats(model, inputs, rows, gather_ids=gather, want_entropy=True)
+        mask = inputs["completion_mask"][:, :t]
+        old = inputs.get("old_per_token_logps")
+        # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
+        old = st.logp.detach() if old is None else old[:, :t]
+        kw: dict[str, Any] = {}
+        if lc.needs_ref_logp:
+            kw["ref_logp"] = inputs["ref_logp"][:, :t]
+        if lc.needs_anchors:
+            kw.update(anchor_logp=st.gathered_logp, anchor_ref_logp=inputs["anchor_ref_logp"][:, :t],
+                      anchor_is_sampled=inputs["anchor_is_sampled"][:, :t])
+        if lc.needs_entropy:
+            kw["entropy"] = st.entropy
+        if "importance_sampling_ratio" in inputs:  # vLLM sequence-level correction: one weight per completion
+            kw["weights"] = inputs["importance_sampling_ratio"].reshape(-1)
+        tokens, seqs = self._loss_normalisers(inputs)
+        loss, metrics = policy_loss(lc, st.logp, old, inputs["advantages"], mask, global_tokens=tokens,
+                                    global_seqs=seqs, **kw)
+        extra = {"entropy": st.entropy.detach()}
+        if "ref_logp" in inputs:  # KL(pi_old || pi_ref) on sampled tokens (k3): the native trainer's drift metric
+            extra["kl"] = kl_estimate("k3", old, inputs["ref_logp"][:, :t], None)
+        self._log_loss_metrics(metrics, extra, mask)
+        return loss
+
+    def _log_loss_metrics(self, metrics: dict, extra: dict, mask: torch.Tensor) -> None:
+        """Token-weighted means over all processes, in one all-reduce, under the native trainer's names."""
+        m = mask.bool()
+        w = float(m.sum())
+        names, values = [], []
+        for k in sorted(metrics):
+            if k in ("loss", "pg_loss", "num_tokens", "entropy"):  # entropy: from `extra`, always logged
+                continue
+            names.append("kl_loss_term" if k == "kl" else k)  # the loss's own KL term, as train.py names it
+            values.append(metrics[k] * w)
+        for k in sorted(extra):
+            names.append(k)
+            values.append(float(extra[k][m].double().sum()) if w else 0.0)
+        stats = torch.tensor(values + [w], dtype=torch.float64, device=self.accelerator.device)
+        totals = self.accelerator.reduce(stats, reduction="sum")
+        if totals[-1] > 0:
+            for k, v in zip(names, (totals[:-1] / totals[-1]).tolist()):
+                self._metrics["train"][k].append(v)
+
+
+class JsonlMetrics(TrainerCallback):
+    """metrics.jsonl in the run dir, one row per optimizer step, written by the main process only."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return  # the end-of-training summary (train_runtime, ...) goes to summary.json instead
+        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def set_vllm_stops(args, model) -> None:
+    """vLLM reads the stop ids from the checkpoint's generation_config.json, not from the model in
+    memory: pass the ids our loader added there (rollout.stop_token_ids, the template's end-of-turn)."""
+    if not args.use_vllm:
+        return
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    args.generation_kwargs = {**(args.generation_kwargs or {}), "stop_token_ids": ids}
+
+
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _resume_arg(cfg: RunConfig):
+    spec = cfg.checkpoint.resume
+    if spec is None:
+        return None
+    if spec == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(str(cfg.run_dir)) if cfg.run_dir.is_dir() else None
+    return spec
+
+
+def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
+    """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
+    from apo_llm.config import save_resolved
+    from apo_llm.modeling import load_model_and_tokenizer, want_lm_head_fp32, wrap_lora
+    from apo_llm.train import load_data, resolve_model_path, seed_everything
+
+    args = grpo_config(cfg, world_size())
+    seed_everything(cfg.train.seed)  # the same LoRA initialisation on every process
+    model_path = resolve_model_path(cfg)
+    base, tokenizer = load_model_and_tokenizer(
+        model_path, dtype=cfg.model.dtype, device=None, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
+        stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
+    lo = cfg.lora
+    targets = (lo.target_modules if lo.target_modules == "all-linear"
+               else [x.strip() for x in lo.target_modules.split(",")])
+    model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
+                      adapter_path=lo.adapter_path)
+    set_vllm_stops(args, base)
+    problems, _, reward_name = load_data(cfg)
+    dataset = build_dataset(cfg, tokenizer, problems)
+    if args.process_index == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name, "engine": "trl",
+                                         "world_size": world_size()})
+        if cfg.checkpoint.resume is None and (cfg.run_dir / "metrics.jsonl").exists():
+            (cfg.run_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    return APOGRPOTrainer(cfg, model=model, args=args, reward_funcs=[make_reward_func(reward_name)],
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[JsonlMetrics(cfg.run_dir)])
+
+
+def train_trl(cfg: RunConfig) -> dict:
+    """Run `cfg` with the TRL engine; returns the summary (also summary.json), written by the main process."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
+        cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens  # as train.py: Dr. GRPO's constant length
+    trainer = build_trainer(cfg)
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
+               "run_dir": str(cfg.run_dir), "world_size": world_size(), "train_metrics": result.metrics, "eval": []}
+    if trainer.is_world_process_zero():
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(cfg.run_dir / "adapter")
+        trainer.processing_class.save_pretrained(cfg.run_dir / "adapter")
+        if cfg.logging.plots:
+            from apo_llm.plots import plot_run
+
+            summary["plots"] = [str(p) for p in plot_run(cfg.run_dir)]
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    trainer.accelerator.wait_for_everyone()
+    return summary

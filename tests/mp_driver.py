@@ -1,0 +1,102 @@
+"""Helper of tests/test_multiprocess.py (not a test): runs `apo_llm.train.main` with the TRL engine and
+
+    MP_MODE=dump    (under torchrun) saves each rank's LoRA weights after every optimizer step and
+                    each rank's generation batch (tokens, masks, advantages, reference stats);
+    MP_MODE=replay  (one process) trains on the union of the dumped batches of all ranks instead of
+                    generating, saving its LoRA weights after every step.
+
+Both use plain SGD instead of AdamW, so that equal weights mean equal gradients.
+
+Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/mp_driver.py --config-args...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+import apo_llm.trl_engine as te
+from apo_llm import train as train_mod
+
+MODE, DIR = os.environ["MP_MODE"], Path(os.environ["MP_DIR"])
+PAD_VALUE = {"prompt_ids": 0, "prompt_mask": 0, "completion_ids": 0, "completion_mask": 0, "ref_logp": 0.0,
+             "anchor_ids": 0, "anchor_ref_logp": float("-inf"), "anchor_is_sampled": False}
+
+
+def lora_state(trainer) -> dict:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class SaveWeights(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _save(self, step: int) -> None:
+        rank = self.trainer.accelerator.process_index
+        torch.save(lora_state(self.trainer), DIR / f"{MODE}_w_r{rank}_s{step}.pt")
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._save(0)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._save(state.global_step)
+
+
+def merge(parts: list[dict]) -> dict:
+    """Concatenate ranks' batches: prompts left-padded, completions right-padded to common widths."""
+    out = {}
+    for key, pad in PAD_VALUE.items():
+        if key not in parts[0]:
+            continue
+        width = max(p[key].shape[1] for p in parts)
+        padded = []
+        for p in parts:
+            x = p[key]
+            extra = list(x.shape)
+            extra[1] = width - x.shape[1]
+            fill = torch.full(extra, pad, dtype=x.dtype)
+            padded.append(torch.cat([fill, x] if key.startswith("prompt") else [x, fill], dim=1))
+        out[key] = torch.cat(padded, 0)
+    out["advantages"] = torch.cat([p["advantages"] for p in parts], 0)
+    out["num_items_in_batch"] = parts[0]["num_items_in_batch"]  # already the count over all ranks
+    return out
+
+
+def patched_generate(original):
+    def run(self, inputs):
+        step = self.state.global_step
+        if MODE == "replay":
+            ranks = sorted(DIR.glob(f"dump_b_r*_s{step}.pt"))
+            return merge([torch.load(p) for p in ranks])
+        out = original(self, inputs)
+        rank = self.accelerator.process_index
+        cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+        torch.save(cpu, DIR / f"dump_b_r{rank}_s{step}.pt")
+        return out
+    return run
+
+
+def main() -> None:
+    build = te.build_trainer
+
+    def build_with_dump(cfg):
+        trainer = build(cfg)
+        trainer.add_callback(SaveWeights(trainer))
+        # plain SGD: weights then differ only by the gradients' rounding (Adam divides by sqrt(v) and
+        # blows rounding on near-zero gradients up to the learning rate)
+        trainer.args.optim = "sgd"
+        return trainer
+
+    te.build_trainer = build_with_dump
+    te.APOGRPOTrainer._generate_and_score_completions = patched_generate(
+        te.APOGRPOTrainer._generate_and_score_completions)
+    train_mod.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
