@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from apo_toy import METHODS, CoupledSpec, RunConfig, SuiteSpec, build_suite, get_method
-from apo_toy.presets import run  # not `from apo_toy import run`: importing apo_toy.run rebinds that name to the module
+from apo_toy.presets import run
 from apo_toy.dynamics import exact_batch, optional_inputs
 from apo_toy.frontier import frontier_rows, grpo_record, iso_gain
 from apo_toy.methods import report_label
 from apo_toy.presets import PRESETS, Table
-from apo_toy.run import main
 
 
 def _rows(method, seed, points):
@@ -99,6 +98,9 @@ def test_optional_inputs_builds_exactly_the_required_ones():
 
 def test_cli_frontier_quick_writes_table_and_figure(tmp_path):
     """The CI path: --quick (2 seeds, 20 steps, 8 + 8 prompts) on a subset of the sweep; < 60 s."""
+    # imported here, not at collection: importing the submodule apo_toy.run rebinds the package
+    # attribute `apo_toy.run` (the run() function) to the module for every later `from apo_toy import run`
+    from apo_toy.run import main
     os.environ["MPLBACKEND"] = "Agg"
     out = tmp_path / "frontier"
     arms = "grpo,grpo@lr_x0.5,apo@beta=0.1,apo_old_mass@beta=0.1,apo_old_token@beta=0.1,topk_kl_on_wrong@0.1,nsr"
