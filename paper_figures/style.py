@@ -31,9 +31,9 @@ METHOD_COLORS = {
     "entropy": OKABE_ITO["yellow"],
     "apo": OKABE_ITO["blue"],
     "apo_push_only": OKABE_ITO["green"],
-    "apo_old_mass": "#332288",  # the two other readings of r_anchor: Paul Tol's indigo and wine,
-    "apo_old_token": "#882255",  # distinct from the Okabe-Ito set above
-    "topk_kl_on_wrong": "#44AA99",
+    "apo_old_mass": OKABE_ITO["sky"],  # the other readings of r_anchor: APO's hues, told apart by line
+    "apo_old_token": OKABE_ITO["blue"],  # style too (LINESTYLES)
+    "topk_kl_on_wrong": OKABE_ITO["grey"],
     "apo_inclusive": OKABE_ITO["grey"],
     "npg": OKABE_ITO["grey"],
 }
@@ -57,7 +57,8 @@ METHOD_LABELS = {
     "npg": "natural PG (yardstick)",
 }
 
-LINESTYLES = {"npg": ":", "base": "--", "apo_inclusive": "--", "dr_grpo": "--", "grpo_kl_full": "-"}
+LINESTYLES = {"npg": ":", "base": "--", "apo_inclusive": "--", "dr_grpo": "--", "grpo_kl_full": "-",
+              "apo_old_mass": "--", "apo_old_token": (0, (1, 1)), "topk_kl_on_wrong": "-."}
 
 
 def family(method: str) -> str:
@@ -84,8 +85,8 @@ def label(method: str) -> str:
     return f"{base} {suffix}" if suffix and method != fam else base
 
 
-def linestyle(method: str) -> str:
-    return LINESTYLES.get(method, "-")
+def linestyle(method: str):
+    return LINESTYLES.get(method, LINESTYLES.get(family(method), "-"))
 
 
 def setup() -> None:
