@@ -52,7 +52,11 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
     (out / "table.md").write_text(markdown_table(summary))
     plot(table, out, preset)
     if preset == "frontier":
-        write_frontier(table, out, settings)
+        if "grpo" in table.unique("method"):
+            write_frontier(table, out, settings)
+        else:  # the gains are measured against GRPO's trajectory
+            print("note: frontier.md / frontier.png need the 'grpo' arm (the null trajectory); not written",
+                  file=sys.stderr)
 
 
 TABLE_KEYS = ("pass@1", "pass@256", "pass@1024", "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256")

@@ -114,3 +114,12 @@ def test_cli_frontier_quick_writes_table_and_figure(tmp_path):
     for f in ("frontier.png", "curves.png", "pass_at_k.png"):
         assert (out / f).stat().st_size > 10_000
     assert main(["--replot", str(out)]) == 0 and (out / "frontier.md").read_text() == md
+
+
+def test_cli_frontier_without_grpo_writes_no_gain_table(tmp_path, capsys):
+    from apo_toy.run import main
+
+    out = tmp_path / "f"
+    assert main(["--preset", "frontier", "--out", str(out), "--quick", "--steps", "2", "--methods", "apo@beta=0.1"]) == 0
+    assert not (out / "frontier.md").exists() and (out / "table.md").exists()
+    assert "grpo" in capsys.readouterr().err
