@@ -593,6 +593,7 @@ def policy_loss(
     global_tokens: Optional[float] = None,
     global_seqs: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss to minimise, and float diagnostics.
 
@@ -602,6 +603,8 @@ def policy_loss(
     apo_anchor_norm old_mass / old_token); weights [B]. `global_tokens` / `global_seqs` are the
     counts of the whole batch when this call sees one micro-batch of it. `generator` drives the
     random token choice of clip_cov. `required_inputs(cfg)` lists the optional tensors needed.
+    `diagnostics=False` returns only {"loss"} (same loss and gradient): the diagnostics cost about
+    as much as the loss on the simulator's large exact batches, and steps nobody logs need none.
     """
     cfg.validate()
     inputs = _check_inputs(cfg, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
@@ -629,6 +632,8 @@ def policy_loss(
     agg = dict(weights=inputs.get("weights"), global_tokens=global_tokens, global_seqs=global_seqs,
                loss_norm_len=cfg.loss_norm_len)
     loss = aggregate(loss_tok, mask_b, cfg.loss_agg, **agg)
+    if not diagnostics:
+        return loss, {"loss": float(loss.detach())}
     with torch.no_grad():
         metrics = _diagnostics(cfg, mask_b, adv, ratio, aux, inputs, kl_tok)
         metrics["pg_loss"] = aggregate(pg_tok, mask_b, cfg.loss_agg, **agg)

@@ -20,13 +20,15 @@ Python API (what the notebooks use)::
     table.where(method="apo").column("pass@1")
     table.summary()                           # final mean / std over seeds per method
     run_preset("rsc", seeds=5)                # a named experiment (PRESETS: squeeze, rsc (coupled),
-                                              # rsc_tabular, tradeoff, recovery, ablation)
+                                              # rsc_tabular, tradeoff, recovery, ablation, frontier (coupled))
     run(CoupledSpec(), ["grpo", "apo"], RunConfig(optimizer="adam", lr=0.05))   # held-out keys + train/...
     get_method("apo", apo_beta=0.3)           # a variant of a named method (METHODS)
 
 Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final logits),
 `exact_update` / `sampled_update` / `exact_loss` / `sampled_loss` (apo_toy.dynamics), `npg_update`
 (natural-PG yardstick, not a loss). CLI: `python -m apo_toy.run --preset rsc --out runs/rsc`.
+The frontier study (iso-pass@1 gain over GRPO's own trajectory): apo_toy/frontier.py, figures:
+apo_toy/plots.py.
 
 Importing apo_toy never imports transformers, peft or datasets.
 """

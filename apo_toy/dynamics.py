@@ -27,9 +27,12 @@ normaliser that makes this equal the sampled token-mean is N = P * D (each promp
 sum to 1 per depth): `global_tokens = P * D` (token-mean), `global_seqs = P * D`
 (seq-mean-token-mean; seq-mean-token-sum-norm with the default length), `global_seqs = P` with
 an explicit `loss_norm_len` L (the sampled loss divides by G * L per prompt).
-KL-on-Wrong puts its KL only on A < 0 tokens, and a wrong response in a group without any
-success has A = 0: for that scope the wrong class is split into A < 0 (probability
-q_0 = P(A != 0 | r = 0), advantage c_0 / q_0) and A = 0, which keeps the identity exact.
+KL-on-Wrong and Top-K KL on wrong put a term not proportional to A on A < 0 tokens only
+(`LossConfig.needs_sign_split`), and a wrong response in a group without any success has A = 0:
+for those the wrong class is split into A < 0 (probability q_0 = P(A != 0 | r = 0), advantage
+c_0 / q_0) and A = 0, which keeps the identity exact. Clip-Cov / KL-Cov select tokens by a
+batch statistic (`LossConfig.batch_coupled`): their expected loss is not a sum over edges, so exact
+mode refuses them (use sampled mode).
 
 What "exact" means with several epochs: each epoch is one full-batch step on the expected
 surrogate with theta_old fixed (so PPO clipping acts as in the sampled loss). That is the
@@ -46,7 +49,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from apo_llm.objectives import POLICY_TERMS, LossConfig, expected_group_advantage, group_advantages, policy_loss
+from apo_llm.objectives import LossConfig, expected_group_advantage, group_advantages, policy_loss, required_inputs
 
 from .tree import Suite, path_to_leaf, reach_and_leaf_logp, success_q
 
@@ -64,6 +67,25 @@ def node_kl_full(logpi: Tensor, ref_logpi: Tensor) -> Tensor:
 def node_entropy(logpi: Tensor) -> Tensor:
     """H(pi) = -sum_a pi log pi per node. [P, N, b] -> [P, N]."""
     return -(logpi.exp() * logpi).sum(-1)
+
+
+def optional_inputs(cfg: LossConfig, builders: dict[str, Callable[[], Tensor]]) -> dict[str, Tensor]:
+    """The optional policy_loss tensors `required_inputs(cfg)` names, each from its builder.
+
+    The one place both modes decide what to compute, so a new optional input of the loss module
+    cannot be silently left out by one of them (a missing builder is an error naming it).
+    """
+    need = sorted(required_inputs(cfg))
+    missing = [n for n in need if n not in builders]
+    if missing:
+        raise ValueError(f"{missing[0]}: required by LossConfig(name={cfg.name!r}) but the simulator cannot build it")
+    return {name: builders[name]() for name in need}
+
+
+def _once(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """fn, evaluated at most once (several anchor inputs share one Top-K gather)."""
+    box: list = []
+    return lambda: box[0] if box else (box.append(fn()) or box[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,6 +123,9 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
 
     Returns classes x edges tensors: weights [C, P, N, b], advantages [C, P] and the normaliser.
     """
+    if cfg.batch_coupled:
+        raise ValueError(f"LossConfig.name={cfg.name!r}: its token selection depends on the whole sampled batch "
+                         "(batch_coupled), so the expected surrogate is not a sum over edges; use mode='sampled'")
     logpi_old = torch.log_softmax(logits_old.detach(), -1)  # [P, N, b]
     pi_old = logpi_old.exp()
     log_reach, _ = reach_and_leaf_logp(logpi_old, suite.depth)
@@ -110,8 +135,7 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     c0, c1 = expected_group_advantage(p, group_size, **adv_kwargs)  # E[A | r] per prompt
     w = log_reach.exp()[..., None] * pi_old  # [P, N, b] d_old(s) pi_old(a|s): sums to 1 per depth
     w1, w0 = w * q, w * (1.0 - q)  # mass of correct / wrong leaves below each edge
-    split = cfg.kl_coef > 0 and POLICY_TERMS[cfg.name].kl_scope == "negative"
-    if split:  # wrong (A < 0), correct (A > 0), and the A = 0 responses of zero-variance groups
+    if cfg.needs_sign_split:  # wrong (A < 0), correct (A > 0), and the A = 0 responses of zero-variance groups
         q0, q1 = _nonzero_prob(p, a0), _nonzero_prob(p, a1)
         safe = lambda c, qq: torch.where(qq > 0, c / qq.clamp(min=1e-300), torch.zeros_like(c))  # noqa: E731
         qb0, qb1 = q0[:, None, None], q1[:, None, None]
@@ -157,10 +181,12 @@ def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
     return batch["rows"]
 
 
-def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tuple[Tensor, dict]:
+def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
+               diagnostics: bool = True) -> tuple[Tensor, dict]:
     """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges.
 
     One "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    `diagnostics=False`: policy_loss skips its diagnostics (same loss and gradient, cheaper).
     """
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
     P, N, b = logpi.shape
@@ -173,33 +199,36 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> tu
     def per_node(x: Tensor) -> Tensor:  # [P, N] -> [R, 1]
         return x.reshape(-1)[ix["node"]][:, None]
 
-    kw = {}
-    if cfg.needs_ref_logp:
-        kw["ref_logp"] = per_edge(suite.ref_logpi)
-    if cfg.needs_kl_full:
-        kw["kl_full"] = per_node(node_kl_full(logpi, suite.ref_logpi))
-    if cfg.needs_entropy:
-        kw["entropy"] = per_node(node_entropy(logpi))
-    if cfg.needs_anchors:
-        topk = suite.topk(cfg.apo_k).reshape(P * N, -1)  # [P*N, K]
+    topk = _once(lambda: suite.topk(cfg.apo_k).reshape(P * N, -1))  # [P*N, K]
 
-        def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
-            return x.reshape(P * N, b).gather(-1, topk)[ix["node"]][:, None, :]
+    def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
+        return x.reshape(P * N, b).gather(-1, topk())[ix["node"]][:, None, :]
 
-        kw["anchor_logp"] = anchors(logpi)
-        key = ("anchors", cfg.apo_k)
-        if key not in ix:  # theta-independent: built once per set of rows
-            is_sampled = (topk[ix["node"]] == ix["child"][:, None])[:, None, :]  # child a is anchor k
-            ix[key] = (anchors(suite.ref_logpi), is_sampled)
-        kw["anchor_ref_logp"], kw["anchor_is_sampled"] = ix[key]
-        if cfg.needs_anchor_old:  # pi_old at the anchors: fixed within one exact_batch
-            if "anchor_old_logp" not in batch:
-                batch["anchor_old_logp"] = anchors(batch["logpi_old"])
-            kw["anchor_old_logp"] = batch["anchor_old_logp"]
+    def fixed(key, fn: Callable[[], Tensor]) -> Tensor:  # theta-independent: built once per set of rows
+        if key not in ix:
+            ix[key] = fn()
+        return ix[key]
+
+    def anchor_old() -> Tensor:  # pi_old at the anchors: fixed within one exact_batch
+        if "anchor_old_logp" not in batch:
+            batch["anchor_old_logp"] = anchors(batch["logpi_old"])
+        return batch["anchor_old_logp"]
+
+    kw = optional_inputs(cfg, {
+        "ref_logp": lambda: per_edge(suite.ref_logpi),
+        "kl_full": lambda: per_node(node_kl_full(logpi, suite.ref_logpi)),
+        "entropy": lambda: per_node(node_entropy(logpi)),
+        "anchor_logp": lambda: anchors(logpi),
+        "anchor_ref_logp": lambda: fixed(("anchor_ref", cfg.apo_k), lambda: anchors(suite.ref_logpi)),
+        # child a of the row's node is anchor k
+        "anchor_is_sampled": lambda: fixed(("anchor_is", cfg.apo_k),
+                                           lambda: (topk()[ix["node"]] == ix["child"][:, None])[:, None, :]),
+        "anchor_old_logp": anchor_old,
+    })
     adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
     return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
-                       **kw, **batch["norm"])
+                       **kw, **batch["norm"], diagnostics=diagnostics)
 
 
 def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Tensor]:
@@ -212,9 +241,11 @@ def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Te
 
 
 def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
-                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1) -> dict:
+                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1,
+                 diagnostics: bool = True) -> dict:
     """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate.
 
+    `diagnostics=False` (steps that are not measured) skips the loss diagnostics: same update.
     `logits`: the [P, N, b] tensor the optimizer updates, or a callable returning the edge logits
     from the optimizer's parameters (`as_logits_fn`).
     """
@@ -223,7 +254,7 @@ def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[
     metrics: dict = {}
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
-        loss, metrics = exact_loss(suite, cfg, fn(), batch)
+        loss, metrics = exact_loss(suite, cfg, fn(), batch, diagnostics)
         loss.backward()
         opt.step()
     return metrics
@@ -264,12 +295,14 @@ def leaf_rollouts(suite: Suite, prompt: Tensor, leaf: Tensor) -> dict:
 
 def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
                  idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
-                 old_logpi: Optional[Tensor] = None, **norm) -> tuple[Tensor, dict]:
+                 old_logpi: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 diagnostics: bool = True, **norm) -> tuple[Tensor, dict]:
     """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
 
     `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
     `old_logpi` [P, N, b], the behaviour policy's log-probabilities, is needed only by the APO
-    readings that normalise r_anchor by pi_old (LossConfig.needs_anchor_old).
+    readings that normalise r_anchor by pi_old (LossConfig.needs_anchor_old). `generator` drives
+    Clip-Cov's random token choice.
     """
     P, N, b = logits.shape
     if idx is None:
@@ -278,31 +311,32 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
     act = roll["actions"][idx]  # [B, D]
     logpi = torch.log_softmax(logits, -1).reshape(P * N, b)
     ref = suite.ref_logpi.reshape(P * N, b)
-    kw = {}
-    if cfg.needs_ref_logp:
-        kw["ref_logp"] = ref[flat, act]
-    if cfg.needs_kl_full:
-        kw["kl_full"] = node_kl_full(logpi[flat], ref[flat])
-    if cfg.needs_entropy:
-        kw["entropy"] = node_entropy(logpi[flat])
-    if cfg.needs_anchors:
-        topk = suite.topk(cfg.apo_k).reshape(P * N, -1)[flat]  # [B, D, K] reference Top-K of each visited node
-        kw["anchor_logp"] = logpi[flat[..., None], topk]
-        kw["anchor_ref_logp"] = ref[flat[..., None], topk]
-        kw["anchor_is_sampled"] = topk == act[..., None]
-        if cfg.needs_anchor_old:
-            if old_logpi is None:
-                raise ValueError(f"old_logpi: required by apo_anchor_norm={cfg.apo_anchor_norm!r} (pi_old at the anchors)")
-            kw["anchor_old_logp"] = old_logpi.reshape(P * N, b)[flat[..., None], topk]
+    topk = _once(lambda: suite.topk(cfg.apo_k).reshape(P * N, -1)[flat])  # [B, D, K] Top-K of each visited node
+
+    def anchor_old() -> Tensor:
+        if old_logpi is None:
+            raise ValueError(f"old_logpi: required by apo_anchor_norm={cfg.apo_anchor_norm!r} (pi_old at the anchors)")
+        return old_logpi.reshape(P * N, b)[flat[..., None], topk()]
+
+    kw = optional_inputs(cfg, {
+        "ref_logp": lambda: ref[flat, act],
+        "kl_full": lambda: node_kl_full(logpi[flat], ref[flat]),
+        "entropy": lambda: node_entropy(logpi[flat]),
+        "anchor_logp": lambda: logpi[flat[..., None], topk()],
+        "anchor_ref_logp": lambda: ref[flat[..., None], topk()],
+        "anchor_is_sampled": lambda: topk() == act[..., None],
+        "anchor_old_logp": anchor_old,
+    })
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:
         kw["weights"] = weights[idx]
-    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm)
+    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm, generator=generator,
+                       diagnostics=diagnostics)
 
 
 def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
                    opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, generator: torch.Generator,
-                   epochs: int = 1, minibatches: int = 1) -> dict:
+                   epochs: int = 1, minibatches: int = 1, diagnostics: bool = True) -> dict:
     """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches.
 
     `logits`: a tensor or a callable returning the edge logits (as in `exact_update`).
@@ -323,7 +357,8 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable
         perm = torch.randperm(B, generator=generator)
         for idx in perm.chunk(minibatches):
             opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old)
+            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old, generator=generator,
+                                   diagnostics=diagnostics)
             loss.backward()
             opt.step()
             for k, v in m.items():

@@ -5,7 +5,12 @@ LLM trainer uses. `npg` (natural policy gradient, dz_{s,a} = lr (Q(s,a) - V(s)))
 NON-TRAINABLE YARDSTICK computed directly from the tree; it is not a loss of the project.
 
 Build variants for sweeps with `get_method("grpo_kl", kl_coef=0.1)` or `method.variant(...)`:
-LossConfig fields go to the loss, `lr` / `optimizer` to the optimizer, the rest is rejected.
+LossConfig fields go to the loss, advantage-estimator settings (estimator, k, lambda_pos, ...) to
+`group_advantages`, `lr` / `lr_scale` / `optimizer` to the optimizer, the rest is rejected.
+
+A rectified APO arm whose negative tokens all start outside the clip window
+(`LossConfig.is_positive_only`) is positive-only learning: `report_label` marks it so, and it is
+never reported as APO.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Method:
     loss: dict = field(default_factory=dict, metadata={"help": "LossConfig fields"})
     adv: dict = field(default_factory=lambda: {"estimator": "grpo"}, metadata={"help": "group_advantages kwargs"})
     lr: Optional[float] = field(default=None, metadata={"help": "learning rate; None = the run's lr"})
+    lr_scale: float = field(default=1.0, metadata={"help": "multiplies the learning rate (GRPO at a lower lr: the null)"})
     optimizer: Optional[str] = field(default=None, metadata={"help": "sgd | adam; None = the run's optimizer"})
     yardstick: bool = field(default=False, metadata={"help": "True: natural PG, computed directly (not a loss)"})
     help: str = ""
@@ -39,7 +45,7 @@ class Method:
         """A copy with LossConfig fields / advantage kwargs / lr / optimizer overridden."""
         loss, adv, top = dict(self.loss), dict(self.adv), {}
         for key, value in kw.items():
-            if key in ("lr", "optimizer"):
+            if key in ("lr", "optimizer", "lr_scale"):
                 top[key] = value
             elif key in _LOSS_FIELDS:
                 loss[key] = value
@@ -51,6 +57,8 @@ class Method:
         m = dataclasses.replace(self, name=label, loss=loss, adv=adv, **top)
         if not m.yardstick:
             m.loss_config()  # validate now, errors name the field
+        if not m.lr_scale > 0:
+            raise ValueError(f"method {m.name!r}: lr_scale={m.lr_scale!r} must be > 0")
         if m.optimizer is not None and m.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: {m.optimizer!r} not in {OPTIMIZERS}")
         return m
@@ -79,11 +87,34 @@ METHODS: dict[str, Method] = {
                help="APO, clip the push only, pull unclipped"),
         Method("apo_inclusive", {"name": "apo", "apo_anchoring": "inclusive"},
                help="APO with S = TopK (sampled token kept in the anchor set): ablation"),
+        Method("apo_old_mass", {"name": "apo", "apo_clip": "rectified", "apo_anchor_norm": "old_mass"},
+               help="APO reading C: r_anchor = M_S(theta) / M_S(theta_old) (1 at the start of each update)"),
+        Method("apo_old_token", {"name": "apo", "apo_clip": "rectified", "apo_anchor_norm": "old_token"},
+               help="APO reading H: r_anchor = sum_S (pi_ref/Z_ref) pi_theta/pi_old"),
         Method("entropy", {"name": "grpo", "ent_coef": 0.01}, help="GRPO + entropy bonus 0.01"),
+        Method("grpo_low_lr", {"name": "grpo"}, lr_scale=0.5,
+               help="GRPO at half the learning rate: the null a regulariser must beat (as GRPO early-stopped)"),
+        Method("psr", {"name": "grpo"}, {"estimator": "psr"},
+               help="PSR: positive-only learning, A = r (reinforce on correct responses only)"),
+        Method("nsr", {"name": "grpo"}, {"estimator": "nsr"},
+               help="NSR: negative-only learning, A = r - 1 (push down wrong responses only)"),
+        Method("passk", {"name": "grpo"}, {"estimator": "passk", "k": 4},
+               help="Pass@k training advantage (k = 4 of G = 8)"),
+        Method("topk_kl_on_wrong", {"name": "topk_kl_on_wrong", "topk_kl_coef": 0.05},
+               help="GRPO + forward KL to pi_ref renormalised on S, wrong responses only (shape vs support control)"),
+        Method("clip_cov", {"name": "clip_cov"}, help="Clip-Cov (Cui et al. 2025); sampled mode only"),
+        Method("kl_cov", {"name": "kl_cov"}, help="KL-Cov (Cui et al. 2025); sampled mode only"),
         Method("npg", {}, {"estimator": "grpo"}, yardstick=True,
                help="natural PG yardstick dz = lr (Q - V); not a loss, not trainable at LLM scale"),
     ]
 }
+
+
+def report_label(method: Method) -> str:
+    """The name to report: a positive-only rectified arm is marked as such, never shown as plain APO."""
+    if not method.yardstick and method.loss_config().is_positive_only:
+        return f"{method.name} (positive-only, not APO)"
+    return method.name
 
 
 def get_method(spec: Union[str, Method], **overrides) -> Method:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -18,7 +19,7 @@ import torch
 from .coupled import CoupledPolicy, CoupledSpec, CoupledSuite, TabularPolicy, build_coupled_suite
 from .dynamics import exact_update, npg_update, sampled_update
 from .measures import DEFAULT_BUDGET, measure
-from .methods import OPTIMIZERS, Method, get_method
+from .methods import OPTIMIZERS, Method, get_method, report_label
 from .tree import Suite, SuiteSpec, build_suite
 
 MODES = ("exact", "sampled")
@@ -162,7 +163,7 @@ def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
                          "(use a tabular preset such as rsc_tabular)")
     policy = make_policy(suite, init_logits)
     train_suite = suite.train if coupled else suite
-    lr = method.lr if method.lr is not None else cfg.lr
+    lr = (method.lr if method.lr is not None else cfg.lr) * method.lr_scale
     opt = None if method.yardstick else _optimizer(method.optimizer or cfg.optimizer, policy.params, lr)
     loss_cfg = None if method.yardstick else method.loss_config()
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -179,14 +180,16 @@ def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
 
     record(0, {})
     for step in range(1, cfg.steps + 1):
+        measured = step % cfg.eval_every == 0 or step == cfg.steps  # diagnostics only where they are logged
         if method.yardstick:
             train = npg_update(suite, policy.theta, method.lr if method.lr is not None else cfg.npg_lr)
         elif cfg.mode == "exact":
-            train = exact_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, cfg.epochs)
+            train = exact_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, cfg.epochs,
+                                 diagnostics=measured)
         else:
             train = sampled_update(train_suite, loss_cfg, logits_fn, opt, cfg.group_size, method.adv, gen,
-                                   cfg.epochs, cfg.minibatches)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+                                   cfg.epochs, cfg.minibatches, diagnostics=measured)
+        if measured:
             record(step, train)
     with torch.no_grad():
         final = {part: policy.logits(part).detach() for part in ("train", "heldout")} if coupled else policy.theta.detach()
@@ -268,7 +271,10 @@ def tradeoff_methods() -> tuple:
         ms.append(get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c))
         ms.append(get_method("grpo_kl_full", name=f"grpo_kl_full@{c}", kl_coef=c))
     for beta in (0.05, 0.1, 0.3, 1.0):
-        ms.append(get_method("apo", name=f"apo@beta={beta}", apo_beta=beta))
+        with warnings.catch_warnings():  # beta > 0.25 is positive-only learning: said in the arm's name instead
+            warnings.simplefilter("ignore")
+            m = get_method("apo", name=f"apo@beta={beta}", apo_beta=beta)
+            ms.append(m.variant(name=report_label(m)))
     for beta in (0.1, 0.3, 1.0):  # the pull without the rectified clip (apo_method.md section 3a)
         ms.append(get_method("apo_push_only", name=f"apo_push_only@beta={beta}", apo_beta=beta))
     return tuple(ms)
@@ -286,6 +292,32 @@ def rsc_methods() -> tuple:
             "grpo_kl_full", "kl_on_wrong", "apo")
 
 
+APO_READINGS = ("apo", "apo_old_mass", "apo_old_token")  # r_anchor by Z_ref (A) / M_S(theta_old) (C) / per token (H)
+
+
+def frontier_methods() -> tuple:
+    """The `frontier` sweep: each method at a few strengths; GRPO (the null trajectory) first.
+
+    Rectified APO betas stay below lambda - (1 - eps_low) = 0.25: beyond it the arm is
+    positive-only learning (LossConfig.is_positive_only), not APO.
+    """
+    ms = [get_method("grpo")]
+    ms += [get_method("grpo_low_lr", name=f"grpo@lr_x{s}", lr_scale=s) for s in (0.5, 0.25)]
+    ms += [get_method("grpo_kl", name=f"grpo_kl@{c}", kl_coef=c) for c in (0.01, 0.05, 0.2)]
+    ms += [get_method("topk_kl_on_wrong", name=f"topk_kl_on_wrong@{c}", topk_kl_coef=c) for c in (0.02, 0.1, 0.5)]
+    ms += [get_method("entropy", name=f"entropy@{c}", ent_coef=c) for c in (0.003, 0.01, 0.03)]
+    for reading in APO_READINGS:
+        ms += [get_method(reading, name=f"{reading}@beta={b}", apo_beta=b) for b in (0.05, 0.1, 0.2)]
+    ms += [get_method("apo_push_only", name=f"apo_push_only@beta={b}", apo_beta=b) for b in (0.1, 0.3)]
+    ms += [get_method(m) for m in ("psr", "nsr", "w_reinforce", "passk")]
+    return tuple(ms)
+
+
+def recovery_methods() -> tuple:
+    """The `recovery` arms: GRPO, KL, and APO under each reading of r_anchor (and push_only)."""
+    return ("grpo", "grpo_kl", "grpo_kl_full", *APO_READINGS, "apo_push_only", "topk_kl_on_wrong", "npg")
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -301,9 +333,12 @@ PRESETS: dict[str, Preset] = {
                              "apo_push_only", "npg"), RunConfig(steps=200)),
         Preset("tradeoff", "Pass@1 vs Pass@256 / coverage frontier: kl_coef sweep of k3 / full KL, beta sweep of APO (both clip placements)",
                SuiteSpec(), tradeoff_methods(), RunConfig(steps=200)),
-        Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO",
-               SuiteSpec(), ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only", "npg"),
-               RunConfig(steps=200, init_steps=100)),
+        Preset("recovery", "start from a GRPO-collapsed policy (100 steps), then GRPO vs KL vs APO under each "
+               "reading of r_anchor (ref / old_mass / old_token) vs Top-K KL on wrong",
+               SuiteSpec(), recovery_methods(), RunConfig(steps=200, init_steps=100)),
+        Preset("frontier", "coupled rsc suite (peaked reference), 5 seeds: each method's strength sweep, held-out "
+               "pass@1 vs pass@256 / coverage against GRPO's own trajectory (iso-pass@1 gain; apo_toy/frontier.py)",
+               CoupledSpec(), frontier_methods(), dataclasses.replace(RSC_RUN, eval_every=5), seeds=5),
         Preset("ablation", "APO clip placement, exclusive vs inclusive anchoring, K; 4 PPO epochs per step",
                SuiteSpec(), (get_method("grpo"), get_method("apo"), get_method("apo_push_only"),
                              get_method("apo_inclusive"), get_method("apo", name="apo@K=2", apo_k=2),

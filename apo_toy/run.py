@@ -2,6 +2,11 @@
 
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
                           [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X] [--spec FIELD=VALUE ...]
+                          [--quick]
+    python -m apo_toy.run --replot runs/rsc      # tables and figures again from metrics.jsonl
+
+--quick: 2 seeds, 20 steps, 8 training / 8 held-out prompts on coupled presets (a smoke run, not a result).
+The `frontier` preset also writes frontier.md, frontier.json and frontier.png (apo_toy/frontier.py).
 
 metrics.jsonl: one row per step, method and seed (the base policy is method "base", step 0). On a
 coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_prompts_below_base,
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .measures import PASS_KS
+from .coupled import CoupledSpec
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
 PLOT_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256", "manifold_mass", "entropy")
@@ -45,6 +51,12 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
         json.dump(summary, f, indent=1)
     (out / "table.md").write_text(markdown_table(summary))
     plot(table, out, preset)
+    if preset == "frontier":
+        if "grpo" in table.unique("method"):
+            write_frontier(table, out, settings)
+        else:  # the gains are measured against GRPO's trajectory
+            print("note: frontier.md / frontier.png need the 'grpo' arm (the null trajectory); not written",
+                  file=sys.stderr)
 
 
 TABLE_KEYS = ("pass@1", "pass@256", "pass@1024", "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256")
@@ -69,51 +81,36 @@ def _cell(r: dict, k: str) -> str:
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:
-    """Curves of the main measures over steps (mean over seeds) and final pass@k vs k."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
+    """curves.png and pass_at_k.png (apo_toy/plots.py); the frontier preset shows one arm per family there."""
+    from .plots import plot_curves, plot_pass_at_k
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    methods = None
+    if preset == "frontier":  # 27 arms: the curves show GRPO and each family's middle strength
+        methods = [m for m in table.unique("method") if m in FRONTIER_CURVE_ARMS]
+    return [plot_curves(table, out, preset, methods), plot_pass_at_k(table, out, preset, methods)]
 
-    runs = Table(r for r in table.rows if r["method"] != "base")
-    base = table.where(method="base")
-    methods = runs.unique("method")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for ax, key in zip(axes.flat, PLOT_KEYS):
-        for m in methods:
-            sub = runs.where(method=m)
-            steps = sorted(set(sub.column("step").astype(int).tolist()))
-            mean = [np.nanmean(sub.where(step=s).column(key)) for s in steps]
-            ax.plot(steps, mean, label=m)
-        if len(base):
-            ax.axhline(np.nanmean(base.column(key)), color="k", ls="--", lw=1, label="base")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"apo_toy preset {preset!r} (mean over seeds)")
-    fig.tight_layout()
-    paths = [out / "curves.png"]
-    fig.savefig(paths[0], dpi=90)
-    plt.close(fig)
 
-    ks = list(PASS_KS)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    fin = runs.final()
-    for m in methods:
-        ax.plot(ks, [np.nanmean(fin.where(method=m).column(f"pass@{k}")) for k in ks], marker="o", label=m)
-    if len(base):
-        ax.plot(ks, [np.nanmean(base.column(f"pass@{k}")) for k in ks], "k--", marker="s", label="base")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (exact)")
-    ax.set_title(f"{preset}: final pass@k")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "pass_at_k.png")
-    fig.savefig(paths[1], dpi=90)
-    plt.close(fig)
-    return paths
+FRONTIER_CURVE_ARMS = ("grpo", "grpo@lr_x0.5", "grpo_kl@0.05", "topk_kl_on_wrong@0.1", "entropy@0.01",
+                       "apo@beta=0.1", "apo_old_mass@beta=0.1", "apo_old_token@beta=0.1", "apo_push_only@beta=0.1",
+                       "psr", "nsr", "w_reinforce", "passk")
+
+
+def write_frontier(table: Table, out: Path, settings: dict) -> list[dict]:
+    """frontier.md / frontier.json / frontier.png: iso-pass@1 gains over GRPO's trajectory (apo_toy/frontier.py)."""
+    from .frontier import frontier_markdown, frontier_rows
+    from .methods import METHODS, get_method, report_label
+    from .plots import plot_frontier
+
+    known = {m.name: m for m in map(get_method, (*get_preset("frontier").methods, *METHODS))}
+    labels = {m: report_label(known[m]) for m in table.unique("method") if m in known}
+    rows = frontier_rows(table, labels=labels)
+    wall = sum(r.get("wall_s", 0.0) for r in table.rows)
+    cost = f"compute: {wall:.0f} s of training + measuring, summed over arms and seeds (1 thread)."
+    (out / "frontier.md").write_text(frontier_markdown(rows, cost))
+    with open(out / "frontier.json", "w") as f:
+        json.dump({"settings": settings, "arms": rows, "wall_s": wall}, f, indent=1)
+    plot_frontier(table, rows, out)
+    return rows
 
 
 def parse_spec(spec, items: list) -> dict:
@@ -133,8 +130,11 @@ def parse_spec(spec, items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)}")
+    ap.add_argument("--out", default=None, help="output directory")
+    ap.add_argument("--replot", default=None, metavar="DIR",
+                    help="rewrite tables and figures of DIR from its metrics.jsonl and summary.json (no training)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 20 steps, small coupled suites")
     ap.add_argument("--mode", choices=("exact", "sampled"), default=None, help="default: the preset's")
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (each seed = a different suite)")
@@ -146,6 +146,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot))
+    if not args.preset or not args.out:
+        ap.error("--preset and --out are required (or --replot DIR)")
+    if args.quick:
+        args.seeds, args.steps = args.seeds or 2, args.steps or 20
+        if isinstance(get_preset(args.preset).spec, CoupledSpec) if args.preset in PRESETS else False:
+            args.spec = ["n_train=8", "n_heldout=8"] + list(args.spec)
     import torch
 
     torch.set_num_threads(max(args.threads, 1))
@@ -165,7 +173,21 @@ def main(argv=None) -> int:
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
     print((Path(args.out) / "table.md").read_text())
-    print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png")
+    extra = ", frontier.md, frontier.json, frontier.png" if args.preset == "frontier" else ""
+    print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
+    return 0
+
+
+def replot(out: Path) -> int:
+    """Tables and figures of a finished run again, from metrics.jsonl and summary.json."""
+    try:
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        summary = json.load(open(out / "summary.json"))
+    except (OSError, ValueError) as e:
+        print(f"error: --replot {out}: {e}", file=sys.stderr)
+        return 2
+    write_outputs(Table(rows), out, summary["preset"], summary["settings"])
+    print(f"rewrote tables and figures of {out}")
     return 0
 
 

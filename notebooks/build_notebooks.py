@@ -8,6 +8,7 @@ Edit the cells here, not in the .ipynb files, so the two never drift apart.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nbformat
@@ -30,10 +31,14 @@ style.setup()
 %matplotlib inline'''
 
 
-def nb(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+def nb(cells: list[tuple[str, str]], name: str = "") -> nbformat.NotebookNode:
+    """The notebook; cell ids are fixed by notebook name and position (nbformat would draw random
+    ones), so rebuilding an unchanged notebook rewrites the same file."""
     book = new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+    for i, cell in enumerate(book.cells):
+        cell.id = hashlib.sha1(f"{name}:{i}".encode()).hexdigest()[:12]
     return book
 
 
@@ -364,38 +369,71 @@ def grad_of(cfg):
 g_apo, g_grpo = grad_of(LossConfig(name="apo")), grad_of(LossConfig(name="grpo"))
 print("APO vs GRPO gradient on a positive token, max difference:", float((g_apo - g_grpo).abs().max()))'''),
 ("md", """**Side by side in the simulator.** GRPO, GRPO + k3 KL (forward pull), GRPO + exact reverse KL,
-KL-on-Wrong and APO, on the same 12-prompt suite (exact dynamics), with the KL arms at two
-strengths. The frontier plots Pass@1 (accuracy) against Pass@256 and coverage (diversity)."""),
-("code", '''from apo_toy import RunConfig, SuiteSpec, get_method, run
+KL-on-Wrong, and APO under its three readings of `r_anchor` (A: `ref`, C: `old_mass`, H: `old_token`;
+docs/method.md section 3), on the same 12-prompt tabular suite (exact dynamics), with the KL arms at two
+strengths. One more arm is rectified APO at `beta = 1.0`. There `lambda - beta < 1 - eps_low`, so
+every negative token starts outside the clip window and the arm learns only from positive samples.
+It is **not APO**, and `report_label` names it so. The plot shows Pass@1 (accuracy) against
+Pass@256 and against coverage (diversity)."""),
+("code", '''import warnings
+from apo_toy import RunConfig, SuiteSpec, get_method, run
+from apo_toy.methods import report_label
+with warnings.catch_warnings():   # the positive-only arm warns; its name says it instead
+    warnings.simplefilter("ignore")
+    pos_only = get_method("apo", name="apo@1.0", apo_beta=1.0)
+    pos_only = pos_only.variant(name=report_label(pos_only))
 arms = [get_method("grpo"),
         get_method("grpo_kl", name="grpo_kl@0.05", kl_coef=0.05), get_method("grpo_kl", name="grpo_kl@0.5", kl_coef=0.5),
         get_method("grpo_kl_full", name="grpo_kl_full@0.05", kl_coef=0.05), get_method("grpo_kl_full", name="grpo_kl_full@0.5", kl_coef=0.5),
         get_method("kl_on_wrong", name="kl_on_wrong@0.05", kl_coef=0.05), get_method("kl_on_wrong", name="kl_on_wrong@0.5", kl_coef=0.5),
-        get_method("apo", name="apo@0.1"), get_method("apo", name="apo@1.0", apo_beta=1.0)]
-table = run(SuiteSpec(n_prompts=12), arms, RunConfig(mode="exact", steps=60, eval_every=60), seeds=1)
+        get_method("apo", name="apo@0.1"), get_method("apo_old_mass", name="apo_old_mass@0.2", apo_beta=0.2),
+        get_method("apo_old_token", name="apo_old_token@0.2", apo_beta=0.2), pos_only]
+POS = pos_only.name
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    table = run(SuiteSpec(n_prompts=12), arms, RunConfig(mode="exact", steps=60, eval_every=60), seeds=1)
 fin = {r["method"]: r for r in table.final().rows}
-print(f"{'method':>18}  pass@1  pass@256  coverage  distinct@256")
+print(f"{'method':>36}  pass@1  pass@256  coverage  distinct@256")
 for m, r in fin.items():
-    print(f"{m:>18}  {r['pass@1']:.3f}   {r['pass@256']:.3f}    {r['coverage']:.3f}     {r['distinct@256']:.3f}")
+    print(f"{m:>36}  {r['pass@1']:.3f}   {r['pass@256']:.3f}    {r['coverage']:.3f}     {r['distinct@256']:.3f}")
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for ax, key in zip(axes, ("pass@256", "coverage")):
     for m, r in fin.items():
         ax.plot(r["pass@1"], r[key], "*" if m == "base" else "o", ms=12 if m == "base" else 7, color=style.color(m),
-                label=style.label(m) if "@" not in m or m.endswith("0.05") or m == "apo@0.1" else None)
-        if "@" in m:
-            ax.annotate(m.split("@")[1], (r["pass@1"], r[key]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+                mec="k" if m == POS else None, label=m)
     ax.set(xlabel="Pass@1 (accuracy)", ylabel=key + " (diversity)", title=f"Pass@1 vs {key} after 60 exact steps")
-axes[1].legend(fontsize=7); plt.show()'''),
+fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+plt.show()'''),
 ("md", """What this shows, honestly: the KL arms trade Pass@1 for coverage as their coefficient grows (the
-accuracy-diversity trade-off); GRPO sits at the high-Pass@1, low-coverage end. APO at the paper's
-`beta = 0.1` stays next to GRPO in this simulator (it keeps little extra coverage). At `beta = 1.0`
-it keeps most of the coverage while losing less Pass@1 than the exact reverse-KL arm at 0.5, i.e.
-it lies on the favourable side of that arm; the full-size sweep over KL coefficients and beta is
-`paper_figures/figures/frontier.png`."""),
+accuracy-diversity trade-off). GRPO sits at the high-Pass@1, low-coverage end. APO at the paper's
+`beta = 0.1` (literal reading A) stays next to GRPO in this small tabular run. The positive-only arm
+keeps most of the coverage, but only by ignoring every negative sample.
+
+A final point says little about a trade-off, because GRPO stopped earlier also has lower Pass@1
+and higher Pass@256. The `frontier` preset therefore compares each arm with **GRPO's own
+trajectory** at the same held-out Pass@1: the iso-Pass@1 gain, docs/simulator.md section 10. Run
+it with `python -m apo_toy.run --preset frontier --out runs/frontier` (coupled model, held-out
+prompts, peaked reference, 5 seeds, 150 steps; 7 min). Measured gains in held-out Pass@256, as
+mean ± standard error over seeds:
+
+- **k3 KL** (0.01 / 0.05 / 0.2): -0.10 / -0.15 / -0.14. **Entropy bonus**: -0.09 to -0.10. Both
+  lie *below* early-stopped GRPO.
+- **APO, literal reading A** (`r_anchor = M_S / Z_ref`; beta 0.05 / 0.1 / 0.2): -0.135 / -0.108 /
+  -0.073. It does **not** break the trade-off here.
+- **APO, reading C** (`old_mass`): +0.020 / +0.040 / +0.085. **Reading H** (`old_token`): +0.044 /
+  +0.093 / +0.114 (s.e. 0.04-0.06 for both). Both lie above GRPO's trajectory, but by at most
+  about two standard errors. Neither beats GRPO at a quarter of the learning rate (+0.061 ±
+  0.027) by more than one standard error.
+- **Top-K KL on wrong** at 0.5 (the control that pulls toward the reference's shape inside S):
+  +0.137 ± 0.034, the largest and clearest gain.
+- On coverage, no arm beats GRPO's trajectory.
+
+`paper_figures/figures/frontier.png` draws this run."""),
 ("md", """**Closing checks.** The enumeration identities hold to float64 precision; the reverse-KL gradient
 opposes the reward gradient on a sharpened correct token while APO equals GRPO there; a strong
-KL costs Pass@1 and keeps more coverage than GRPO; APO with `beta = 1` keeps more coverage than
-GRPO and dominates the reverse-KL arm at 0.5 (higher Pass@1, at least its coverage)."""),
+KL costs Pass@1 and keeps more coverage than GRPO. The positive-only arm (rectified, `beta = 1`, not
+APO) keeps more coverage than GRPO and dominates the reverse-KL arm at 0.5 (higher Pass@1, at least
+its coverage). That checks the positive-only arm, not APO."""),
 ("code", '''for name, (got, want) in checks.items():
     assert torch.allclose(got, want, atol=1e-12, rtol=0), name
 assert not torch.allclose(checks["k3"][0], checks["k2"][0], atol=1e-3)    # k3 is not the reverse KL
@@ -405,9 +443,10 @@ for kl in ("grpo_kl@0.5", "grpo_kl_full@0.5"):
     assert fin[kl]["pass@1"] < fin["grpo"]["pass@1"], kl
     assert fin[kl]["coverage"] >= fin["grpo"]["coverage"], kl
 assert fin["grpo_kl_full@0.5"]["pass@1"] < fin["grpo_kl_full@0.05"]["pass@1"]   # stronger shape matching, less accuracy
-assert fin["apo@1.0"]["coverage"] > fin["grpo"]["coverage"] + 0.1                # a strong pull keeps support
-assert fin["apo@1.0"]["pass@1"] > fin["grpo_kl_full@0.5"]["pass@1"]              # ... at a smaller accuracy cost
-assert fin["apo@1.0"]["coverage"] >= fin["grpo_kl_full@0.5"]["coverage"]
+assert "positive-only" in POS                                                    # never shown as APO
+assert fin[POS]["coverage"] > fin["grpo"]["coverage"] + 0.1                      # dropping negatives keeps support
+assert fin[POS]["pass@1"] > fin["grpo_kl_full@0.5"]["pass@1"]                    # ... at a smaller accuracy cost
+assert fin[POS]["coverage"] >= fin["grpo_kl_full@0.5"]["coverage"]
 print("all checks passed")'''),
 ]
 
@@ -536,11 +575,27 @@ for m in ("grpo", "apo", "grpo_kl_full"):
     print(f"{m:>13}: P(rare_in) {r.column('branch_rare_in')[0]:.5f} -> {r.column('branch_rare_in')[-1]:.5f}, "
           f"coverage {r.column('coverage')[0]:.3f} -> {r.column('coverage')[-1]:.3f}, manifold mass {r.column('manifold_mass')[-1]:.4f}")'''),
 ("md", """**What the simulator shows, honestly.** The mechanism checks hold exactly (identity, elastic force,
-exclusive anchoring, larger one-step gain of a squeezed anchor). At the level of whole branches
-in these suites, however, APO does *not* visibly re-inflate the squeezed `rare_in` branch after a
-GRPO collapse: the pull acts only on negative-advantage tokens, which become rare once Pass@1 is
-high, and it raises anchors in proportion to their current probability, so a nearly dead anchor
-gains little. `paper_figures/figures/elastic_recovery.png` shows the full-size run.
+exclusive anchoring, larger one-step gain of a squeezed anchor). At the level of whole branches,
+however, APO does *not* re-inflate the squeezed `rare_in` branch after a GRPO collapse, under any
+of the three readings of `r_anchor`. The `recovery` preset (`python -m apo_toy.run --preset recovery
+--seeds 5 --out runs/recovery`: tabular, 100 GRPO collapse steps, then 200 steps per arm, beta 0.1;
+5 min) measures P(rare valid branch inside Top-K), which starts at 0.00674 after the collapse, and
+coverage:
+
+| arm | P(rare_in) after 200 steps | coverage (from 0.742) |
+|---|---|---|
+| GRPO | 0.00664 | 0.623 |
+| APO A (`ref`) | 0.00667 | 0.617 |
+| APO C (`old_mass`) | 0.00666 | 0.629 |
+| APO H (`old_token`) | 0.00666 | 0.629 |
+| Top-K KL on wrong | 0.00665 | 0.627 |
+| k3 KL / exact reverse KL | 0.00669 / 0.00671 | 0.651 / 0.643 |
+| natural PG (yardstick, not a loss) | 0.0152 | 0.750 |
+
+The pull acts only on negative-advantage tokens, which become rare once Pass@1 is high (0.85 after
+the collapse). Under reading A it also raises anchors in proportion to their current probability,
+so a nearly dead anchor gains little. `paper_figures/figures/elastic_recovery.png` shows the
+figure-size run.
 
 **Closing checks.**"""),
 ("code", '''assert torch.allclose(pull_grad, predicted, atol=1e-12, rtol=0)                       # gradient alignment
@@ -703,7 +758,7 @@ print("all checks passed")"""),
 def main() -> None:
     for name, cells in NB.items():
         path = HERE / f"{name}.ipynb"
-        nbformat.write(nb(cells), path)
+        nbformat.write(nb(cells, name), path)
         print("wrote", path)
 
 

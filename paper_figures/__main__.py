@@ -25,6 +25,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--topk", type=Path, default=None,
                     help="apo_llm.topk_coverage output dir (default: compute on the tiny model)")
     ap.add_argument("--no-topk", action="store_true", help="skip the Top-K coverage figure")
+    ap.add_argument("--frontier", type=Path, default=None,
+                    help="a `python -m apo_toy.run --preset frontier` output dir (default: run the preset here)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the simulator is small)")
     return ap.parse_args(argv)
 
@@ -78,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         coupled = sim.run_coupled(sz)
         print(f"[paper_figures] coupled-model runs: {time.perf_counter() - t0:.1f} s", flush=True)
         make("passk_curves", lambda: sim.fig_passk(out, sz, coupled))
-    make("frontier", lambda: sim.fig_frontier(out, sz, sim.run_sweep(sz)))
+    make("frontier", lambda: sim.fig_frontier(
+        out, sz, sim.read_frontier(args.frontier) if args.frontier else sim.run_sweep(sz, quick=args.quick)))
     make("elastic_recovery", lambda: sim.fig_recovery(out, sz))
     make("ablation_clip_anchoring", lambda: sim.fig_ablation(out, sz))
 

@@ -8,6 +8,7 @@ PNG + PDF and returns the written paths together with a small dict of the plotte
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from apo_llm.objectives import LossConfig, policy_loss
 from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, get_preset, run
-from apo_toy.presets import rsc_methods, tradeoff_methods
+from apo_toy.presets import Table, rsc_methods
 
 from . import style
 
@@ -28,7 +29,6 @@ class Sizes:
     n_prompts: int = field(default=32, metadata={"help": "prompts (trees) per suite"})
     steps: int = field(default=200, metadata={"help": "RL steps per run"})
     seeds: int = field(default=3, metadata={"help": "seeds (suites) per method: the error bands"})
-    sweep_seeds: int = field(default=2, metadata={"help": "seeds of the frontier sweep (13 arms)"})
     eval_every: int = field(default=5, metadata={"help": "measure every n steps"})
     init_steps: int = field(default=100, metadata={"help": "GRPO collapse steps before the recovery runs"})
     coupled_steps: int = field(default=150, metadata={"help": "RL steps of the coupled model (pass@k figure)"})
@@ -36,7 +36,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(n_prompts=6, steps=12, seeds=2, sweep_seeds=1, eval_every=4, init_steps=10, coupled_steps=12,
+QUICK = Sizes(n_prompts=6, steps=12, seeds=2, eval_every=4, init_steps=10, coupled_steps=12,
               coupled_seeds=2)
 
 MAIN_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "kl_on_wrong", "apo")
@@ -212,43 +212,39 @@ def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
     return style.save(fig, out, "passk_curves"), info
 
 
-def run_sweep(sz: Sizes):
-    """The `tradeoff` preset's sweep (kl_coef of the k3 and full-KL arms, beta of APO), at figure sizes."""
-    ms = tradeoff_methods()
-    cfg = RunConfig(mode="exact", steps=sz.steps, eval_every=sz.steps)
-    return run(_spec(sz), ms, cfg, seeds=sz.sweep_seeds, preset="tradeoff")
+QUICK_FRONTIER_ARMS = ("grpo", "grpo@lr_x0.5", "grpo_kl@0.05", "topk_kl_on_wrong@0.1", "apo@beta=0.1",
+                       "apo_old_mass@beta=0.1", "apo_old_token@beta=0.1")
+
+
+def run_sweep(sz: Sizes, quick: bool = False):
+    """The `frontier` preset (coupled rsc suite, strength sweeps, GRPO's trajectory as the null), at figure
+    sizes; quick: a subset of the arms on small suites. The committed figure reads a full run instead
+    (`python -m paper_figures --frontier DIR`, DIR from `python -m apo_toy.run --preset frontier`)."""
+    p = get_preset("frontier")
+    arms = [m for m in p.methods if not quick or m.name in QUICK_FRONTIER_ARMS]
+    spec = dataclasses.replace(p.spec, n_train=8, n_heldout=8) if quick else p.spec
+    cfg = dataclasses.replace(p.cfg, steps=sz.coupled_steps, eval_every=max(1, sz.coupled_steps // 30))
+    return run(spec, arms, cfg, seeds=sz.coupled_seeds, preset="frontier")
+
+
+def read_frontier(run_dir: Path):
+    """The Table of a finished `python -m apo_toy.run --preset frontier --out run_dir`."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: --frontier {run_dir} has no metrics.jsonl")
+    return Table(json.loads(line) for line in open(path))
 
 
 def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
-    import matplotlib.pyplot as plt
+    """Every arm's final held-out (pass@1, pass@256 / coverage) against GRPO's own trajectory, and the
+    iso-pass@1 gains (apo_toy/frontier.py; drawn by apo_toy.plots.frontier_figure)."""
+    from apo_toy.frontier import frontier_rows
+    from apo_toy.plots import frontier_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    info = {}
-    fams = {}
-    for m in table.final().unique("method"):
-        if m != "base":
-            fams.setdefault(style.family(m), []).append(m)
-    for ax, ykey, ylab in ((axes[0], "pass@256", "Pass@256"), (axes[1], "coverage", "share of base-valid leaves kept")):
-        b = table.where(method="base")
-        ax.plot(np.mean(b.column("pass@1")), np.mean(b.column(ykey)), "k*", ms=12, label=style.label("base"))
-        for fam, ms in fams.items():
-            xs = [np.mean(_final(table, m, "pass@1")) for m in ms]
-            ys = [np.mean(_final(table, m, ykey)) for m in ms]
-            ax.plot(xs, ys, marker="o", color=style.color(fam), ls="-" if len(ms) > 1 else "none",
-                    label=style.label(fam) + (" (sweep)" if len(ms) > 1 else ""))
-            for m, x, y in zip(ms, xs, ys):
-                if "@" in m:
-                    ax.annotate(m.split("@")[1].removeprefix("beta="), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                                color=style.color(fam))
-                info[f"{m}/{ykey}"] = float(y)
-                info[f"{m}/pass@1"] = float(x)
-        ax.set_xlabel("Pass@1 (accuracy)")
-        ax.set_ylabel(ylab + " (diversity)")
-    axes[0].set_title("Accuracy-diversity frontier: Pass@1 vs Pass@256")
-    axes[1].set_title("... and vs coverage of base-valid leaves")
-    axes[1].legend(loc="lower left", fontsize=7)
-    fig.suptitle(f"Labels: KL coefficient (KL arms) or beta (APO); {sz.steps} exact steps, "
-                 f"mean over {sz.sweep_seeds} suites", fontsize=9)
+    rows = frontier_rows(table)
+    fig = frontier_figure(table, rows)
+    info = {r["method"]: {k: r[k] for k in ("pass@1", "pass@256", "coverage", "gain_pass@256", "gain_pass@256_se",
+                                            "gain_coverage", "n_seeds")} for r in rows}
     return style.save(fig, out, "frontier"), info
 
 
@@ -256,7 +252,7 @@ def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
 # 5. Elastic recovery
 # --------------------------------------------------------------------------------------------
 
-RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_push_only")
+RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_old_mass", "apo_old_token", "apo_push_only")
 
 
 def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
@@ -267,23 +263,33 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     table = run(_spec(sz), RECOVERY_METHODS, cfg, seeds=sz.seeds, preset="recovery")
     panels = [("branch_rare_in", "P(rare valid leaf inside Top-K)"), ("branch_secondary", "P(secondary valid leaf)"),
               ("coverage", "share of base-valid leaves kept"), ("pass@1", "Pass@1")]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    # top row: absolute means (they nearly coincide); bottom row: each arm minus GRPO on the same
+    # suite, mean +- std over suites, where the differences are visible
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.2))
     info = {}
     base = table.where(method="base")
-    for ax, (key, ylab) in zip(axes, panels):
+    for j, (key, ylab) in enumerate(panels):
+        ax, dax = axes[0, j], axes[1, j]
+        steps0, grpo = _curves(table, "grpo", key)
         for m in RECOVERY_METHODS:
             steps, vals = _curves(table, m, key)
-            style.band(ax, steps, vals, m)
+            ax.plot(steps, vals.mean(0), color=style.color(m), ls=style.linestyle(m), lw=2.6 if m == "grpo" else 1.4,
+                    zorder=5 if m == "grpo" else 2, label=style.label(m))
+            if m != "grpo":
+                style.band(dax, steps, vals - grpo, m)
             info[f"{m}/{key}"] = [float(np.nanmean(vals[:, 0])), float(np.nanmean(vals[:, -1]))]
         ax.axhline(float(np.mean(base.column(key))), color=style.color("base"), ls="--", lw=1.2,
                    label=style.label("base"))
-        ax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
+        dax.axhline(0.0, color=style.color("grpo"), lw=1.4)
         ax.set_ylabel(ylab)
+        dax.set_ylabel(f"minus GRPO (same suite)")
+        dax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
         if key.startswith("branch"):
             ax.set_yscale("log")
-    axes[0].legend(loc="best")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4,
+               frameon=False)
     fig.suptitle("Elastic recovery: every arm starts from the same GRPO-collapsed policy "
-                 f"(exact dynamics, mean +- std over {sz.seeds} suites)", fontsize=11)
+                 f"(exact dynamics; bottom: minus GRPO, mean +- std over {sz.seeds} suites)", fontsize=11)
     return style.save(fig, out, "elastic_recovery"), info
 
 

@@ -31,6 +31,9 @@ METHOD_COLORS = {
     "entropy": OKABE_ITO["yellow"],
     "apo": OKABE_ITO["blue"],
     "apo_push_only": OKABE_ITO["green"],
+    "apo_old_mass": OKABE_ITO["sky"],  # the other readings of r_anchor: APO's hues, told apart by line
+    "apo_old_token": OKABE_ITO["blue"],  # style too (LINESTYLES)
+    "topk_kl_on_wrong": OKABE_ITO["grey"],
     "apo_inclusive": OKABE_ITO["grey"],
     "npg": OKABE_ITO["grey"],
 }
@@ -47,11 +50,15 @@ METHOD_LABELS = {
     "entropy": "GRPO + entropy",
     "apo": "APO (rectified clip)",
     "apo_push_only": "APO (push-only clip)",
+    "apo_old_mass": "APO C (r_anchor / M_S(old))",
+    "apo_old_token": "APO H (r_anchor per token / pi_old)",
+    "topk_kl_on_wrong": "Top-K KL on wrong",
     "apo_inclusive": "APO (inclusive anchors)",
     "npg": "natural PG (yardstick)",
 }
 
-LINESTYLES = {"npg": ":", "base": "--", "apo_inclusive": "--", "dr_grpo": "--", "grpo_kl_full": "-"}
+LINESTYLES = {"npg": ":", "base": "--", "apo_inclusive": "--", "dr_grpo": "--", "grpo_kl_full": "-",
+              "apo_old_mass": "--", "apo_old_token": (0, (1, 1)), "topk_kl_on_wrong": "-."}
 
 
 def family(method: str) -> str:
@@ -78,8 +85,8 @@ def label(method: str) -> str:
     return f"{base} {suffix}" if suffix and method != fam else base
 
 
-def linestyle(method: str) -> str:
-    return LINESTYLES.get(method, "-")
+def linestyle(method: str):
+    return LINESTYLES.get(method, LINESTYLES.get(family(method), "-"))
 
 
 def setup() -> None:
@@ -116,6 +123,6 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.tight_layout()
     for p in paths:
-        fig.savefig(p)
+        fig.savefig(p, bbox_inches="tight")  # legends placed outside the axes stay in the file
     plt.close(fig)
     return paths

@@ -23,6 +23,8 @@ from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_roll
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
+# Clip-Cov / KL-Cov select tokens by a batch statistic: sampled mode only (exact mode refuses them)
+EXACT_METHODS = [m for m in LOSS_METHODS if not METHODS[m].loss_config().batch_coupled]
 
 
 def tiny_suite(seed=0, b=3, depth=2, prompts=1, top_k=2) -> Suite:
@@ -54,13 +56,15 @@ def enumerated_expectation(suite, cfg, logits, logits_old, G, adv_kwargs):
                         old_logpi=torch.log_softmax(logits_old, -1), **norm)
 
 
-CASES = LOSS_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2", "apo_old_mass", "apo_old_token",
+CASES = EXACT_METHODS + ["apo_dual", "grpo_seqmean", "kl_on_wrong_full", "grpo_k2", "apo_old_mass", "apo_old_token",
                         "apo_push_old_mass"]
 
 
 def case_method(name, k=2):
     """The named method (or a variant), with the anchor set size fitted to the tiny trees."""
     m = _case_method(name)
+    if m.adv.get("estimator") == "passk":  # the tests use groups of G = 2..4
+        m = m.variant(name=m.name, k=2)
     return m.variant(name=m.name, apo_k=k) if m.loss_config().needs_anchors else m
 
 
@@ -165,7 +169,14 @@ def test_sampled_update_reports_diagnostics_and_moves_logits():
 
 @pytest.mark.parametrize("name", LOSS_METHODS)
 def test_zero_support_irreversibility_sampled(name):
-    """A child with pi = 0 stays at exactly 0 under every sampled-token estimator."""
+    """A child with pi = 0 stays at exactly 0 under every sampled-token estimator.
+
+    Its logit does not move either, except under two anchor terms whose logit gradient does not
+    carry the factor pi_k: APO's old_token reading (r_anchor holds the likelihood ratio
+    pi_theta(k) / pi_old(k), gradient (pi_theta/pi_old)(1 - pi_k) ~ 1 however small pi_k is) and
+    Top-K KL on wrong (-q_k log pi_k, gradient q_k - pi_k sum q). Both pull a dead anchor's
+    (finite) logit up; the probability still rounds to 0 after these few steps.
+    """
     suite = build_suite(SuiteSpec(n_prompts=2, branching=6, depth=2, top_k=4, seed=1))
     z = suite.ref_logits.clone()
     # kill the reference's top-2 child at the root (inside the safe manifold): pi = exp(-1e4) = 0
@@ -179,7 +190,12 @@ def test_zero_support_irreversibility_sampled(name):
         sampled_update(suite, m.loss_config(), z, opt, 8, m.adv, gen, epochs=2, minibatches=2)
     p_dead = torch.softmax(z.detach(), -1)[torch.arange(2), 0, dead]
     assert torch.all(p_dead == 0.0)
-    assert torch.all(z.detach()[torch.arange(2), 0, dead] == -1e4)  # not even the logit moved
+    moved = z.detach()[torch.arange(2), 0, dead] + 1e4
+    cfg = m.loss_config()
+    if (cfg.apo_anchor_norm == "old_token" and cfg.needs_anchor_old) or cfg.topk_kl_coef > 0:
+        assert torch.all(moved > 1e-3), moved  # the ratio reading pulls the dead anchor's logit up
+    else:
+        assert torch.all(moved == 0.0), moved  # not even the logit moved
 
 
 def test_natural_pg_is_not_bound_by_zero_support():
@@ -212,3 +228,30 @@ def test_exact_row_cache_matches_a_fresh_suite_across_methods():
             loss, _ = exact_loss(suite, cfg, z, exact_batch(suite, cfg, z_old, 4, m.adv))
             out.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), (name, k)
+
+
+@pytest.mark.parametrize("name", ["apo", "apo_old_token", "apo_push_only", "topk_kl_on_wrong", "kl_on_wrong_full"])
+def test_diagnostics_off_gives_the_same_loss_and_gradient(name):
+    """policy_loss(diagnostics=False), used on the simulator's unmeasured steps, changes no value:
+    loss and gradient bit-identical, exact and sampled."""
+    m = case_method(name)
+    cfg = m.loss_config()
+    suite = tiny_suite(seed=6, prompts=2)
+    g = torch.Generator().manual_seed(4)
+    z_old = suite.ref_logits + 0.4 * torch.randn(suite.ref_logits.shape, generator=g)
+    theta = z_old + 0.6 * torch.randn(z_old.shape, generator=g)
+    roll = sample_rollouts(suite, z_old, 4, torch.Generator().manual_seed(0))
+    adv = group_advantages(roll["reward"], 4, **m.adv)
+    P, N, b = z_old.shape
+    old = torch.log_softmax(z_old, -1).reshape(P * N, b)
+    old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]
+    batch = exact_batch(suite, cfg, z_old, 4, m.adv)
+    for loss_fn in (lambda z, d: exact_loss(suite, cfg, z, batch, diagnostics=d),
+                    lambda z, d: sampled_loss(suite, cfg, z, roll, old_logp, adv, old_logpi=old, diagnostics=d)):
+        out = []
+        for d in (True, False):
+            z = theta.clone().requires_grad_(True)
+            loss, met = loss_fn(z, d)
+            out.append((loss.detach(), torch.autograd.grad(loss, z)[0], met))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert len(out[0][2]) > 5 and set(out[1][2]) == {"loss"} and out[1][2]["loss"] == out[0][2]["loss"]
