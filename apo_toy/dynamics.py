@@ -15,7 +15,7 @@ and every per-token loss is linear in A within a sign, so
 
     E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) sum_t loss_t(theta; leaf, c_{r(leaf)}(p, G)) / N
 
-with c_r(p, G) = E[A | r] (`expected_group_advantage`, theory.md section 4). This identity holds
+with c_r(p, G) = E[A | r] (`expected_group_advantage`, docs/theory.md section 4). This identity holds
 for every theta (not only at theta_old), clipping included, because the loss at depth t depends on
 the leaf only through the edge (node s_t, child a_t) and the advantage. We therefore group leaves
 by edge: one "sequence" of length T = 1 per (edge, reward class) with weight
@@ -380,7 +380,7 @@ def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable
 def npg_update(suite: Suite, logits: Tensor, lr: float) -> dict:
     """YARDSTICK: tabular natural policy gradient, dz_{s,a} = lr (Q(s,a) - V(s)).
 
-    The exact policy gradient is d(s) pi(a|s) (Q - V) (theory.md section 5); the Fisher
+    The exact policy gradient is d(s) pi(a|s) (Q - V) (docs/theory.md section 5); the Fisher
     preconditioner removes the reach d(s) and the pi(a|s) factor, so rare branches learn as fast
     as common ones. Computed directly from the tree, not through policy_loss.
     """

@@ -275,7 +275,7 @@ def tradeoff_methods() -> tuple:
             warnings.simplefilter("ignore")
             m = get_method("apo", name=f"apo@beta={beta}", apo_beta=beta)
             ms.append(m.variant(name=report_label(m)))
-    for beta in (0.1, 0.3, 1.0):  # the pull without the rectified clip (apo_method.md section 3a)
+    for beta in (0.1, 0.3, 1.0):  # the pull without the rectified clip (docs/method.md section 3, clip placement)
         ms.append(get_method("apo_push_only", name=f"apo_push_only@beta={beta}", apo_beta=beta))
     return tuple(ms)
 
@@ -321,7 +321,7 @@ def recovery_methods() -> tuple:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("squeeze", "one decision node, b=16: negative squeezing / positive sharpening (theory.md 2-3)",
+        Preset("squeeze", "one decision node, b=16: negative squeezing / positive sharpening (docs/theory.md sections 2-3)",
                SuiteSpec(n_prompts=16, branching=16, depth=1, n_extra_correct=0),
                ("grpo", "w_reinforce", "apo", "npg"), RunConfig(steps=150)),
         Preset("rsc", "coupled model (shared parameters; 32 training, 64 held-out prompts; b=10, D=3, K=8; peaked "

@@ -48,7 +48,7 @@ NB = {}
 NB["01_negative_squeezing"] = [
 ("md", """# 1. Negative squeezing at one decision node
 
-**Claim** (apo_method.md section 1, theory.md section 2). When RLVR pushes down a wrong token
+**Claim** (docs/method.md section 1, docs/theory.md section 2). When RLVR pushes down a wrong token
 `ybar`, the probability it frees does not spread evenly: it flows to the tokens that are already
 likely. A rare but *valid* alternative loses probability, the mode gains: "rich get richer".
 
@@ -301,7 +301,7 @@ print("all checks passed")'''),
 NB["03_shape_vs_support"] = [
 ("md", """# 3. Shape matching vs support coverage
 
-**Claim** (apo_method.md sections 1-2, theory.md sections 6 and 8). The usual fix for RSC, a KL
+**Claim** (docs/method.md sections 1-2, docs/theory.md sections 6 and 8). The usual fix for RSC, a KL
 penalty to the reference, is *shape matching*: it pulls `pi_theta` towards `pi_ref`'s whole
 density and so fights the sharpening that correctness needs (accuracy-diversity trade-off). APO
 only asks for *support coverage*: mass on the safe manifold `M = TopK(pi_ref)`.
@@ -344,7 +344,7 @@ checks = {
 }
 for name, (got, want) in checks.items():
     print(f"{name}: max |E grad - closed form| = {float((got - want).abs().max()):.2e}")'''),
-("md", """**The sharpening conflict** (theory.md section 8). Take a correct token that RL has sharpened above
+("md", """**The sharpening conflict** (docs/theory.md section 8). Take a correct token that RL has sharpened above
 the reference. The reverse-KL gradient lowers its logit while the reward gradient raises it. APO
 leaves positive-advantage tokens exactly as GRPO (no KL term), so there is no conflict there."""),
 ("code", '''r = torch.zeros(b, dtype=torch.float64); r[0] = 1.0                   # token 0 is correct
@@ -454,7 +454,7 @@ print("all checks passed")'''),
 NB["04_elastic_recovery"] = [
 ("md", """# 4. Elastic recovery, gradient alignment, anchoring and clip placement
 
-**APO at one token** (apo_method.md section 2, theory.md section 7). For a negative-advantage token
+**APO at one token** (docs/method.md section 2, docs/theory.md section 7). For a negative-advantage token
 the ratio `w = pi_theta(y)/pi_old(y)` is replaced by `r_APO = lambda w - beta r_anchor`, with
 
     S = TopK(pi_ref) \\ {y}   (exclusive anchoring),   Z_ref = sum_{k in S} pi_ref(k)
@@ -685,7 +685,7 @@ token `y_t` is the reference's own top token (the usual case for a confident mod
 set `S = TopK \\ {y_t}` holds little reference mass, so `Z_ref` is small and `r_anchor = M_S / Z_ref`
 is large as soon as the policy has moved some mass onto `S`. Under the *rectified* clip placement
 `r_APO = lambda w - beta r_anchor` then falls below `1 - eps_low` and the whole token, push included,
-gets zero gradient (apo_method.md section 3, the OPEN clip placement). `apo_clip="push_only"`
+gets zero gradient (docs/method.md section 3, the OPEN clip placement). `apo_clip="push_only"`
 avoids this; the trainer logs the share so a run can be checked."""),
 ("md", """**A 2-step APO training run** through the trainer's Python API (LoRA on the tiny model, 2 prompts x
 4 completions per step, evaluation before and after), then what its `metrics.jsonl` means."""),

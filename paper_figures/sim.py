@@ -64,7 +64,7 @@ def _final(table, method: str, key: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Negative squeezing at one node (theory.md section 2)
+# 1. Negative squeezing at one node (docs/theory.md section 2)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
-"""theory.md closed forms, checked on the simulator's own code paths (float64, property-based).
+"""docs/theory.md closed forms, checked on the simulator's own code paths (float64, property-based).
 
 Every expected value below is computed independently (autograd on an explicit per-leaf
-product, closed forms from theory.md) and compared with what the simulator does through
+product, closed forms from docs/theory.md) and compared with what the simulator does through
 `policy_loss` (exact_loss / sampled_loss).
 """
 
@@ -88,7 +88,7 @@ def test_group_estimators_share_the_policy_gradient_direction(seed, b, depth, G)
 
 
 def test_direction_invariance_worked_value():
-    """theory.md worked numbers at p = 0.5242, G = 5: one node with p set exactly."""
+    """docs/theory.md worked numbers at p = 0.5242, G = 5: one node with p set exactly."""
     # two children: logit chosen so pi(correct) = 0.5242
     p = 0.5242
     z = torch.tensor([[[math.log(p), math.log(1 - p)]]])
@@ -252,7 +252,7 @@ def test_apo_pull_reinflates_squeezed_anchored_branch_where_grpo_does_not():
     squeezing), APO's pull re-inflates it when the first-order term of the test above is positive
     (beta = 1 here, push_only placement). With the paper's beta = 0.1 the same state is still squeezed,
     and the rectified placement at beta = 1 gives the whole token zero gradient (rho = lambda - beta
-    r_anchor < 1 - eps_low, apo_method.md section 3a): both also checked."""
+    r_anchor < 1 - eps_low, docs/method.md section 3, clip placement): both also checked."""
     b, K = 10, 8
     ref = -1.5 * torch.log1p(torch.arange(b, dtype=torch.float64))  # child i has reference rank i
     j, y = 3, 0  # valid anchored branch, wrong sampled token; child 9 (outside Top-K) holds the leak
