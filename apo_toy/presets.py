@@ -8,6 +8,7 @@ deterministic, so their spread over seeds is the spread over suites.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ def run(spec: Union[SuiteSpec, Suite, CoupledSpec, CoupledSuite, None] = None, m
     if not meths:
         raise ValueError("methods: need at least one method")
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # a bar only on a terminal: redirected logs stay readable
         from tqdm.auto import tqdm
 
         bar = tqdm(total=seeds * len(meths) * cfg.steps, desc=f"apo_toy {preset}", unit="step")
@@ -286,13 +287,14 @@ KL_COEF_LLM = 0.001  # a KL coefficient in the range LLM RLVR runs use (verl's d
 RSC_RUN = RunConfig(steps=150, optimizer="adam", lr=0.05)
 
 
-def rsc_methods() -> tuple:
-    """The coupled `rsc` preset's six arms: GRPO, k3 KL at two strengths, exact reverse KL, KL-on-wrong, APO."""
-    return ("grpo", "grpo_kl", get_method("grpo_kl", name=f"grpo_kl@{KL_COEF_LLM}", kl_coef=KL_COEF_LLM),
-            "grpo_kl_full", "kl_on_wrong", "apo")
-
-
 APO_READINGS = ("apo", "apo_old_mass", "apo_old_token")  # r_anchor by Z_ref (A) / M_S(theta_old) (C) / per token (H)
+
+
+def rsc_methods() -> tuple:
+    """The coupled `rsc` preset's arms: GRPO, k3 KL at two strengths, exact reverse KL, KL-on-wrong, and APO
+    under each reading of r_anchor (docs/method.md section 3)."""
+    return ("grpo", "grpo_kl", get_method("grpo_kl", name=f"grpo_kl@{KL_COEF_LLM}", kl_coef=KL_COEF_LLM),
+            "grpo_kl_full", "kl_on_wrong") + APO_READINGS
 
 
 def frontier_methods() -> tuple:
