@@ -36,6 +36,7 @@ from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+from apo_llm.passes import gathers_anchors, loss_inputs, old_pass_gathers_anchors
 
 log = logging.getLogger("apo_llm.trl_engine")
 
@@ -186,6 +187,25 @@ class APOGRPOTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         out.update(self._reference_pass(out))
         self._metrics["train"]["timing/reference"].append(time.perf_counter() - t0)
+        if old_pass_gathers_anchors(self.loss_cfg) and out.get("old_per_token_logps") is not None:
+            # TRL ran its old pass before the reference pass existed: gather log pi_old at the anchors
+            # now (the weights have not moved since). Without TRL's old pass, _compute_loss uses the
+            # forward's own gather, detached (pi_old = pi_theta).
+            out["anchor_old_logp"] = self._anchor_old_pass(out)
+        return out
+
+    @torch.no_grad()
+    def _anchor_old_pass(self, batch: dict) -> torch.Tensor:
+        """log pi_old at the reference Top-K ids, [B, T, K] (-inf past each completion's end)."""
+        B = batch["completion_ids"].shape[0]
+        out = torch.full(batch["anchor_ids"].shape, -math.inf, device=batch["anchor_ids"].device)
+        was_training = self.model.training
+        self.model.eval()
+        for s in range(0, B, self.args.per_device_train_batch_size):
+            rows = slice(s, min(s + self.args.per_device_train_batch_size, B))
+            st, t = self._token_stats(self.model, batch, rows, gather_ids=batch["anchor_ids"][rows])
+            out[rows, :t] = st.gathered_logp.float()
+        self.model.train(was_training)
         return out
 
     @torch.no_grad()
@@ -288,20 +308,13 @@ class APOGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         lc = self.loss_cfg
         rows = slice(0, inputs["completion_ids"].shape[0])
-        gather = inputs["anchor_ids"] if lc.needs_anchors else None
+        gather = inputs["anchor_ids"] if gathers_anchors(lc) else None
         st, t = self._token_stats(model, inputs, rows, gather_ids=gather, want_entropy=True)
         mask = inputs["completion_mask"][:, :t]
         old = inputs.get("old_per_token_logps")
-        # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
         old = st.logp.detach() if old is None else old[:, :t]
-        kw: dict[str, Any] = {}
-        if lc.needs_ref_logp:
-            kw["ref_logp"] = inputs["ref_logp"][:, :t]
-        if lc.needs_anchors:
-            kw.update(anchor_logp=st.gathered_logp, anchor_ref_logp=inputs["anchor_ref_logp"][:, :t],
-                      anchor_is_sampled=inputs["anchor_is_sampled"][:, :t])
-        if lc.needs_entropy:
-            kw["entropy"] = st.entropy
+        # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
+        kw = loss_inputs(lc, st, inputs, lambda x: x[:, :t], old_is_current=inputs.get("old_per_token_logps") is None)
         if "importance_sampling_ratio" in inputs:  # vLLM sequence-level correction: one weight per completion
             kw["weights"] = inputs["importance_sampling_ratio"].reshape(-1)
         tokens, seqs = self._loss_normalisers(inputs)
