@@ -183,17 +183,10 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     refuses the rest.
     """
     run_dir = cfg.run_dir
-    resuming = cfg.checkpoint.resume not in (None, "", "none", "None", "false")
-    if cfg.logging.overwrite and resuming:
-        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+    refuse_overwrite_with_resume(cfg)
     resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # CheckpointError names the bad file
     ours = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_root(run_dir).resolve()
-    held = run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
-    if held and not ours and not cfg.logging.overwrite:
-        raise UserError(f"logging.run_name: {run_dir} already holds a run"
-                        + (" without an intact checkpoint" if resuming else "")
-                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
-                          "--logging.overwrite true to move it aside")
+    refuse_mixing_runs(cfg, ours)
     if resume_from is not None:
         saved = read_trainer_state(resume_from).get("config")
         applied, refused = resume_differences(saved or {}, cfg)
@@ -208,10 +201,33 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     return resume_from
 
 
+def resuming(cfg: RunConfig) -> bool:
+    return cfg.checkpoint.resume not in (None, "", "none", "None", "false")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+
+
+def refuse_overwrite_with_resume(cfg: RunConfig) -> None:
+    if cfg.logging.overwrite and resuming(cfg):
+        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+
+
+def refuse_mixing_runs(cfg: RunConfig, resumes_this_run: bool) -> None:
+    """The run-dir guard of both engines: a directory holding a run is only reused by a resume of that
+    run (`resumes_this_run`: the checkpoint lies in it), or moved aside with logging.overwrite."""
+    if holds_run(cfg.run_dir) and not resumes_this_run and not cfg.logging.overwrite:
+        raise UserError(f"logging.run_name: {cfg.run_dir} already holds a run"
+                        + (" without an intact checkpoint" if resuming(cfg) else "")
+                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
+                          "--logging.overwrite true to move it aside")
+
+
 def start_run_dir(cfg: RunConfig) -> None:
     """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
     run_dir = cfg.run_dir
-    if cfg.logging.overwrite and run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES):
+    if cfg.logging.overwrite and holds_run(run_dir):
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         i = 0
         while aside.exists():

@@ -381,8 +381,10 @@ def world_size() -> int:
 
 
 def _resume_arg(cfg: RunConfig):
+    from apo_llm.train import resuming
+
     spec = cfg.checkpoint.resume
-    if spec is None:
+    if not resuming(cfg):
         return None
     if spec == "auto":
         from transformers.trainer_utils import get_last_checkpoint
@@ -395,9 +397,19 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
     from apo_llm.config import save_resolved
     from apo_llm.modeling import load_model_and_tokenizer, want_lm_head_fp32, wrap_lora
-    from apo_llm.train import load_data, resolve_model_path, seed_everything
+    from accelerate import PartialState
+
+    from apo_llm.train import (
+        load_data, refuse_mixing_runs, refuse_overwrite_with_resume, resolve_model_path, seed_everything,
+        start_run_dir,
+    )
 
     args = grpo_config(cfg, world_size())
+    # the native engine's run-dir guard (never mix two runs), checked by every process before any writes
+    refuse_overwrite_with_resume(cfg)
+    resume = _resume_arg(cfg)
+    refuse_mixing_runs(cfg, resume is not None and Path(resume).resolve().parent == cfg.run_dir.resolve())
+    PartialState().wait_for_everyone()
     seed_everything(cfg.train.seed)  # the same LoRA initialisation on every process
     model_path = resolve_model_path(cfg)
     base, tokenizer = load_model_and_tokenizer(
@@ -413,11 +425,9 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     problems, _, reward_name = load_data(cfg)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run_dir(cfg)  # with logging.overwrite, moves the previous run aside first
         save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name, "engine": "trl",
                                          "world_size": world_size()})
-        if cfg.checkpoint.resume is None and (cfg.run_dir / "metrics.jsonl").exists():
-            (cfg.run_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     return APOGRPOTrainer(cfg, model=model, args=args, reward_funcs=[make_reward_func(reward_name)],
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[JsonlMetrics(cfg.run_dir)])
 

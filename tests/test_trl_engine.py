@@ -175,6 +175,34 @@ def test_two_step_run_with_an_old_reading(tiny_model_dir, tmp_path, norm):
     assert info["apo_anchor_norm"] == norm and info["apo_pull_cap"] == "inf" and info["needs_anchor_old_logp"]
 
 
+def test_run_dir_guard_through_the_cli(tiny_model_dir, tmp_path, capsys):
+    """As the native engine: a run dir holding a run is refused (nothing touched), --logging.overwrite
+    moves it aside, and overwrite with --resume is refused."""
+    from apo_llm.train import main
+
+    args = ["--train.engine", "trl", "--model.name_or_path", str(tiny_model_dir), "--model.device", "cpu",
+            "--train.prompts_per_step", "2", "--rollout.num_generations", "4", "--train.mini_batch_size", "8",
+            "--train.micro_batch_size", "8", "--rollout.max_new_tokens", "8", "--eval.every", "0",
+            "--checkpoint.every", "0", "--logging.output_dir", str(tmp_path), "--logging.run_name", "g",
+            "--logging.plots", "false", "--logging.progress", "false", "--data.synthetic_n", "16",
+            "--train.steps", "1"]
+    main(args)
+    run = tmp_path / "g"
+    before = (run / "metrics.jsonl").read_text()
+    assert before
+    for extra, words in (([], "already holds a run"), (["--resume", "auto"], "without an intact checkpoint"),
+                         (["--logging.overwrite", "true", "--resume", "auto"], "cannot be combined with --resume")):
+        with pytest.raises(SystemExit) as e:
+            main(args + extra)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
+        assert (run / "metrics.jsonl").read_text() == before  # the previous run is untouched
+    main(args + ["--logging.overwrite", "true"])
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("g.old-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == before
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 STEPS = 20
 MARGIN = 0.10  # as tests/test_train_e2e.py: mean training reward of the last 5 steps vs the first 5
 
