@@ -593,8 +593,10 @@ def policy_loss(
     global_tokens: Optional[float] = None,
     global_seqs: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Scalar loss to minimise, and float diagnostics.
+    sync_metrics: bool = True,
+) -> tuple[Tensor, dict[str, float] | dict[str, Tensor]]:
+    """Scalar loss to minimise, and float diagnostics (0-d detached tensors with sync_metrics=False,
+    so a trainer can turn the diagnostics of many calls into floats with one host sync).
 
     Per token: loss_t = policy_term_t [+ kl_coef * kl_t on the term's KL scope] [- ent_coef * H_t],
     then `aggregate`. Tensors: logp, old_logp, mask, ref_logp, kl_full, entropy [B, T];
@@ -633,6 +635,8 @@ def policy_loss(
         metrics = _diagnostics(cfg, mask_b, adv, ratio, aux, inputs, kl_tok)
         metrics["pg_loss"] = aggregate(pg_tok, mask_b, cfg.loss_agg, **agg)
         metrics["loss"] = loss
+    if not sync_metrics:
+        return loss, {k: v.detach().reshape(()) for k, v in metrics.items()}
     return loss, _to_floats(metrics)
 
 

@@ -138,9 +138,9 @@ def build_dataset(cfg: RunConfig, tokenizer, problems):
     """datasets.Dataset(prompt = chat-formatted text, gold): TRL applies no template to plain strings."""
     from datasets import Dataset
 
-    from apo_llm.train import format_prompts
+    from apo_llm.prompts import format_for_run
 
-    return Dataset.from_dict({"prompt": format_prompts(cfg, tokenizer, [p.prompt for p in problems]),
+    return Dataset.from_dict({"prompt": format_for_run(cfg, tokenizer, [p.prompt for p in problems]),
                               "gold": [p.gold for p in problems]})
 
 
@@ -395,13 +395,11 @@ def _resume_arg(cfg: RunConfig):
 
 def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
-    from apo_llm.config import save_resolved
-    from apo_llm.modeling import load_model_and_tokenizer, want_lm_head_fp32, wrap_lora
     from accelerate import PartialState
 
+    from apo_llm.config import save_resolved
     from apo_llm.train import (
-        load_data, refuse_mixing_runs, refuse_overwrite_with_resume, resolve_model_path, seed_everything,
-        start_run_dir,
+        add_lora, load_base, load_data, refuse_mixing_runs, refuse_overwrite_with_resume, start_run_dir,
     )
 
     args = grpo_config(cfg, world_size())
@@ -410,19 +408,12 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     resume = _resume_arg(cfg)
     refuse_mixing_runs(cfg, resume is not None and Path(resume).resolve().parent == cfg.run_dir.resolve())
     PartialState().wait_for_everyone()
-    seed_everything(cfg.train.seed)  # the same LoRA initialisation on every process
-    model_path = resolve_model_path(cfg)
-    base, tokenizer = load_model_and_tokenizer(
-        model_path, dtype=cfg.model.dtype, device=None, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
-        stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
-    lo = cfg.lora
-    targets = (lo.target_modules if lo.target_modules == "all-linear"
-               else [x.strip() for x in lo.target_modules.split(",")])
-    model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
-                      adapter_path=lo.adapter_path)
+    problems, _, reward_name = load_data(cfg)  # data errors before the model loads
+    # as the native trainer (train.load_base / add_lora): seeded after the build, so every process
+    # starts from the same LoRA initialisation; gradient checkpointing is GRPOConfig's
+    base, tokenizer, model_path = load_base(cfg, None)
+    model = add_lora(cfg, base)
     set_vllm_stops(args, base)
-    problems, _, reward_name = load_data(cfg)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:
         start_run_dir(cfg)  # with logging.overwrite, moves the previous run aside first

@@ -218,6 +218,41 @@ def test_anchor_old_logp_is_pi_old_at_the_reference_topk(char_dir, norm, monkeyp
         torch.testing.assert_close(seen[0][m_rows], expect[m_rows], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["ref", "old_token"])
+def test_unsynced_metrics_give_the_same_floats(norm):
+    """policy_loss(sync_metrics=False) + the trainer's one-sync accumulation (train._add_weighted) give
+    exactly the floats of the synced path, summed the way the trainer summed them before."""
+    from apo_llm.objectives import LossConfig, policy_loss
+
+    gen = torch.Generator().manual_seed(4)
+    B, T, K = 6, 5, 4
+    cfg = LossConfig(name="apo", apo_anchor_norm=norm, apo_beta=0.3)
+    calls = []
+    for _ in range(3):  # three micro-batches
+        logp = -torch.rand(B, T, generator=gen) * 3
+        anchor_logp = -torch.rand(B, T, K, generator=gen) * 3
+        kw = dict(anchor_logp=anchor_logp, anchor_ref_logp=anchor_logp - 0.2 * torch.rand(B, T, K, generator=gen),
+                  anchor_is_sampled=torch.zeros(B, T, K, dtype=torch.bool))
+        if norm != "ref":
+            kw["anchor_old_logp"] = anchor_logp - 0.1 * torch.randn(B, T, K, generator=gen)
+        mask = torch.rand(B, T, generator=gen) < 0.8
+        args = (cfg, logp, logp + 0.2 * torch.randn(B, T, generator=gen), torch.randn(B, generator=gen), mask)
+        calls.append((float(mask.sum()), args, kw))
+    synced, seen = {}, []
+    for w, args, kw in calls:
+        loss_a, floats = policy_loss(*args, **kw)
+        loss_b, tensors = policy_loss(*args, **kw, sync_metrics=False)
+        assert torch.equal(loss_a, loss_b) and set(floats) == set(tensors)
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in tensors.values())
+        for k, v in floats.items():
+            synced[k] = synced.get(k, 0.0) + w * v
+        seen.append((w, tensors))
+    unsynced: dict = {}
+    train_mod._add_weighted(unsynced, seen)
+    assert unsynced == synced  # bit-identical, not close
+    assert any(v != 0 for v in synced.values())
+
+
 def test_truncation_and_zero_variance_warnings(char_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(apo_llm.rewards, "score_completions", lambda name, c, g, **kw: [0.0] * len(c))
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--logging.run_name", "w", "--eval.every", "0",

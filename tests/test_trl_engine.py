@@ -333,7 +333,7 @@ def test_config_prompt_template_reward_and_stop_agree(random_tiny_model_dir, pat
     from apo_llm.data import PROMPT_SUFFIX, make_prompt
     from apo_llm.modeling import add_stop_ids, template_stop_ids
     from apo_llm.rewards import default_reward_for
-    from apo_llm.train import format_prompts
+    from apo_llm.prompts import format_for_run
 
     cfg = load_config(["--config", str(path)])
     if "Qwen" not in cfg.model.name_or_path:
@@ -341,7 +341,7 @@ def test_config_prompt_template_reward_and_stop_agree(random_tiny_model_dir, pat
     style = "math" if cfg.data.source in ("math", "math500") else "gsm8k"
     reward = cfg.data.reward or default_reward_for(cfg.data.source, prompt_style=style)
     tok = _stand_in_tokenizer(random_tiny_model_dir, cfg.model.name_or_path)
-    text = format_prompts(cfg, tok, [make_prompt("Tom has 3 apples and buys 4. How many?", style)])[0]
+    text = format_for_run(cfg, tok, [make_prompt("Tom has 3 apples and buys 4. How many?", style)])[0]
     want = _FORMAT_OF_REWARD[reward]
     assert PROMPT_SUFFIX[style] in text
     if want is not None:  # the rendered prompt asks for the format the reward reads, and for no other
