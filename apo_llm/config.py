@@ -405,8 +405,33 @@ def parse_cli(argv: list[str]) -> tuple[Optional[str], dict, bool]:
     return config_path, cli, False
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's sections, with its `base: other.yaml` (a path relative to the file) merged
+    under it: a section of the file overrides the base's fields one by one. Bases may chain;
+    a cycle, or a base that is not a mapping of sections, is a one-line error naming the files."""
     p = Path(path)
+    data = _read_yaml(p)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config: {p}: base must be a path to another YAML file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    chain = _chain + (p.resolve(),)
+    if base_path in chain:
+        raise ValueError(f"config: {p}: base cycle " + " -> ".join(str(x) for x in chain + (base_path,)))
+    if not base_path.is_file():
+        raise ValueError(f"config: {p}: base file not found: {base_path}")
+    merged = load_yaml(base_path, chain)
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}  # field by field; lists are replaced whole
+        else:
+            merged[section] = values
+    return merged
+
+
+def _read_yaml(p: Path) -> dict:
     if not p.is_file():
         raise ValueError(f"config: file not found: {p}")
     try:
