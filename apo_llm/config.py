@@ -285,6 +285,7 @@ def validate(cfg: RunConfig) -> None:
             section, name = key.split(".")
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
 
+    from apo_llm.data import FILE_SOURCES, SOURCES
     from apo_llm.modeling import DTYPES
 
     m, lo, d, r, t, e, c = cfg.model, cfg.lora, cfg.data, cfg.rollout, cfg.train, cfg.eval, cfg.checkpoint
@@ -294,9 +295,8 @@ def validate(cfg: RunConfig) -> None:
     need(lo.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
     need(bool(lo.target_modules), "lora.target_modules", "must be 'all-linear' or module names")
-    need(d.source in ("gsm8k", "math", "math500", "synthetic", "jsonl", "parquet"), "data.source",
-         "choose from gsm8k, math, math500, synthetic, jsonl, parquet")
-    need(d.source not in ("jsonl", "parquet") or bool(d.path), "data.path", f"required for source {d.source!r}")
+    need(d.source in SOURCES, "data.source", f"choose from {', '.join(SOURCES)}")
+    need(d.source not in FILE_SOURCES or bool(d.path), "data.path", f"required for source {d.source!r}")
     need(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 or None")
     need(d.synthetic_n is None or d.synthetic_n >= 1, "data.synthetic_n", "must be >= 1 or None")
     need(r.num_generations >= 2, "rollout.num_generations", "group size G must be >= 2")
@@ -344,10 +344,10 @@ def validate(cfg: RunConfig) -> None:
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.loss.kl_estimator != "full" or cfg.loss.kl_coef == 0, "loss.kl_estimator",
          "'full' (exact KL over the vocabulary) is not supported by the LLM trainer; use k1, k2 or k3")
-    need(d.source not in ("jsonl", "parquet") or d.reward is not None, "data.reward",
+    need(d.source not in FILE_SOURCES or d.reward is not None, "data.reward",
          f"required for source {d.source!r} (gsm8k_strict | gsm8k_flexible | math): it also picks the prompt "
          "suffix and which rows fit")
-    need(d.eval_source not in ("jsonl", "parquet") or bool(d.eval_path), "data.eval_path",
+    need(d.eval_source not in FILE_SOURCES or bool(d.eval_path), "data.eval_path",
          f"required for eval_source {d.eval_source!r}")
     need(t.engine in ("native", "trl"), "train.engine", "choose native or trl")
     need(r.engine in ("hf", "vllm"), "rollout.engine", "choose hf or vllm")

@@ -1,19 +1,22 @@
 """LoRA RLVR trainer: `python -m apo_llm.train [--config FILE.yaml] [--section.field VALUE ...]`.
 
-One step (the same calls the simulator makes, on real tokens):
+One step (`rl_step`; the same calls the simulator makes, on real tokens):
 
     prompts  --generate_completions-->  G completions each (top_k=0, top_p=1, temperature)
              --score_completions----->  rewards r            --group_advantages--> A
-    old pass (no grad):        log pi_old(y_t), entropy                  [B, T]
     reference pass (no grad):  log pi_ref(y_t); for APO the safe manifold
                                M_t = TopK(pi_ref(. | y_<t)) ids + log-probs  [B, T, K]
+    old pass (no grad):        log pi_old(y_t), entropy [B, T]; for the old_mass / old_token
+                               readings of r_anchor also log pi_old at the ids of M_t [B, T, K]
+                               (skipped for one epoch of one minibatch: the update's forward is pi_old)
     ppo_epochs x minibatches x micro-batches:
         training forward: log pi_theta(y_t) and, for APO, log pi_theta at the anchor ids of M_t
         policy_loss(..., global_tokens=minibatch tokens, global_seqs=minibatch sequences)
         backward; after the minibatch: clip grad norm, AdamW step, scheduler step
 
-What the loss needs is asked from LossConfig (needs_anchors / needs_ref_logp / needs_entropy),
-never from its name. With no arguments the embedded default runs APO on the project's tiny Llama
+Which optional tensors the loss gets is decided by objectives.required_inputs(cfg) and built in
+one place, passes.loss_inputs (shared with the TRL engine), never from the loss's name.
+With no arguments the embedded default runs APO on the project's tiny Llama
 and the synthetic arithmetic task on CPU in a few minutes.
 
 Reliability: paths, the run directory, the checkpoint to resume (manifest-verified, with fallback)
@@ -44,6 +47,7 @@ from apo_llm.checkpoint import (
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
+from apo_llm.data import FILE_SOURCES
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
     completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32,
@@ -152,7 +156,7 @@ def load_data(cfg: RunConfig):
     from apo_llm.rewards import default_reward_for
 
     d = cfg.data
-    local = d.source in ("jsonl", "parquet")
+    local = d.source in FILE_SOURCES
     reward = d.reward or default_reward_for(d.source)  # validate() requires data.reward for local files
     train = _load("data.path" if local else "data.source", d.source, d.split, path=d.path, limit=d.limit,
                   seed=d.seed, synthetic_n=d.synthetic_n, reward=reward if local else None)
@@ -169,7 +173,7 @@ def load_data(cfg: RunConfig):
         log.warning(f"data.eval_path not set: evaluating on a held-out slice of {hold} of the {len(train)} "
                     f"problems of {d.path}; they are not trained on")
         return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)], reward
-    eval_local = eval_source in ("jsonl", "parquet")
+    eval_local = eval_source in FILE_SOURCES
     evals = _load("data.eval_path" if eval_local else "data.eval_source", eval_source, d.eval_split,
                   path=d.eval_path, limit=cfg.eval.num_problems, seed=d.seed, reward=reward if eval_local else None)
     return train, evals, reward

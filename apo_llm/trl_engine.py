@@ -8,7 +8,11 @@ to it only what APO needs (docs/trainer_engines.md has the field-by-field mappin
     advantages                          -> objectives.group_advantages (train.advantage), recomputed
                                            from TRL's gathered rewards so groups spanning ranks stay whole
     one no-grad reference pass          -> log pi_ref(y_t) and, for APO, the safe manifold
-                                           M_t = TopK(pi_ref) ids + log-probs [B, T, K], chunked
+                                           M_t = TopK(pi_ref) ids + log-probs [B, T, K], chunked;
+                                           for the old_mass / old_token readings then log pi_old
+                                           at those ids (after TRL's own old pass, or the forward's
+                                           detached gather when TRL skips it)
+    optional loss tensors               -> passes.loss_inputs, from objectives.required_inputs
     loss                                -> objectives.policy_loss for every loss.name (TRL's beta = 0:
                                            any KL lives in LossConfig), with TRL's token normaliser
                                            as global_tokens
