@@ -279,16 +279,23 @@ def build_config(yaml_dict: Optional[dict] = None, cli: Optional[dict] = None) -
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and consistency checks; every error names the field."""
+    """Range and consistency checks; every error names the field. One line per check, in three
+    groups (what is loaded, the loop, the engines) checked in this order."""
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             section, name = key.split(".")
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
 
+    for group in (_validate_inputs, _validate_loop, _validate_engines):
+        group(cfg, need)
+
+
+def _validate_inputs(cfg: RunConfig, need) -> None:
+    """model, lora, data, rollout."""
     from apo_llm.data import FILE_SOURCES, SOURCES
     from apo_llm.modeling import DTYPES
 
-    m, lo, d, r, t, e, c = cfg.model, cfg.lora, cfg.data, cfg.rollout, cfg.train, cfg.eval, cfg.checkpoint
+    m, lo, d, r = cfg.model, cfg.lora, cfg.data, cfg.rollout
     need(bool(m.name_or_path), "model.name_or_path", "must be set")
     need(m.dtype in DTYPES, "model.dtype", f"choose from {sorted(DTYPES)}")
     need(lo.r >= 1, "lora.r", "must be >= 1")
@@ -305,6 +312,10 @@ def validate(cfg: RunConfig) -> None:
     need(0.0 < r.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
     need(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+
+def _validate_loop(cfg: RunConfig, need) -> None:
+    """train, eval, checkpoint."""
+    r, t, e, c = cfg.rollout, cfg.train, cfg.eval, cfg.checkpoint
     need(t.steps >= 1, "train.steps", "must be >= 1")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
@@ -342,6 +353,12 @@ def validate(cfg: RunConfig) -> None:
     need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(c.every >= 0, "checkpoint.every", "must be >= 0")
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+def _validate_engines(cfg: RunConfig, need) -> None:
+    """Settings that depend on the loss, the data files or the engine."""
+    from apo_llm.data import FILE_SOURCES
+
+    d, r, t = cfg.data, cfg.rollout, cfg.train
     need(cfg.loss.kl_estimator != "full" or cfg.loss.kl_coef == 0, "loss.kl_estimator",
          "'full' (exact KL over the vocabulary) is not supported by the LLM trainer; use k1, k2 or k3")
     need(d.source not in FILE_SOURCES or d.reward is not None, "data.reward",
