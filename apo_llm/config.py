@@ -20,13 +20,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from apo_llm.objectives import LossConfig
 
 TINY_MODEL = "tiny"  # model.name_or_path value meaning: build/load apo_llm.tiny.ensure_tiny_model()
+
+
+# Mode strings: the Literal is the one list of choices (the YAML/CLI conversion refuses the rest).
+TrainEngine = Literal["native", "trl"]
+RolloutEngine = Literal["hf", "vllm"]
+AdvStd = Literal["unbiased", "population"]
 
 
 def _f(default, help: str, **kw):
@@ -84,7 +90,7 @@ class RolloutSection:
     top_p: float = _f(1.0, "nucleus sampling (1.0 keeps log-probs equal to the sampling distribution)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     batch_size: int = _f(64, "rows per generate call")
-    engine: str = _f("hf", "hf (transformers generate) | vllm (train.engine trl only; vLLM colocated, GPU)")
+    engine: RolloutEngine = _f("hf", "hf (transformers generate) | vllm (train.engine trl only; vLLM colocated, GPU)")
     stop_token_ids: list[int] = _f([], "extra token ids that end a completion (the chat template's end-of-turn "
                                        "token is added automatically when model.chat_template is on)")
 
@@ -104,13 +110,13 @@ class TrainSection:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0: off, norm still logged)")
     advantage: str = _f("grpo", "advantage estimator of objectives.group_advantages")
     passk_k: Optional[int] = _f(None, "k of the passk advantage (1 <= k <= rollout.num_generations)")
-    adv_std: str = _f("unbiased", "std of the grpo estimator: unbiased (verl) | population")
+    adv_std: AdvStd = _f("unbiased", "std of the grpo estimator: unbiased (verl) | population")
     seed: int = _f(0, "seed of python / numpy / torch RNGs")
     chunk_size: int = _f(1024, "(row, position) pairs per logits chunk")
     max_consecutive_nonfinite: int = _f(3, "stop with an error after this many non-finite steps in a row")
     stop_at_step: Optional[int] = _f(None, "exit cleanly after this step (preemption / tests); resume later")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
-    engine: str = _f("native", "native (this package's loop, one process) | trl (inside TRL's GRPOTrainer: "
+    engine: TrainEngine = _f("native", "native (this package's loop, one process) | trl (inside TRL's GRPOTrainer: "
                                "several processes, DeepSpeed/FSDP, vLLM); see docs/trainer_engines.md")
 
 
@@ -191,6 +197,10 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _convert(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: choose from {', '.join(map(str, args))}, got {value!r}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -338,7 +348,7 @@ def _validate_loop(cfg: RunConfig, need) -> None:
     need(t.advantage != "passk" or t.passk_k is not None, "train.passk_k", "required with train.advantage=passk")
     need(t.passk_k is None or 1 <= t.passk_k <= r.num_generations, "train.passk_k",
          f"must lie in [1, rollout.num_generations={r.num_generations}]")
-    need(t.adv_std in ("unbiased", "population"), "train.adv_std", "unbiased | population")
+    need(t.adv_std in typing.get_args(AdvStd), "train.adv_std", " | ".join(typing.get_args(AdvStd)))
     need(t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
     need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
     need(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step", "must be >= 1 or None")
@@ -366,8 +376,8 @@ def _validate_engines(cfg: RunConfig, need) -> None:
          "suffix and which rows fit")
     need(d.eval_source not in FILE_SOURCES or bool(d.eval_path), "data.eval_path",
          f"required for eval_source {d.eval_source!r}")
-    need(t.engine in ("native", "trl"), "train.engine", "choose native or trl")
-    need(r.engine in ("hf", "vllm"), "rollout.engine", "choose hf or vllm")
+    need(t.engine in typing.get_args(TrainEngine), "train.engine", "choose native or trl")
+    need(r.engine in typing.get_args(RolloutEngine), "rollout.engine", "choose hf or vllm")
     need(r.engine == "hf" or t.engine == "trl", "rollout.engine", "vllm needs train.engine: trl")
     need(all(isinstance(i, int) and i >= 0 for i in r.stop_token_ids), "rollout.stop_token_ids",
          "must be a list of token ids >= 0")

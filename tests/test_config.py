@@ -250,3 +250,12 @@ def test_bad_base_is_a_one_line_error(tmp_path, files, words):
     with pytest.raises(ValueError) as e:
         load_config(["--config", str(tmp_path / "a.yaml")])
     assert words in str(e.value) and "\n" not in str(e.value) and "a.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("flag, value, choices", [("--train.engine", "nope", "native, trl"),
+                                                  ("--rollout.engine", "sglang", "hf, vllm"),
+                                                  ("--train.adv_std", "sample", "unbiased, population")])
+def test_mode_strings_accept_only_their_literal_choices(flag, value, choices):
+    with pytest.raises(ValueError) as e:
+        load_config([flag, value])
+    assert flag[2:] in str(e.value) and choices in str(e.value)
