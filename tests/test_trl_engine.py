@@ -162,13 +162,15 @@ def test_anchor_old_logp_is_pi_old_at_the_reference_topk(tiny_model_dir, tmp_pat
     assert (old.gathered_logp[mask] - ref.topk_logp[mask]).abs().max() > 1e-2  # the test can tell them apart
 
 
-@pytest.mark.parametrize("norm", ["old_mass", "old_token"])
-def test_two_step_run_with_an_old_reading(tiny_model_dir, tmp_path, norm):
+@pytest.mark.parametrize("norm, epochs", [("old_mass", "1"), ("old_token", "2")])
+def test_two_step_run_with_an_old_reading(tiny_model_dir, tmp_path, norm, epochs):
+    """1 epoch: TRL skips its old pass (the forward's detached gather); 2 epochs: the anchor-old pass
+    runs and its tensor travels through TRL's batch splitting."""
     cfg = _cfg(tiny_model_dir, tmp_path, "--train.steps", "2", "--loss.name", "apo", "--loss.apo_anchor_norm", norm,
-               "--loss.apo_clip", "push_only", "--loss.apo_pull_cap", "inf")
+               "--loss.apo_clip", "push_only", "--loss.apo_pull_cap", "inf", "--train.ppo_epochs", epochs)
     trl_engine.train_trl(cfg)
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == list(range(1, 2 * int(epochs) + 1))  # TRL: one row per optimizer step
     for key in ("apo/neg_clipped_grad_frac", "apo/r_anchor_median", "apo/pull_force_share", "apo/pull_capped_frac"):
         assert key in rows[-1] and rows[-1][key] == rows[-1][key], sorted(rows[-1])
     info = json.loads((tmp_path / "t" / "run_info.json").read_text())["loss_reading"]
