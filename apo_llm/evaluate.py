@@ -268,31 +268,38 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[An
             rewards = np.asarray(score_fn(reward_name, list(sampled.texts), [g for g in golds for _ in range(cfg.n)]),
                                  dtype=float).reshape(len(idx), cfg.n)  # [problems, n]
             g_rewards = np.asarray(score_fn(reward_name, list(greedy.texts), golds), dtype=float)  # [problems]
-            lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
-            truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
-            lines = []
-            for j, i in enumerate(idx):
-                rec = {
-                    "model": label, "problem_id": problems[i].id, "n": cfg.n,
-                    "c": int((rewards[j] > cfg.correct_threshold).sum()),
-                    "greedy_correct": bool(g_rewards[j] > cfg.correct_threshold),
-                    "mean_reward": float(rewards[j].mean()), "greedy_reward": float(g_rewards[j]),
-                    "n_truncated": int(truncated[j].sum()), "mean_length": float(lengths[j].mean()),
-                    "seed": seed,
-                }
-                if cfg.save_completions:
-                    rec["gold"] = problems[i].gold
-                    rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
-                    rec["rewards"] = rewards[j].tolist()
-                    rec["greedy_completion"] = greedy.texts[j]
-                lines.append(json.dumps(rec) + "\n")
-                done.add((label, problems[i].id))
+            lines = _records(label, problems, idx, cfg, sampled, greedy, rewards, g_rewards, seed)
+            done.update((label, problems[i].id) for i in idx)
             fh.write("".join(lines))  # one write per problem batch: the unit of resumption
             fh.flush()
             os.fsync(fh.fileno())
             written += len(idx)
             bar.update(len(idx))
     return written
+
+
+def _records(label: str, problems, idx: list[int], cfg: EvalConfig, sampled, greedy, rewards: np.ndarray,
+             g_rewards: np.ndarray, seed: int) -> list[str]:
+    """One per_problem.jsonl line per problem of the batch (rewards [problems, n], g_rewards [problems])."""
+    lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
+    truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
+    lines = []
+    for j, i in enumerate(idx):
+        rec = {
+            "model": label, "problem_id": problems[i].id, "n": cfg.n,
+            "c": int((rewards[j] > cfg.correct_threshold).sum()),
+            "greedy_correct": bool(g_rewards[j] > cfg.correct_threshold),
+            "mean_reward": float(rewards[j].mean()), "greedy_reward": float(g_rewards[j]),
+            "n_truncated": int(truncated[j].sum()), "mean_length": float(lengths[j].mean()),
+            "seed": seed,
+        }
+        if cfg.save_completions:
+            rec["gold"] = problems[i].gold
+            rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
+            rec["rewards"] = rewards[j].tolist()
+            rec["greedy_completion"] = greedy.texts[j]
+        lines.append(json.dumps(rec) + "\n")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
