@@ -27,6 +27,7 @@ before every checkpoint. Seeds are applied after the model is built or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -638,25 +639,30 @@ def rl_step(s: Setup, problems: list) -> dict[str, float]:
     """One step of the algorithm: generate -> score -> advantages -> old/reference pass -> update."""
     from apo_llm.rewards import score_completions
 
-    cfg, r, timing = s.cfg, s.cfg.rollout, {}
-    t0 = time.perf_counter()
-    prompts = format_for_run(cfg, s.tokenizer, [p.prompt for p in problems])
-    comp = generate_completions(s.policy, s.tokenizer, prompts, r.num_generations, max_new_tokens=r.max_new_tokens,
-                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
-    timing["generate"], t0 = time.perf_counter() - t0, time.perf_counter()
-    golds = [problems[i].gold for i in comp.prompt_index]
-    rewards, n_bad = finite_rewards(score_completions(s.reward_name, comp.texts, golds), s.reward_name)
-    adv = group_advantages(rewards, r.num_generations, cfg.train.advantage, std=cfg.train.adv_std,
-                           k=cfg.train.passk_k)
-    timing["reward"] = time.perf_counter() - t0
+    cfg, r, t = s.cfg, s.cfg.rollout, s.cfg.train
+    timing: dict[str, float] = {}
+    with _timed(timing, "generate"):
+        prompts = format_for_run(cfg, s.tokenizer, [p.prompt for p in problems])
+        comp = generate_completions(s.policy, s.tokenizer, prompts, r.num_generations, max_new_tokens=r.max_new_tokens,
+                                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
+    with _timed(timing, "reward"):
+        golds = [problems[i].gold for i in comp.prompt_index]
+        rewards, n_bad = finite_rewards(score_completions(s.reward_name, comp.texts, golds), s.reward_name)
+        adv = group_advantages(rewards, r.num_generations, t.advantage, std=t.adv_std, k=t.passk_k)
     passes, timing["old_logp"], timing["reference"] = behaviour_and_reference(cfg, s.policy, comp, s.device)
-    t0 = time.perf_counter()
-    upd = update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, s.device)
-    timing["update"] = time.perf_counter() - t0
+    with _timed(timing, "update"):
+        upd = update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, s.device)
     m = step_metrics(cfg, comp, rewards, passes, upd, s.optimizer)
     m.update({f"timing/{k}": v for k, v in timing.items()})
     m["nonfinite/rewards"] = float(n_bad)
     return m
+
+
+@contextlib.contextmanager
+def _timed(timing: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    timing[name] = time.perf_counter() - t0
 
 
 def _start_state(s: Setup) -> tuple[dict, PromptSampler]:
