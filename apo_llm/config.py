@@ -20,13 +20,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from apo_llm.objectives import LossConfig
 
 TINY_MODEL = "tiny"  # model.name_or_path value meaning: build/load apo_llm.tiny.ensure_tiny_model()
+
+
+# Mode strings: the Literal is the one list of choices (the YAML/CLI conversion refuses the rest).
+TrainEngine = Literal["native", "trl"]
+RolloutEngine = Literal["hf", "vllm"]
+AdvStd = Literal["unbiased", "population"]
 
 
 def _f(default, help: str, **kw):
@@ -84,7 +90,7 @@ class RolloutSection:
     top_p: float = _f(1.0, "nucleus sampling (1.0 keeps log-probs equal to the sampling distribution)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     batch_size: int = _f(64, "rows per generate call")
-    engine: str = _f("hf", "hf (transformers generate) | vllm (train.engine trl only; vLLM colocated, GPU)")
+    engine: RolloutEngine = _f("hf", "hf (transformers generate) | vllm (train.engine trl only; vLLM colocated, GPU)")
     stop_token_ids: list[int] = _f([], "extra token ids that end a completion (the chat template's end-of-turn "
                                        "token is added automatically when model.chat_template is on)")
 
@@ -104,13 +110,13 @@ class TrainSection:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (<= 0: off, norm still logged)")
     advantage: str = _f("grpo", "advantage estimator of objectives.group_advantages")
     passk_k: Optional[int] = _f(None, "k of the passk advantage (1 <= k <= rollout.num_generations)")
-    adv_std: str = _f("unbiased", "std of the grpo estimator: unbiased (verl) | population")
+    adv_std: AdvStd = _f("unbiased", "std of the grpo estimator: unbiased (verl) | population")
     seed: int = _f(0, "seed of python / numpy / torch RNGs")
     chunk_size: int = _f(1024, "(row, position) pairs per logits chunk")
     max_consecutive_nonfinite: int = _f(3, "stop with an error after this many non-finite steps in a row")
     stop_at_step: Optional[int] = _f(None, "exit cleanly after this step (preemption / tests); resume later")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
-    engine: str = _f("native", "native (this package's loop, one process) | trl (inside TRL's GRPOTrainer: "
+    engine: TrainEngine = _f("native", "native (this package's loop, one process) | trl (inside TRL's GRPOTrainer: "
                                "several processes, DeepSpeed/FSDP, vLLM); see docs/trainer_engines.md")
 
 
@@ -177,6 +183,10 @@ def _section_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Fields where +-inf is a meaningful setting ("no cap"); everywhere else it is refused like NaN.
+INF_ALLOWED = frozenset({"loss.apo_pull_cap"})
+
+
 def _convert(key: str, value: Any, hint: Any) -> Any:
     """Coerce a YAML value or CLI string to the field's type; ValueError names the key."""
     origin = typing.get_origin(hint)
@@ -187,6 +197,10 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _convert(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: choose from {', '.join(map(str, args))}, got {value!r}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -214,7 +228,8 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):  # a NaN compares False everywhere and would disable range checks
+        if math.isnan(out) or (math.isinf(out) and key not in INF_ALLOWED):
+            # a NaN compares False everywhere and would disable range checks
             raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return out
     if hint is str:
@@ -274,24 +289,31 @@ def build_config(yaml_dict: Optional[dict] = None, cli: Optional[dict] = None) -
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and consistency checks; every error names the field."""
+    """Range and consistency checks; every error names the field. One line per check, in three
+    groups (what is loaded, the loop, the engines) checked in this order."""
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             section, name = key.split(".")
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
 
+    for group in (_validate_inputs, _validate_loop, _validate_engines):
+        group(cfg, need)
+
+
+def _validate_inputs(cfg: RunConfig, need) -> None:
+    """model, lora, data, rollout."""
+    from apo_llm.data import FILE_SOURCES, SOURCES
     from apo_llm.modeling import DTYPES
 
-    m, lo, d, r, t, e, c = cfg.model, cfg.lora, cfg.data, cfg.rollout, cfg.train, cfg.eval, cfg.checkpoint
+    m, lo, d, r = cfg.model, cfg.lora, cfg.data, cfg.rollout
     need(bool(m.name_or_path), "model.name_or_path", "must be set")
     need(m.dtype in DTYPES, "model.dtype", f"choose from {sorted(DTYPES)}")
     need(lo.r >= 1, "lora.r", "must be >= 1")
     need(lo.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
     need(bool(lo.target_modules), "lora.target_modules", "must be 'all-linear' or module names")
-    need(d.source in ("gsm8k", "math", "math500", "synthetic", "jsonl", "parquet"), "data.source",
-         "choose from gsm8k, math, math500, synthetic, jsonl, parquet")
-    need(d.source not in ("jsonl", "parquet") or bool(d.path), "data.path", f"required for source {d.source!r}")
+    need(d.source in SOURCES, "data.source", f"choose from {', '.join(SOURCES)}")
+    need(d.source not in FILE_SOURCES or bool(d.path), "data.path", f"required for source {d.source!r}")
     need(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 or None")
     need(d.synthetic_n is None or d.synthetic_n >= 1, "data.synthetic_n", "must be >= 1 or None")
     need(r.num_generations >= 2, "rollout.num_generations", "group size G must be >= 2")
@@ -300,6 +322,10 @@ def validate(cfg: RunConfig) -> None:
     need(0.0 < r.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
     need(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+
+def _validate_loop(cfg: RunConfig, need) -> None:
+    """train, eval, checkpoint."""
+    r, t, e, c = cfg.rollout, cfg.train, cfg.eval, cfg.checkpoint
     need(t.steps >= 1, "train.steps", "must be >= 1")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
@@ -322,7 +348,7 @@ def validate(cfg: RunConfig) -> None:
     need(t.advantage != "passk" or t.passk_k is not None, "train.passk_k", "required with train.advantage=passk")
     need(t.passk_k is None or 1 <= t.passk_k <= r.num_generations, "train.passk_k",
          f"must lie in [1, rollout.num_generations={r.num_generations}]")
-    need(t.adv_std in ("unbiased", "population"), "train.adv_std", "unbiased | population")
+    need(t.adv_std in typing.get_args(AdvStd), "train.adv_std", " | ".join(typing.get_args(AdvStd)))
     need(t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
     need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
     need(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step", "must be >= 1 or None")
@@ -337,15 +363,21 @@ def validate(cfg: RunConfig) -> None:
     need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(c.every >= 0, "checkpoint.every", "must be >= 0")
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+def _validate_engines(cfg: RunConfig, need) -> None:
+    """Settings that depend on the loss, the data files or the engine."""
+    from apo_llm.data import FILE_SOURCES
+
+    d, r, t = cfg.data, cfg.rollout, cfg.train
     need(cfg.loss.kl_estimator != "full" or cfg.loss.kl_coef == 0, "loss.kl_estimator",
          "'full' (exact KL over the vocabulary) is not supported by the LLM trainer; use k1, k2 or k3")
-    need(d.source not in ("jsonl", "parquet") or d.reward is not None, "data.reward",
+    need(d.source not in FILE_SOURCES or d.reward is not None, "data.reward",
          f"required for source {d.source!r} (gsm8k_strict | gsm8k_flexible | math): it also picks the prompt "
          "suffix and which rows fit")
-    need(d.eval_source not in ("jsonl", "parquet") or bool(d.eval_path), "data.eval_path",
+    need(d.eval_source not in FILE_SOURCES or bool(d.eval_path), "data.eval_path",
          f"required for eval_source {d.eval_source!r}")
-    need(t.engine in ("native", "trl"), "train.engine", "choose native or trl")
-    need(r.engine in ("hf", "vllm"), "rollout.engine", "choose hf or vllm")
+    need(t.engine in typing.get_args(TrainEngine), "train.engine", "choose native or trl")
+    need(r.engine in typing.get_args(RolloutEngine), "rollout.engine", "choose hf or vllm")
     need(r.engine == "hf" or t.engine == "trl", "rollout.engine", "vllm needs train.engine: trl")
     need(all(isinstance(i, int) and i >= 0 for i in r.stop_token_ids), "rollout.stop_token_ids",
          "must be a list of token ids >= 0")
@@ -400,8 +432,33 @@ def parse_cli(argv: list[str]) -> tuple[Optional[str], dict, bool]:
     return config_path, cli, False
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's sections, with its `base: other.yaml` (a path relative to the file) merged
+    under it: a section of the file overrides the base's fields one by one. Bases may chain;
+    a cycle, or a base that is not a mapping of sections, is a one-line error naming the files."""
     p = Path(path)
+    data = _read_yaml(p)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config: {p}: base must be a path to another YAML file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    chain = _chain + (p.resolve(),)
+    if base_path in chain:
+        raise ValueError(f"config: {p}: base cycle " + " -> ".join(str(x) for x in chain + (base_path,)))
+    if not base_path.is_file():
+        raise ValueError(f"config: {p}: base file not found: {base_path}")
+    merged = load_yaml(base_path, chain)
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}  # field by field; lists are replaced whole
+        else:
+            merged[section] = values
+    return merged
+
+
+def _read_yaml(p: Path) -> dict:
     if not p.is_file():
         raise ValueError(f"config: file not found: {p}")
     try:
@@ -463,8 +520,18 @@ def save_resolved(cfg: RunConfig, out_dir: str | Path, extra: Optional[dict] = N
         except metadata.PackageNotFoundError:
             versions[mod] = None
     info = {"seed": cfg.train.seed, "versions": versions, "git_sha": git_sha(Path(__file__).parent),
-            "argv": sys.argv, **(extra or {})}
+            "argv": sys.argv, "loss_reading": loss_reading(cfg), **(extra or {})}
     (out / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def loss_reading(cfg: RunConfig) -> dict:
+    """The APO reading this run trains with (docs/method.md): r_anchor's normaliser, the clip, and the
+    effective pull cap (1 + eps_high when loss.apo_pull_cap is None; "inf" for no cap)."""
+    lc = cfg.loss
+    cap = lc.pull_cap
+    return {"name": lc.name, "apo_anchor_norm": lc.apo_anchor_norm, "apo_clip": lc.apo_clip,
+            "apo_anchoring": lc.apo_anchoring, "apo_pull_cap": cap if math.isfinite(cap) else str(cap),
+            "needs_anchor_old_logp": lc.needs_anchor_old}
 
 
 # Settings a resume may change: they steer the loop, not what a step computes. Any other difference

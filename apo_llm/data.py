@@ -19,6 +19,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 from apo_llm.rewards import last_boxed
 
@@ -34,6 +35,8 @@ HUB_IDS = {  # source -> (hub id, config name)
     "math500": ("HuggingFaceH4/MATH-500", None),
 }
 SOURCES = ("gsm8k", "math", "math500", "synthetic", "jsonl", "parquet")
+FILE_SOURCES = ("jsonl", "parquet")
+DATASET_NAMES = ("gsm8k", "math500", "math", "synthetic")  # the named (not file) sources
 
 _NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
 
@@ -350,4 +353,51 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
     if not problems:
         key = "path" if stats.path else "source"
         raise ValueError(f"{key}: no valid problems in {stats.path or source!r} split={split!r} ({stats.summary()})")
+    return problems, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset specs of the command-line tools (apo_llm.evaluate, apo_llm.topk_coverage)
+# --------------------------------------------------------------------------------------------
+
+
+
+
+
+def parse_dataset(spec: str) -> tuple[str, Optional[str]]:
+    """'gsm8k' -> ('gsm8k', None); 'jsonl:data/x.jsonl' -> ('jsonl', 'data/x.jsonl')."""
+    source, sep, path = spec.partition(":")
+    if source in FILE_SOURCES:
+        if not sep or not path:
+            raise ValueError(f"dataset: {source} needs a path, as in '{source}:PATH'")
+        return source, path
+    if source in DATASET_NAMES and not sep:
+        return source, None
+    raise ValueError(f"dataset: {spec!r} is not one of {DATASET_NAMES} or jsonl:PATH / parquet:PATH")
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters and prompts
+# --------------------------------------------------------------------------------------------
+
+
+def load_eval_problems(dataset: str, split: str, limit: Optional[int], reward: Optional[str] = None,
+                       prompt_style: Optional[str] = None) -> tuple[list, Any]:
+    """(problems, DataStats) of a dataset spec; an empty result or duplicate ids are clear errors.
+    A jsonl/parquet file needs `reward`: it picks the prompt suffix and which rows fit."""
+    source, path = parse_dataset(dataset)
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"dataset: file {path!r} does not exist")
+    if path is not None and reward is None and prompt_style is None:
+        raise ValueError(f"reward: --dataset {source}:PATH needs --reward (gsm8k_strict | gsm8k_flexible | math)")
+    try:
+        problems, stats = load_problems(source, split, path=path, limit=limit, reward=reward,
+                                       prompt_style=prompt_style)
+    except ValueError as e:
+        raise ValueError(f"dataset: {e}") from None
+    if not problems:
+        raise ValueError(f"dataset: {dataset!r} (split {split!r}) gave no problems")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"dataset: {dataset!r} has duplicate problem ids; they are the resume key")
     return problems, stats

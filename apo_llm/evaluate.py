@@ -25,7 +25,6 @@ Sampling, scoring and model loading are the trainer's: `rollout.generate_complet
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -41,15 +40,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from apo_llm.data import load_eval_problems, parse_dataset
+from apo_llm.cli import build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
 from apo_llm.metrics import pass_at_k
+from apo_llm.modeling import load_base_model
+from apo_llm.prompts import format_prompts
 
 PER_PROBLEM_FILE = "per_problem.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "run_config.json"
 PLOT_FILE = "pass_at_k.png"
 BASE_LABEL = "base"
-DATASET_NAMES = ("gsm8k", "math500", "math", "synthetic")
-FILE_SOURCES = ("jsonl", "parquet")
 # Settings that change what a (model, problem) line means: a resumed run must keep them.
 SAMPLING_KEYS = ("model", "dataset", "split", "n", "temperature", "top_p", "max_new_tokens", "seed",
                  "reward", "correct_threshold", "chat_template")
@@ -58,13 +59,6 @@ SAMPLING_KEYS = ("model", "dataset", "split", "n", "temperature", "top_p", "max_
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-
-def cli_field(default: Any, help_: str, **meta: Any) -> Any:
-    """A dataclass field with CLI help text (build_parser turns each field into one --flag)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_, **meta})
-    return field(default=default, metadata={"help": help_, **meta})
 
 
 @dataclass
@@ -121,58 +115,6 @@ class EvalConfig:
         parse_dataset(self.dataset)
 
 
-def parse_ks(spec: str | Sequence[int]) -> list[int]:
-    """'1,4,16' -> [1, 4, 16] (sorted, unique); every k must be an integer >= 1."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    ks = []
-    for item in items:
-        try:
-            k = int(str(item).strip())
-        except ValueError:
-            raise ValueError(f"k: {item!r} is not an integer (expected e.g. '1,4,16')") from None
-        if k < 1:
-            raise ValueError(f"k: every k must be >= 1, got {k}")
-        ks.append(k)
-    if not ks:
-        raise ValueError("k: give at least one k")
-    return sorted(set(ks))
-
-
-def parse_dataset(spec: str) -> tuple[str, Optional[str]]:
-    """'gsm8k' -> ('gsm8k', None); 'jsonl:data/x.jsonl' -> ('jsonl', 'data/x.jsonl')."""
-    source, sep, path = spec.partition(":")
-    if source in FILE_SOURCES:
-        if not sep or not path:
-            raise ValueError(f"dataset: {source} needs a path, as in '{source}:PATH'")
-        return source, path
-    if source in DATASET_NAMES and not sep:
-        return source, None
-    raise ValueError(f"dataset: {spec!r} is not one of {DATASET_NAMES} or jsonl:PATH / parquet:PATH")
-
-
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field, help text from the field metadata."""
-    parser = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_)
-        elif "nargs" in f.metadata:
-            parser.add_argument(flag, nargs=f.metadata["nargs"], default=default, help=help_)
-        else:
-            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
-            shown = help_ if "default" in help_ else f"{help_} (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=shown)
-    return parser
-
-
-# --------------------------------------------------------------------------------------------
-# Adapters and prompts
-# --------------------------------------------------------------------------------------------
-
-
 def resolve_adapter(spec: str) -> str:
     """Local adapter dir, or a training output dir holding one, or a hub id -> what peft loads.
 
@@ -207,45 +149,6 @@ def resolve_adapter(spec: str) -> str:
     return spec  # a hub id; peft downloads it (errors are wrapped in load_adapters)
 
 
-def check_shared_fields(cfg) -> None:
-    """The checks the evaluator and the Top-K coverage configs share (limit, threads, chat_template)."""
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"limit: must be >= 1 when given, got {cfg.limit}")
-    if cfg.threads < 0:
-        raise ValueError(f"threads: must be >= 0, got {cfg.threads}")
-    if cfg.chat_template not in ("auto", "on", "off"):
-        raise ValueError(f"chat_template: must be auto, on or off, got {cfg.chat_template!r}")
-
-
-def load_base_model(cfg) -> tuple:
-    """(model, tokenizer, path) for the evaluator and Top-K coverage configs: threads, device and
-    dtype defaults (bf16 on GPU, float32 on CPU), the embedded tiny model when no model is given."""
-    import torch
-
-    from apo_llm.modeling import load_model_and_tokenizer
-    from apo_llm.tiny import ensure_tiny_model
-
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
-    return model, tokenizer, model_path
-
-
-def check_model_spec(spec: Optional[str]) -> None:
-    """A --model that is neither a local directory nor (with the hub reachable) a hub id: ValueError now."""
-    if spec is None or Path(spec).expanduser().is_dir():
-        return
-    from apo_llm.cli import looks_local
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if looks_local(spec) or offline or re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", spec) is None:
-        raise ValueError(f"model: {spec!r} is not a local model directory"
-                         + (" (and HF_HUB_OFFLINE is set, so it cannot be a hub id)" if offline else ""))
-
-
 def adapter_labels(specs: Sequence[str], labels: Sequence[str]) -> list[str]:
     """Given labels, or the last path component of each adapter; unique and never 'base'."""
     out: list[str] = []
@@ -259,21 +162,6 @@ def adapter_labels(specs: Sequence[str], labels: Sequence[str]) -> list[str]:
     if labels and len(set(labels)) != len(labels):
         raise ValueError(f"labels: must be unique, got {list(labels)}")
     return out
-
-
-def format_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: str = "auto") -> list[str]:
-    """Raw task prompts -> the text the model sees, as in training.
-
-    chat_template 'auto' wraps each prompt as one user turn when the tokenizer has a chat
-    template (instruct models), 'on' requires one, 'off' leaves the raw text.
-    """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat_template == "on" and not has_template:
-        raise ValueError("chat_template: 'on' but the tokenizer has no chat template")
-    if chat_template == "off" or not has_template:
-        return list(prompts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,31 +268,38 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[An
             rewards = np.asarray(score_fn(reward_name, list(sampled.texts), [g for g in golds for _ in range(cfg.n)]),
                                  dtype=float).reshape(len(idx), cfg.n)  # [problems, n]
             g_rewards = np.asarray(score_fn(reward_name, list(greedy.texts), golds), dtype=float)  # [problems]
-            lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
-            truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
-            lines = []
-            for j, i in enumerate(idx):
-                rec = {
-                    "model": label, "problem_id": problems[i].id, "n": cfg.n,
-                    "c": int((rewards[j] > cfg.correct_threshold).sum()),
-                    "greedy_correct": bool(g_rewards[j] > cfg.correct_threshold),
-                    "mean_reward": float(rewards[j].mean()), "greedy_reward": float(g_rewards[j]),
-                    "n_truncated": int(truncated[j].sum()), "mean_length": float(lengths[j].mean()),
-                    "seed": seed,
-                }
-                if cfg.save_completions:
-                    rec["gold"] = problems[i].gold
-                    rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
-                    rec["rewards"] = rewards[j].tolist()
-                    rec["greedy_completion"] = greedy.texts[j]
-                lines.append(json.dumps(rec) + "\n")
-                done.add((label, problems[i].id))
+            lines = _records(label, problems, idx, cfg, sampled, greedy, rewards, g_rewards, seed)
+            done.update((label, problems[i].id) for i in idx)
             fh.write("".join(lines))  # one write per problem batch: the unit of resumption
             fh.flush()
             os.fsync(fh.fileno())
             written += len(idx)
             bar.update(len(idx))
     return written
+
+
+def _records(label: str, problems, idx: list[int], cfg: EvalConfig, sampled, greedy, rewards: np.ndarray,
+             g_rewards: np.ndarray, seed: int) -> list[str]:
+    """One per_problem.jsonl line per problem of the batch (rewards [problems, n], g_rewards [problems])."""
+    lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
+    truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
+    lines = []
+    for j, i in enumerate(idx):
+        rec = {
+            "model": label, "problem_id": problems[i].id, "n": cfg.n,
+            "c": int((rewards[j] > cfg.correct_threshold).sum()),
+            "greedy_correct": bool(g_rewards[j] > cfg.correct_threshold),
+            "mean_reward": float(rewards[j].mean()), "greedy_reward": float(g_rewards[j]),
+            "n_truncated": int(truncated[j].sum()), "mean_length": float(lengths[j].mean()),
+            "seed": seed,
+        }
+        if cfg.save_completions:
+            rec["gold"] = problems[i].gold
+            rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
+            rec["rewards"] = rewards[j].tolist()
+            rec["greedy_completion"] = greedy.texts[j]
+        lines.append(json.dumps(rec) + "\n")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,30 +454,6 @@ def write_summary(out_dir: Path, cfg: EvalConfig, labels: Optional[Sequence[str]
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-
-
-def load_eval_problems(dataset: str, split: str, limit: Optional[int], reward: Optional[str] = None,
-                       prompt_style: Optional[str] = None) -> tuple[list, Any]:
-    """(problems, DataStats) of a dataset spec; an empty result or duplicate ids are clear errors.
-    A jsonl/parquet file needs `reward`: it picks the prompt suffix and which rows fit."""
-    from apo_llm.data import load_problems
-
-    source, path = parse_dataset(dataset)
-    if path is not None and not Path(path).exists():
-        raise ValueError(f"dataset: file {path!r} does not exist")
-    if path is not None and reward is None and prompt_style is None:
-        raise ValueError(f"reward: --dataset {source}:PATH needs --reward (gsm8k_strict | gsm8k_flexible | math)")
-    try:
-        problems, stats = load_problems(source, split, path=path, limit=limit, reward=reward,
-                                       prompt_style=prompt_style)
-    except ValueError as e:
-        raise ValueError(f"dataset: {e}") from None
-    if not problems:
-        raise ValueError(f"dataset: {dataset!r} (split {split!r}) gave no problems")
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"dataset: {dataset!r} has duplicate problem ids; they are the resume key")
-    return problems, stats
 
 
 def _same_model(a: Optional[str], b: str) -> bool:

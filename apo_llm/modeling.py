@@ -360,3 +360,19 @@ def git_sha(path: str | os.PathLike = ".") -> Optional[str]:
         return out.stdout.strip() or None
     except Exception:
         return None
+
+
+def load_base_model(cfg) -> tuple:
+    """(model, tokenizer, path) for the evaluator and Top-K coverage configs: threads, device and
+    dtype defaults (bf16 on GPU, float32 on CPU), the embedded tiny model when no model is given."""
+    import torch
+
+    from apo_llm.tiny import ensure_tiny_model
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model_path = cfg.model if cfg.model is not None else str(ensure_tiny_model())
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    return model, tokenizer, model_path

@@ -594,8 +594,11 @@ def policy_loss(
     global_seqs: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     diagnostics: bool = True,
-) -> tuple[Tensor, dict[str, float]]:
-    """Scalar loss to minimise, and float diagnostics.
+    sync_metrics: bool = True,
+) -> tuple[Tensor, dict[str, float] | dict[str, Tensor]]:
+    """Scalar loss to minimise, and float diagnostics (0-d detached tensors with sync_metrics=False,
+    so a trainer can turn the diagnostics of many calls into floats with one host sync: see
+    `metrics_to_floats`).
 
     Per token: loss_t = policy_term_t [+ kl_coef * kl_t on the term's KL scope] [- ent_coef * H_t],
     then `aggregate`. Tensors: logp, old_logp, mask, ref_logp, kl_full, entropy [B, T];
@@ -633,15 +636,17 @@ def policy_loss(
                loss_norm_len=cfg.loss_norm_len)
     loss = aggregate(loss_tok, mask_b, cfg.loss_agg, **agg)
     if not diagnostics:
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": float(loss.detach()) if sync_metrics else loss.detach()}
     with torch.no_grad():
         metrics = _diagnostics(cfg, mask_b, adv, ratio, aux, inputs, kl_tok)
         metrics["pg_loss"] = aggregate(pg_tok, mask_b, cfg.loss_agg, **agg)
         metrics["loss"] = loss
-    return loss, _to_floats(metrics)
+    if not sync_metrics:
+        return loss, {k: v.detach().reshape(()) for k, v in metrics.items()}
+    return loss, metrics_to_floats(metrics)
 
 
-def _to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+def metrics_to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     """All diagnostics to Python floats with ONE host sync (one .tolist(), not one float() each).
 
     Stacked in float64 if any entry is float64, else float32 (exact for bf16/fp16 values and for

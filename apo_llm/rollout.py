@@ -112,12 +112,7 @@ def generate_completions(
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    enc = _encode_left_padded(tokenizer, prompts)
     n_prompt = enc["input_ids"].shape[1]
     prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
     rows_ids = enc["input_ids"][prompt_index]  # [N, n_prompt] prompt-major repeat
@@ -146,6 +141,22 @@ def generate_completions(
     finally:
         model.train(was_training)
 
+    return _assemble(pieces, tokenizer, rows_ids, rows_mask, prompt_index, eos, pad)
+
+
+def _encode_left_padded(tokenizer, prompts: list[str]):
+    """Prompts left-padded to one width (generation appends on the right); the tokenizer's side is restored."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _assemble(pieces: list, tokenizer, rows_ids, rows_mask, prompt_index: list[int], eos, pad) -> Completions:
+    """Generated batches [b, T_b] -> one Completions: padded to the longest, masked after the first EOS."""
+    n_prompt = rows_ids.shape[1]
     T = max(p.shape[1] for p in pieces)
     comp = torch.full((len(prompt_index), T), pad, dtype=torch.long)
     valid = torch.zeros((len(prompt_index), T), dtype=torch.bool)

@@ -13,7 +13,7 @@ Top-16 98.46%.
 
 The Top-K ids come from `modeling.completion_token_stats(topk=max K)`, which works in chunks of
 positions, so the full-vocabulary logits of a long solution are never all kept at once. The
-prompt is built as in training (`evaluate.format_prompts`), the solution is tokenized on its own
+prompt is built as in training (`prompts.format_prompts`), the solution is tokenized on its own
 and appended, exactly like sampled completion tokens follow the prompt during RL.
 """
 
@@ -29,8 +29,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from apo_llm.evaluate import (build_parser, check_model_spec, check_shared_fields, cli_field, format_prompts,
-                              load_base_model, load_eval_problems, parse_ks)
+from apo_llm.cli import build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
+from apo_llm.data import load_eval_problems
+from apo_llm.modeling import load_base_model
+from apo_llm.prompts import format_prompts
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
 SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between prompt and solution

@@ -1,19 +1,22 @@
 """LoRA RLVR trainer: `python -m apo_llm.train [--config FILE.yaml] [--section.field VALUE ...]`.
 
-One step (the same calls the simulator makes, on real tokens):
+One step (`rl_step`; the same calls the simulator makes, on real tokens):
 
     prompts  --generate_completions-->  G completions each (top_k=0, top_p=1, temperature)
              --score_completions----->  rewards r            --group_advantages--> A
-    old pass (no grad):        log pi_old(y_t), entropy                  [B, T]
     reference pass (no grad):  log pi_ref(y_t); for APO the safe manifold
                                M_t = TopK(pi_ref(. | y_<t)) ids + log-probs  [B, T, K]
+    old pass (no grad):        log pi_old(y_t), entropy [B, T]; for the old_mass / old_token
+                               readings of r_anchor also log pi_old at the ids of M_t [B, T, K]
+                               (skipped for one epoch of one minibatch: the update's forward is pi_old)
     ppo_epochs x minibatches x micro-batches:
         training forward: log pi_theta(y_t) and, for APO, log pi_theta at the anchor ids of M_t
         policy_loss(..., global_tokens=minibatch tokens, global_seqs=minibatch sequences)
         backward; after the minibatch: clip grad norm, AdamW step, scheduler step
 
-What the loss needs is asked from LossConfig (needs_anchors / needs_ref_logp / needs_entropy),
-never from its name. With no arguments the embedded default runs APO on the project's tiny Llama
+Which optional tensors the loss gets is decided by objectives.required_inputs(cfg) and built in
+one place, passes.loss_inputs (shared with the TRL engine), never from the loss's name.
+With no arguments the embedded default runs APO on the project's tiny Llama
 and the synthetic arithmetic task on CPU in a few minutes.
 
 Reliability: paths, the run directory, the checkpoint to resume (manifest-verified, with fallback)
@@ -24,6 +27,7 @@ before every checkpoint. Seeds are applied after the model is built or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,7 +36,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,12 +48,15 @@ from apo_llm.checkpoint import (
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
+from apo_llm.data import FILE_SOURCES
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
     completion_token_stats, load_model_and_tokenizer, peak_memory_mb, reference_context, want_lm_head_fp32,
     wrap_lora,
 )
-from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+from apo_llm.objectives import metrics_to_floats, group_advantages, kl_estimate, policy_loss
+from apo_llm.passes import RolloutPasses, gathers_anchors, loss_inputs, old_pass_gathers_anchors
+from apo_llm.prompts import format_for_run
 from apo_llm.rollout import Completions, generate_completions
 
 log = logging.getLogger("apo_llm.train")
@@ -150,7 +157,7 @@ def load_data(cfg: RunConfig):
     from apo_llm.rewards import default_reward_for
 
     d = cfg.data
-    local = d.source in ("jsonl", "parquet")
+    local = d.source in FILE_SOURCES
     reward = d.reward or default_reward_for(d.source)  # validate() requires data.reward for local files
     train = _load("data.path" if local else "data.source", d.source, d.split, path=d.path, limit=d.limit,
                   seed=d.seed, synthetic_n=d.synthetic_n, reward=reward if local else None)
@@ -167,7 +174,7 @@ def load_data(cfg: RunConfig):
         log.warning(f"data.eval_path not set: evaluating on a held-out slice of {hold} of the {len(train)} "
                     f"problems of {d.path}; they are not trained on")
         return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)], reward
-    eval_local = eval_source in ("jsonl", "parquet")
+    eval_local = eval_source in FILE_SOURCES
     evals = _load("data.eval_path" if eval_local else "data.eval_source", eval_source, d.eval_split,
                   path=d.eval_path, limit=cfg.eval.num_problems, seed=d.seed, reward=reward if eval_local else None)
     return train, evals, reward
@@ -182,17 +189,10 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     refuses the rest.
     """
     run_dir = cfg.run_dir
-    resuming = cfg.checkpoint.resume not in (None, "", "none", "None", "false")
-    if cfg.logging.overwrite and resuming:
-        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+    refuse_overwrite_with_resume(cfg)
     resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # CheckpointError names the bad file
     ours = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_root(run_dir).resolve()
-    held = run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
-    if held and not ours and not cfg.logging.overwrite:
-        raise UserError(f"logging.run_name: {run_dir} already holds a run"
-                        + (" without an intact checkpoint" if resuming else "")
-                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
-                          "--logging.overwrite true to move it aside")
+    refuse_mixing_runs(cfg, ours)
     if resume_from is not None:
         saved = read_trainer_state(resume_from).get("config")
         applied, refused = resume_differences(saved or {}, cfg)
@@ -207,10 +207,33 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     return resume_from
 
 
+def resuming(cfg: RunConfig) -> bool:
+    return cfg.checkpoint.resume not in (None, "", "none", "None", "false")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+
+
+def refuse_overwrite_with_resume(cfg: RunConfig) -> None:
+    if cfg.logging.overwrite and resuming(cfg):
+        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+
+
+def refuse_mixing_runs(cfg: RunConfig, resumes_this_run: bool) -> None:
+    """The run-dir guard of both engines: a directory holding a run is only reused by a resume of that
+    run (`resumes_this_run`: the checkpoint lies in it), or moved aside with logging.overwrite."""
+    if holds_run(cfg.run_dir) and not resumes_this_run and not cfg.logging.overwrite:
+        raise UserError(f"logging.run_name: {cfg.run_dir} already holds a run"
+                        + (" without an intact checkpoint" if resuming(cfg) else "")
+                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
+                          "--logging.overwrite true to move it aside")
+
+
 def start_run_dir(cfg: RunConfig) -> None:
     """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
     run_dir = cfg.run_dir
-    if cfg.logging.overwrite and run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES):
+    if cfg.logging.overwrite and holds_run(run_dir):
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         i = 0
         while aside.exists():
@@ -225,12 +248,6 @@ def start_run_dir(cfg: RunConfig) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"logging.output_dir: cannot write the run directory {run_dir} ({e.strerror})") from None
-
-
-def format_prompts(cfg: RunConfig, tokenizer, prompts: list[str]) -> list[str]:
-    from apo_llm.evaluate import format_prompts as fmt  # the evaluator's chat-template handling
-
-    return fmt(tokenizer, prompts, "auto" if cfg.model.chat_template else "off")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,46 +268,61 @@ def _trim(c: Completions, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @torch.no_grad()
-def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) -> tuple[dict, float, float]:
-    """Old log-probs + entropy, then the reference stats the loss asks for. Returns (tensors, t_old, t_ref)."""
+def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) -> tuple[RolloutPasses, float, float]:
+    """The no-grad passes: reference first (its Top-K ids are the anchors), then old, which gathers
+    log pi_old at those ids when the reading needs it. Returns (passes, t_old, t_ref)."""
     N, T = comp.completion_mask.shape
-    t0 = time.perf_counter()
-    out: dict[str, torch.Tensor] = {"old_logp": torch.zeros(N, T), "entropy": torch.zeros(N, T)}
-    lc = cfg.loss
-    want_ref = lc.needs_reference
-    if want_ref:
-        out["ref_logp"] = torch.zeros(N, T)
-    if lc.needs_anchors:
-        out["anchor_ids"] = torch.zeros(N, T, lc.apo_k, dtype=torch.long)
-        out["anchor_ref_logp"] = torch.full((N, T, lc.apo_k), -math.inf)
+    passes = RolloutPasses(old_logp=torch.zeros(N, T), entropy=torch.zeros(N, T))
     was_training = model.training
     model.eval()
-    mb = cfg.train.micro_batch_size
-    for sl in _micro_slices(N, mb) if not single_pass(cfg, N) else []:  # else update() fills them
+    t0 = time.perf_counter()
+    if cfg.loss.needs_reference:
+        _reference_pass(cfg, model, comp, device, passes)
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not single_pass(cfg, N):  # else update() fills old_logp / entropy from its own forward
+        _old_pass(cfg, model, comp, device, passes)
+    model.train(was_training)
+    return passes, time.perf_counter() - t0, t_ref
+
+
+def _reference_pass(cfg: RunConfig, model, comp: Completions, device, passes: RolloutPasses) -> None:
+    """log pi_ref(y_t) [N, T] and, for losses with anchors, the safe manifold's Top-K ids + log-probs [N, T, K]."""
+    lc = cfg.loss
+    N, T = comp.completion_mask.shape
+    k = lc.apo_k if lc.needs_anchors else 0
+    passes.ref_logp = torch.zeros(N, T)
+    if k:
+        passes.anchor_ids = torch.zeros(N, T, k, dtype=torch.long)
+        passes.anchor_ref_logp = torch.full((N, T, k), -math.inf)
+    with reference_context(model):
+        for sl in _micro_slices(N, cfg.train.micro_batch_size):
+            ids, am, t = _trim(comp, sl)
+            st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                        temperature=cfg.rollout.temperature, topk=k, chunk_size=cfg.train.chunk_size)
+            passes.ref_logp[sl, :t] = st.logp.float().cpu()
+            if k:  # only K ids + log-probs per position are kept
+                passes.anchor_ids[sl, :t] = st.topk_ids.cpu()
+                passes.anchor_ref_logp[sl, :t] = st.topk_logp.float().cpu()
+    if k:
+        passes.anchor_is_sampled = passes.anchor_ids == comp.completion_ids[..., None]  # y_t in M_t
+
+
+def _old_pass(cfg: RunConfig, model, comp: Completions, device, passes: RolloutPasses) -> None:
+    """log pi_old(y_t) and entropy [N, T]; log pi_old at the anchor ids [N, T, K] when the reading needs it."""
+    gather = old_pass_gathers_anchors(cfg.loss)
+    if gather:
+        passes.anchor_old_logp = torch.full(passes.anchor_ids.shape, -math.inf)
+    for sl in _micro_slices(comp.completion_mask.shape[0], cfg.train.micro_batch_size):
         ids, am, t = _trim(comp, sl)
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, want_entropy=True,
+                                    gather_ids=passes.anchor_ids[sl, :t].to(device) if gather else None,
                                     chunk_size=cfg.train.chunk_size)
-        out["old_logp"][sl, :t] = st.logp.float().cpu()
-        out["entropy"][sl, :t] = st.entropy.float().cpu()
-    t_old = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if want_ref:
-        with reference_context(model):
-            for sl in _micro_slices(N, mb):
-                ids, am, t = _trim(comp, sl)
-                st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
-                                            temperature=cfg.rollout.temperature,
-                                            topk=lc.apo_k if lc.needs_anchors else 0,
-                                            chunk_size=cfg.train.chunk_size)
-                out["ref_logp"][sl, :t] = st.logp.float().cpu()
-                if lc.needs_anchors:  # only K ids + log-probs per position are kept
-                    out["anchor_ids"][sl, :t] = st.topk_ids.cpu()
-                    out["anchor_ref_logp"][sl, :t] = st.topk_logp.float().cpu()
-    model.train(was_training)
-    if lc.needs_anchors:
-        out["anchor_is_sampled"] = out["anchor_ids"] == comp.completion_ids[..., None]  # y_t in M_t
-    return out, t_old, time.perf_counter() - t0
+        passes.old_logp[sl, :t] = st.logp.float().cpu()
+        passes.entropy[sl, :t] = st.entropy.float().cpu()
+        if gather:
+            passes.anchor_old_logp[sl, :t] = st.gathered_logp.float().cpu()
 
 
 def single_pass(cfg: RunConfig, rows: int) -> bool:
@@ -299,52 +331,58 @@ def single_pass(cfg: RunConfig, rows: int) -> bool:
     return cfg.train.ppo_epochs == 1 and cfg.train.mini_batch_size >= rows
 
 
-def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor, passes: dict,
-                        device, mb_rows: torch.Tensor, sums: dict) -> tuple[bool, float, float]:
+def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor,
+                        passes: RolloutPasses, device, mb_rows: torch.Tensor, sums: dict) -> tuple[bool, float, float]:
     """Accumulate the gradient of one minibatch over its micro-batches.
 
     Returns (finite, minibatch loss, completion tokens seen); `sums` collects token-weighted
-    policy_loss diagnostics. Stops at the first non-finite log-prob or loss (finite=False).
+    policy_loss diagnostics, turned into floats with one host sync for the whole minibatch.
+    Stops at the first non-finite log-prob or loss (finite=False).
     """
     lc, tc = cfg.loss, cfg.train
     mask = comp.completion_mask
     fill_old = single_pass(cfg, mask.shape[0])
+    stored = passes.stored()
     mb_tokens = float(mask[mb_rows].sum())
-    mb_loss, weight = 0.0, 0.0
+    mb_loss, weight, seen = 0.0, 0.0, []
     for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
         rows = mb_rows[sl]
         ids, am, t = _trim(comp, rows)
-        gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
+        gather = passes.anchor_ids[rows, :t].to(device) if gathers_anchors(lc) else None
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, gather_ids=gather,
                                     want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
         if fill_old:  # the behaviour pass was skipped: this forward is pi_old
-            passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
-            passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
+            passes.old_logp[rows, :t] = st.logp.detach().float().cpu()
+            passes.entropy[rows, :t] = st.entropy.detach().float().cpu()
         m = mask[rows, :t].to(device)
-        if not torch.isfinite(st.logp[m.bool()]).all():
-            return False, mb_loss, weight
-        kw: dict[str, Any] = {}
-        if lc.needs_ref_logp:
-            kw["ref_logp"] = passes["ref_logp"][rows, :t].to(device)
-        if lc.needs_anchors:
-            kw.update(anchor_logp=st.gathered_logp,
-                      anchor_ref_logp=passes["anchor_ref_logp"][rows, :t].to(device),
-                      anchor_is_sampled=passes["anchor_is_sampled"][rows, :t].to(device))
-        if lc.needs_entropy:
-            kw["entropy"] = st.entropy
-        loss, metrics = policy_loss(
-            lc, st.logp, passes["old_logp"][rows, :t].to(device), adv[rows].to(device), m,
-            global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), **kw)
-        if not torch.isfinite(loss):
-            return False, mb_loss, weight
+        finite = bool(torch.isfinite(st.logp[m.bool()]).all())
+        if finite:
+            kw = loss_inputs(lc, st, stored, lambda x, r=rows, t=t: x[r, :t].to(device), old_is_current=fill_old)
+            loss, metrics = policy_loss(
+                lc, st.logp, passes.old_logp[rows, :t].to(device), adv[rows].to(device), m,
+                global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), sync_metrics=False, **kw)
+            finite = bool(torch.isfinite(loss))
+        if not finite:
+            break
         accelerator.backward(loss)
         mb_loss += float(loss.detach())
         w = float(m.sum())
         weight += w
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + w * v
-    return True, mb_loss, weight
+        seen.append((w, metrics))
+    _add_weighted(sums, seen)
+    return finite, mb_loss, weight
+
+
+def _add_weighted(sums: dict, seen: list[tuple[float, dict]]) -> None:
+    """sums[k] += w * v for every micro-batch's (w, 0-d tensor metrics), with ONE host sync. The
+    floats equal policy_loss(sync_metrics=True)'s (the same metrics_to_floats conversion, one call)."""
+    if not seen:
+        return
+    flat = {(i, k): v for i, (_, metrics) in enumerate(seen) for k, v in metrics.items()}
+    floats = metrics_to_floats(flat)
+    for (i, k), v in floats.items():
+        sums[k] = sums.get(k, 0.0) + seen[i][0] * v
 
 
 def nonfinite_weights(params) -> list[str]:
@@ -354,7 +392,7 @@ def nonfinite_weights(params) -> list[str]:
 
 
 def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Completions, adv: torch.Tensor,
-           passes: dict, device) -> dict[str, float]:
+           passes: RolloutPasses, device) -> dict[str, float]:
     """ppo_epochs over shuffled minibatches, gradient accumulation over micro-batches.
 
     A minibatch with a non-finite log-prob, loss or gradient is skipped. After every optimizer step
@@ -365,12 +403,9 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
     tc = cfg.train
     N = comp.input_ids.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
-    # the last good state: LoRA-sized, so one copy per step is cheap next to a forward pass
-    snapshot = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()),
-                copy.deepcopy(scheduler.state_dict()))
+    last_good = _snapshot(params, optimizer, scheduler)
     sums: dict[str, float] = {}
-    weight, grad_norms, mb_losses, skipped, n_updates = 0.0, [], [], 0, 0
-    planned = tc.ppo_epochs * math.ceil(N / tc.mini_batch_size)
+    weight, grad_norms, mb_losses, skipped = 0.0, [], [], 0
     model.train()
     for _ in range(tc.ppo_epochs):
         order = torch.randperm(N)  # global torch RNG: restored on resume
@@ -378,37 +413,52 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
             finite, mb_loss, w = _minibatch_backward(cfg, model, accelerator, comp, adv, passes, device,
                                                      order[mb_start: mb_start + tc.mini_batch_size], sums)
             weight += w
-            if finite:
-                max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-                gn = accelerator.clip_grad_norm_(params, max_norm)
-                gn = float(gn) if gn is not None else float("nan")
-                finite = math.isfinite(gn)
-            if finite:
-                optimizer.step()
-                scheduler.step()
-                grad_norms.append(gn)
-                mb_losses.append(mb_loss)
-                n_updates += 1
-            else:
-                skipped += 1
+            gn = _clip_and_step(tc, accelerator, params, optimizer, scheduler) if finite else math.nan
             optimizer.zero_grad(set_to_none=True)
-            if finite and nonfinite_weights(params):
-                with torch.no_grad():
-                    for p, saved in zip(params, snapshot[0]):
-                        p.copy_(saved)
-                optimizer.load_state_dict(snapshot[1])
-                scheduler.load_state_dict(snapshot[2])
-                log.warning("non-finite trainable weights after an optimizer step: rolled the step back")
-                return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite/skipped_updates": float(planned),
-                        "nonfinite/weights_rolled_back": 1.0, "optimizer_steps": 0.0}
+            if not math.isfinite(gn):
+                skipped += 1
+                continue
+            grad_norms.append(gn)
+            mb_losses.append(mb_loss)
+            if nonfinite_weights(params):
+                return _roll_back(params, optimizer, scheduler, last_good,
+                                  planned=tc.ppo_epochs * math.ceil(N / tc.mini_batch_size))
     # diagnostics: token-weighted means over micro-batches (fractions and means of token quantities)
     out = {k: v / weight for k, v in sums.items() if k not in ("loss", "pg_loss", "num_tokens")} if weight else {}
     out["loss"] = float(np.mean(mb_losses)) if mb_losses else float("nan")
     out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
     out["nonfinite/skipped_updates"] = float(skipped)
     out["nonfinite/weights_rolled_back"] = 0.0
-    out["optimizer_steps"] = float(n_updates)
+    out["optimizer_steps"] = float(len(grad_norms))
     return out
+
+
+def _clip_and_step(tc, accelerator, params, optimizer, scheduler) -> float:
+    """Clip the gradient norm and take the optimizer + scheduler step; a non-finite norm (returned,
+    NaN when the accelerator reports none) takes no step."""
+    gn = accelerator.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+    gn = float(gn) if gn is not None else float("nan")
+    if math.isfinite(gn):
+        optimizer.step()
+        scheduler.step()
+    return gn
+
+
+def _snapshot(params, optimizer, scheduler) -> tuple:
+    """The last good state: LoRA-sized, so one copy per step is cheap next to a forward pass."""
+    return ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()),
+            copy.deepcopy(scheduler.state_dict()))
+
+
+def _roll_back(params, optimizer, scheduler, snapshot: tuple, planned: int) -> dict[str, float]:
+    with torch.no_grad():
+        for p, saved in zip(params, snapshot[0]):
+            p.copy_(saved)
+    optimizer.load_state_dict(snapshot[1])
+    scheduler.load_state_dict(snapshot[2])
+    log.warning("non-finite trainable weights after an optimizer step: rolled the step back")
+    return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite/skipped_updates": float(planned),
+            "nonfinite/weights_rolled_back": 1.0, "optimizer_steps": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,13 +548,29 @@ def loud_warnings(m: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns a summary dict (also written to summary.json)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+@dataclass
+class Setup:
+    """What a native run is built from (`setup`); benchmarks/bench_train.py reuses it."""
 
-    from apo_llm.rewards import score_completions
+    cfg: RunConfig
+    model: Any  # as prepared by the accelerator: backward and gradient clipping go through it
+    policy: Any  # the unwrapped PEFT model: generation, no-grad passes, checkpoints
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    device: torch.device
+    train_problems: list
+    eval_problems: list
+    reward_name: str
+    resume_from: Optional[Path]
+
+
+def setup(cfg: RunConfig) -> Setup:
+    """Model, data, optimizer, scheduler and accelerator, after everything a user can get wrong
+    (paths, the run directory: never mix two runs, the checkpoint to resume, the data files) is
+    checked, before the model loads. Writes config.yaml and run_info.json."""
+    from accelerate import Accelerator
 
     refuse_several_processes(cfg)
     if cfg.train.num_threads:
@@ -512,157 +578,203 @@ def train(cfg: RunConfig) -> dict:
     if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
         # Dr. GRPO's constant normaliser: the maximum completion length, the same for every micro-batch
         cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens
-    # Everything a user can get wrong is checked before the model loads: paths, the run directory
-    # (never mix two runs), the checkpoint to resume, the data files.
     check_paths(cfg)
     quiet_progress_unless_tty()
-    run_dir = cfg.run_dir
     resume_from = prepare_run_dir(cfg)
     train_problems, eval_problems, reward_name = load_data(cfg)
     accelerator = Accelerator(cpu=(cfg.model.device == "cpu"))
     device = torch.device(cfg.model.device) if cfg.model.device else accelerator.device
+    base, tokenizer, model_path = load_base(cfg, str(device), gradient_checkpointing=cfg.model.gradient_checkpointing)
+    start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
+    model = add_lora(cfg, base)
+    save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name,
+                                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                     "resumed_from": str(resume_from) if resume_from else None})
+    optimizer, scheduler = make_optimizer(cfg, model)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return Setup(cfg, model, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, accelerator, device,
+                 train_problems, eval_problems, reward_name, resume_from)
 
+
+def load_base(cfg: RunConfig, device: Optional[str], *, gradient_checkpointing: bool = False):
+    """(base model, tokenizer, resolved path); shared with the TRL engine. A model that cannot be
+    loaded is a UserError naming model.name_or_path."""
     model_path = resolve_model_path(cfg)  # may build the tiny model on first use, which draws random numbers
+    m = cfg.model
     try:
         base, tokenizer = load_model_and_tokenizer(
-            model_path, dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
-            attn_implementation=cfg.model.attn_implementation, lm_head_fp32=want_lm_head_fp32(cfg),
-            stop_token_ids=cfg.rollout.stop_token_ids, stop_on_template_eot=cfg.model.chat_template)
+            model_path, dtype=m.dtype, device=device, trust_remote_code=m.trust_remote_code,
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=m.attn_implementation,
+            lm_head_fp32=want_lm_head_fp32(cfg), stop_token_ids=cfg.rollout.stop_token_ids,
+            stop_on_template_eot=m.chat_template)
     except OSError as e:  # not found on the hub / in its cache, or an unreadable folder: transformers says which
         raise UserError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0][:300]})") from None
-    start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
-    seed_everything(cfg.train.seed)  # after the build, before the LoRA init: a first run equals a second
+    return base, tokenizer, model_path
+
+
+def add_lora(cfg: RunConfig, base):
+    """Seed, then wrap in LoRA (seeding after the build: a first run, which builds the tiny model, equals a second)."""
+    seed_everything(cfg.train.seed)
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules == "all-linear" else [t.strip() for t in
                                                                           lo.target_modules.split(",")]
-    model = wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
-                      adapter_path=lo.adapter_path)
-    save_resolved(cfg, run_dir, {"model_path": model_path, "reward": reward_name,
-                                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                 "resumed_from": str(resume_from) if resume_from else None})
+    return wrap_lora(base, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets,
+                     adapter_path=lo.adapter_path)
 
-    P, G = cfg.train.prompts_per_step, cfg.rollout.num_generations
-    updates_per_step = cfg.train.ppo_epochs * (P * G // cfg.train.mini_batch_size)
+
+def make_optimizer(cfg: RunConfig, model):
+    """AdamW over the trainable (LoRA) weights and its scheduler, one scheduler step per optimizer step."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    updates_per_step = t.ppo_epochs * (t.prompts_per_step * cfg.rollout.num_generations // t.mini_batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=tuple(cfg.train.adam_betas))
-    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.steps * updates_per_step)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    policy = accelerator.unwrap_model(model)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas))
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=t.steps * updates_per_step)
+    return optimizer, scheduler
 
-    sampler = PromptSampler(len(train_problems), cfg.data.seed)
+
+def rl_step(s: Setup, problems: list) -> dict[str, float]:
+    """One step of the algorithm: generate -> score -> advantages -> old/reference pass -> update."""
+    from apo_llm.rewards import score_completions
+
+    cfg, r, t = s.cfg, s.cfg.rollout, s.cfg.train
+    timing: dict[str, float] = {}
+    with _timed(timing, "generate"):
+        prompts = format_for_run(cfg, s.tokenizer, [p.prompt for p in problems])
+        comp = generate_completions(s.policy, s.tokenizer, prompts, r.num_generations, max_new_tokens=r.max_new_tokens,
+                                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
+    with _timed(timing, "reward"):
+        golds = [problems[i].gold for i in comp.prompt_index]
+        rewards, n_bad = finite_rewards(score_completions(s.reward_name, comp.texts, golds), s.reward_name)
+        adv = group_advantages(rewards, r.num_generations, t.advantage, std=t.adv_std, k=t.passk_k)
+    passes, timing["old_logp"], timing["reference"] = behaviour_and_reference(cfg, s.policy, comp, s.device)
+    with _timed(timing, "update"):
+        upd = update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, s.device)
+    m = step_metrics(cfg, comp, rewards, passes, upd, s.optimizer)
+    m.update({f"timing/{k}": v for k, v in timing.items()})
+    m["nonfinite/rewards"] = float(n_bad)
+    return m
+
+
+@contextlib.contextmanager
+def _timed(timing: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    timing[name] = time.perf_counter() - t0
+
+
+def _start_state(s: Setup) -> tuple[dict, PromptSampler]:
+    """The loop's state and data position: fresh, or restored from the checkpoint to resume."""
+    sampler = PromptSampler(len(s.train_problems), s.cfg.data.seed)
     state: dict[str, Any] = {"step": 0, "data_position": 0, "metrics_lines": 0, "consecutive_nonfinite": 0,
                              "nonfinite_total": 0, "eval_history": []}
-    if resume_from is not None:
-        state.update(load_checkpoint(resume_from, policy, optimizer, scheduler))
-    state["config"] = cfg.to_dict()  # saved in every checkpoint: a resume compares its settings with it
-    if resume_from is not None:
+    if s.resume_from is not None:
+        state.update(load_checkpoint(s.resume_from, s.policy, s.optimizer, s.scheduler))
         sampler.position = state["data_position"]
-        log.info(f"resumed from {resume_from} at step {state['step']}")
-    mlog = MetricsLog(run_dir, cfg.logging.tensorboard, keep_lines=state["metrics_lines"] if resume_from else None)
+        log.info(f"resumed from {s.resume_from} at step {state['step']}")
+    state["config"] = s.cfg.to_dict()  # saved in every checkpoint: a resume compares its settings with it
+    return state, sampler
 
-    eval_prompts = format_prompts(cfg, tokenizer, [p.prompt for p in eval_problems])
-    do_eval = cfg.eval.every > 0 and bool(eval_problems)
 
-    def run_eval(step: int) -> dict:
-        t0 = time.perf_counter()
-        ev = evaluate_pass_at_k(cfg, policy, tokenizer, eval_problems, eval_prompts, reward_name)
-        ev.update(step=step, **{"timing/eval": time.perf_counter() - t0})
-        mlog.write(ev)
-        state["eval_history"].append(ev)
-        return ev
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns a summary dict (also written to summary.json)."""
+    from tqdm.auto import tqdm
 
-    if do_eval and state["step"] == 0:
-        ev = run_eval(0)
-        log.info("eval step 0: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
-
-    show = cfg.logging.progress
+    s = setup(cfg)
+    state, sampler = _start_state(s)
+    keep = state["metrics_lines"] if s.resume_from else None  # resume: drop lines written after the checkpoint
+    mlog = MetricsLog(cfg.run_dir, cfg.logging.tensorboard, keep_lines=keep)
+    evaluator = _Evaluator(s, mlog, state)
+    if evaluator.on and state["step"] == 0:
+        evaluator(0, log.info)
     tty = quiet_progress_unless_tty()  # a bar only on a terminal; redirected logs get one plain line per step
     bar = tqdm(total=cfg.train.steps, initial=state["step"], desc="apo_llm.train", unit="step",
-               disable=not (show and tty), dynamic_ncols=True)
-    say = tqdm.write if tty else log.info
-    last_ckpt = latest_checkpoint(run_dir)
-    stop_at = cfg.train.stop_at_step
+               disable=not (cfg.logging.progress and tty), dynamic_ncols=True)
+    say = (tqdm.write if tty else log.info) if cfg.logging.progress else (lambda _: None)
+    last_ckpt = latest_checkpoint(cfg.run_dir)
     try:
         while state["step"] < cfg.train.steps:
             step = state["step"] + 1
             t_step = time.perf_counter()
-            # 1. rollouts
-            idx = sampler.take(P)
-            problems = [train_problems[i] for i in idx]
-            prompts = format_prompts(cfg, tokenizer, [p.prompt for p in problems])
-            t0 = time.perf_counter()
-            r = cfg.rollout
-            comp = generate_completions(policy, tokenizer, prompts, G, max_new_tokens=r.max_new_tokens,
-                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                        batch_size=r.batch_size)
-            t_gen = time.perf_counter() - t0
-            # 2. rewards and advantages
-            t0 = time.perf_counter()
-            golds = [problems[i].gold for i in comp.prompt_index]
-            rewards, n_bad = finite_rewards(score_completions(reward_name, comp.texts, golds), reward_name)
-            adv = group_advantages(rewards, G, cfg.train.advantage, std=cfg.train.adv_std, k=cfg.train.passk_k)
-            t_reward = time.perf_counter() - t0
-            # 3. behaviour (old) and reference passes
-            passes, t_old, t_ref = behaviour_and_reference(cfg, policy, comp, device)
-            # 4. policy update
-            t0 = time.perf_counter()
-            upd = update(cfg, model, optimizer, scheduler, accelerator, comp, adv, passes, device)
-            t_upd = time.perf_counter() - t0
-
-            nonfinite = upd["nonfinite/skipped_updates"] > 0
+            m = rl_step(s, [s.train_problems[i] for i in sampler.take(cfg.train.prompts_per_step)])
+            nonfinite = m["nonfinite/skipped_updates"] > 0
             state["consecutive_nonfinite"] = state["consecutive_nonfinite"] + 1 if nonfinite else 0
             state["nonfinite_total"] += int(nonfinite)
-            state["step"] = step
-            state["data_position"] = sampler.position
-
-            m = step_metrics(cfg, comp, rewards, passes, upd, optimizer)
+            state.update(step=step, data_position=sampler.position)
             dt = time.perf_counter() - t_step
-            m.update({"timing/generate": t_gen, "timing/reward": t_reward, "timing/old_logp": t_old,
-                      "timing/reference": t_ref, "timing/update": t_upd, "timing/step": dt,
-                      "tokens_per_second": m["num_tokens"] / dt, "memory/peak_mb": peak_memory_mb(device),
-                      "nonfinite/steps_total": float(state["nonfinite_total"]), "nonfinite/rewards": float(n_bad)})
+            m.update({"timing/step": dt, "tokens_per_second": m["num_tokens"] / dt,
+                      "memory/peak_mb": peak_memory_mb(s.device),
+                      "nonfinite/steps_total": float(state["nonfinite_total"])})
             mlog.write({"step": step, **m})
             loud_warnings(m)
             bar.update(1)
-            if show:
-                say(summary_line(step, m))
-            if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{state['consecutive_nonfinite']} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); stopping. "
-                    f"Last good checkpoint: {last_ckpt}")
-            if do_eval and step % cfg.eval.every == 0:
-                ev = run_eval(step)
-                if show:
-                    say("  eval: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
-            every = cfg.checkpoint.every
-            end = step == cfg.train.steps or step == stop_at
-            if not nonfinite and ((every and step % every == 0) or end):
-                check_weights(policy, step, last_ckpt)
-                state["metrics_lines"] = mlog.lines
-                last_ckpt = save_checkpoint(run_dir, step, policy, optimizer, scheduler, state,
-                                            keep_last=cfg.checkpoint.keep_last)
-            if stop_at is not None and step >= stop_at and step < cfg.train.steps:
+            say(summary_line(step, m))
+            last_ckpt = _after_step(s, state, mlog, evaluator, say, nonfinite, last_ckpt)
+            if cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= step < cfg.train.steps:
                 log.info(f"stopping after step {step} (train.stop_at_step); resume with --resume auto")
                 break
     finally:
         bar.close()
         mlog.close()
+    return _finish(s, state, evaluator, last_ckpt)
 
+
+class _Evaluator:
+    """Held-out pass@k at fixed steps, written to metrics.jsonl and kept in the loop state."""
+
+    def __init__(self, s: Setup, mlog: "MetricsLog", state: dict):
+        self.s, self.mlog, self.state = s, mlog, state
+        self.on = s.cfg.eval.every > 0 and bool(s.eval_problems)
+        self.prompts = format_for_run(s.cfg, s.tokenizer, [p.prompt for p in s.eval_problems])
+
+    def __call__(self, step: int, say=None) -> dict:
+        t0 = time.perf_counter()
+        s = self.s
+        ev = evaluate_pass_at_k(s.cfg, s.policy, s.tokenizer, s.eval_problems, self.prompts, s.reward_name)
+        ev.update(step=step, **{"timing/eval": time.perf_counter() - t0})
+        self.mlog.write(ev)
+        self.state["eval_history"].append(ev)
+        if say is not None:
+            say(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("eval/")))
+        return ev
+
+
+def _after_step(s: Setup, state: dict, mlog, evaluator: _Evaluator, say, nonfinite: bool, last_ckpt):
+    """Stop on too many non-finite steps, evaluate, checkpoint (never non-finite weights).
+    Returns the last checkpoint."""
+    cfg, step = s.cfg, state["step"]
+    if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"{state['consecutive_nonfinite']} consecutive steps with a non-finite loss or gradient "
+            f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); stopping. "
+            f"Last good checkpoint: {last_ckpt}")
+    if evaluator.on and step % cfg.eval.every == 0:
+        evaluator(step, say)
+    every = cfg.checkpoint.every
+    end = step == cfg.train.steps or step == cfg.train.stop_at_step
+    if not nonfinite and ((every and step % every == 0) or end):
+        check_weights(s.policy, step, last_ckpt)
+        state["metrics_lines"] = mlog.lines
+        last_ckpt = save_checkpoint(cfg.run_dir, step, s.policy, s.optimizer, s.scheduler, state,
+                                    keep_last=cfg.checkpoint.keep_last)
+    return last_ckpt
+
+
+def _finish(s: Setup, state: dict, evaluator: _Evaluator, last_ckpt) -> dict:
+    """summary.json; a finished run also gets its final evaluation, adapter and plots."""
+    cfg, run_dir = s.cfg, s.cfg.run_dir
     finished = state["step"] >= cfg.train.steps
     summary = {"steps": state["step"], "finished": finished, "run_dir": str(run_dir),
                "nonfinite_steps": state["nonfinite_total"], "eval": state["eval_history"]}
     if finished:
-        evaluated = [e["step"] for e in state["eval_history"]]
-        if do_eval and state["step"] not in evaluated:
-            run_eval(state["step"])
+        if evaluator.on and state["step"] not in [e["step"] for e in state["eval_history"]]:
+            evaluator(state["step"])
             summary["eval"] = state["eval_history"]
-        check_weights(policy, state["step"], last_ckpt)
-        policy.save_pretrained(run_dir / "adapter")
-        tokenizer.save_pretrained(run_dir / "adapter")
+        check_weights(s.policy, state["step"], last_ckpt)
+        s.policy.save_pretrained(run_dir / "adapter")
+        s.tokenizer.save_pretrained(run_dir / "adapter")
         if cfg.logging.plots:
             from apo_llm.plots import plot_run
 
@@ -689,7 +801,7 @@ def check_weights(policy, step: int, last_ckpt: Optional[Path]) -> None:
                              f"nothing saved. Last good checkpoint: {last_ckpt} (resume with --resume auto)")
 
 
-def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: dict, upd: dict,
+def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: RolloutPasses, upd: dict,
                  optimizer) -> dict[str, float]:
     """TRL/verl-named metrics of one step."""
     G = cfg.rollout.num_generations
@@ -704,13 +816,13 @@ def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passe
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(comp.truncated.float().mean()),
-        "entropy": float(passes["entropy"][mask].mean()) if mask.any() else 0.0,
+        "entropy": float(passes.entropy[mask].mean()) if mask.any() else 0.0,
         "num_tokens": float(mask.sum()),
         "learning_rate": float(optimizer.param_groups[0]["lr"]),
     }
-    if "ref_logp" in passes and mask.any():
+    if passes.ref_logp is not None and mask.any():
         # KL(pi_old || pi_ref) on the sampled tokens (k3), whatever the loss: a drift diagnostic
-        m["kl"] = float(kl_estimate("k3", passes["old_logp"], passes["ref_logp"], None)[mask].mean())
+        m["kl"] = float(kl_estimate("k3", passes.old_logp, passes.ref_logp, None)[mask].mean())
     for k, v in upd.items():
         if k == "kl":
             m["kl_loss_term"] = v  # the loss's own KL term (current policy, its estimator)

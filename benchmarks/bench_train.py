@@ -77,56 +77,52 @@ def run_one(model_path: str, loss: str, out_dir: Path, args) -> dict:
     return res
 
 
-def interleaved(model_path: str, args) -> dict:
+def interleaved(model_path: str, args, work: Path) -> dict:
     """One rollout batch, then old/reference/update of every loss in turn, repeated; medians.
 
     The losses share the generation (same policy, same seed), so interleaving them on one machine
-    makes the comparison far less sensitive to load from other processes than separate runs.
+    makes the comparison far less sensitive to load from other processes than separate runs. The
+    model, tokenizer, data, optimizer and accelerator are the trainer's own (`train.setup`).
     """
     import statistics
     import time
 
     import torch
-    from accelerate import Accelerator
-    from transformers import get_scheduler
 
     from apo_llm import train as T
     from apo_llm.config import load_config
-    from apo_llm.modeling import load_model_and_tokenizer, peak_memory_mb, wrap_lora
+    from apo_llm.modeling import peak_memory_mb
     from apo_llm.objectives import group_advantages
+    from apo_llm.prompts import format_for_run
     from apo_llm.rollout import generate_completions
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base, tok = load_model_and_tokenizer(model_path, dtype=args.dtype or "float32", device=str(dev))
-    model = wrap_lora(base)
-    acc = Accelerator(cpu=dev.type == "cpu")
-    cfgs = {loss: load_config(["--loss.name", loss, *LOSSES[loss], "--train.prompts_per_step", str(args.prompts),
-                               "--rollout.num_generations", str(args.G), "--rollout.max_new_tokens",
-                               str(args.max_new_tokens), "--train.mini_batch_size", str(args.prompts * args.G),
-                               "--train.micro_batch_size", str(args.micro), "--train.ppo_epochs", "1",
-                               "--train.lr", "1e-12"])  # a negligible step: the policy stays put
-            for loss in args.losses.split(",")}
-    from apo_llm.data import synthetic_problems
-
-    probs = synthetic_problems(args.prompts, 0, "train")
+    common = ["--model.name_or_path", model_path, "--train.prompts_per_step", str(args.prompts),
+              "--rollout.num_generations", str(args.G), "--rollout.max_new_tokens", str(args.max_new_tokens),
+              "--train.mini_batch_size", str(args.prompts * args.G), "--train.micro_batch_size", str(args.micro),
+              "--train.ppo_epochs", "1", "--train.lr", "1e-12", "--train.scheduler", "constant",  # the policy stays put
+              "--train.warmup_steps", "0", "--eval.every", "0", "--logging.output_dir", str(work),
+              "--logging.run_name", f"interleaved-{Path(model_path).name}", "--logging.overwrite", "true"]
+    for flag, value in (("--model.device", args.device), ("--model.dtype", args.dtype)):
+        common += [flag, value] if value else []
+    cfgs = {loss: load_config(["--loss.name", loss, *LOSSES[loss], *common]) for loss in args.losses.split(",")}
+    s = T.setup(next(iter(cfgs.values())))
+    dev = s.device
+    probs = s.train_problems[:args.prompts]
     t0 = time.perf_counter()
-    comp = generate_completions(model, tok, [p.prompt for p in probs], args.G, max_new_tokens=args.max_new_tokens,
-                                seed=0)
+    prompts = format_for_run(s.cfg, s.tokenizer, [p.prompt for p in probs])
+    comp = generate_completions(s.policy, s.tokenizer, prompts, args.G, max_new_tokens=args.max_new_tokens, seed=0)
     t_gen = time.perf_counter() - t0
     rewards = torch.tensor([float(i % 3 == 0) for i in range(len(comp.texts))])  # fixed, varied rewards
     adv = group_advantages(rewards, args.G)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)
-    sched = get_scheduler("constant", opt)
     times = {loss: {"old_logp": [], "reference": [], "update": []} for loss in cfgs}
     peak = {}
     for rep in range(args.repeats + 1):
         for loss, cfg in cfgs.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            passes, t_old, t_ref = T.behaviour_and_reference(cfg, model, comp, dev)
+            passes, t_old, t_ref = T.behaviour_and_reference(cfg, s.policy, comp, dev)
             t1 = time.perf_counter()
-            T.update(cfg, model, opt, sched, acc, comp, adv, passes, dev)
+            T.update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t_upd = time.perf_counter() - t1
@@ -182,7 +178,7 @@ def main(argv=None) -> dict:
         results[model] = {}
         if args.mode == "interleaved":
             print(f"[bench] {model}: interleaved {args.losses} x {args.repeats} rounds ...", flush=True)
-            results[model] = interleaved(path, args)
+            results[model] = interleaved(path, args, work)
             continue
         for loss in args.losses.split(","):
             print(f"[bench] {model} / {loss} ...", flush=True)

@@ -92,14 +92,12 @@ def stock_trainer(cfg):
     from trl import GRPOTrainer
 
     import apo_llm.trl_engine as te
-    from apo_llm.modeling import load_model_and_tokenizer, wrap_lora
-    from apo_llm.train import load_data, resolve_model_path, seed_everything
+    from apo_llm.train import add_lora, load_base, load_data
 
     args = te.grpo_config(cfg, 1)
-    seed_everything(cfg.train.seed)
-    base, tok = load_model_and_tokenizer(resolve_model_path(cfg), dtype=cfg.model.dtype)
-    model = wrap_lora(base, r=cfg.lora.r, alpha=cfg.lora.alpha)
     problems, _, reward = load_data(cfg)
+    base, tok, _ = load_base(cfg, None)  # the TRL engine's model and LoRA (train.load_base / add_lora)
+    model = add_lora(cfg, base)
     return GRPOTrainer(model=model, args=args, reward_funcs=[te.make_reward_func(reward)],
                        train_dataset=te.build_dataset(cfg, tok, problems), processing_class=tok)
 

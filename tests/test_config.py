@@ -200,3 +200,62 @@ def test_resume_differences_split_applied_and_refused():
     old = load_config([]).to_dict()
     applied, refused = resume_differences(old, load_config(["--train.steps", "60", "--train.lr", "1e-4"]))
     assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (3e-3, 1e-4)}
+
+
+# --------------------------------------------------------------------------------------------
+# Composed configs: `base: other.yaml`
+# --------------------------------------------------------------------------------------------
+
+BASES = sorted((Path(__file__).resolve().parent.parent / "configs" / "base").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)
+def test_shipped_bases_resolve_and_validate(path):
+    load_config(["--config", str(path)])
+
+
+def test_every_shipped_overlay_names_an_existing_base():
+    from apo_llm.config import load_yaml
+
+    for p in CONFIGS:
+        base = yaml.safe_load(p.read_text()).get("base")
+        if base is not None:
+            assert (p.parent / base).is_file(), p.name
+            merged = load_yaml(p)
+            assert "base" not in merged and merged["logging"]["run_name"] == p.stem
+
+
+def test_base_is_relative_to_the_file_and_merged_field_by_field(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "root.yaml").write_text(yaml.safe_dump(
+        {"train": {"lr": 1e-4, "steps": 7}, "eval": {"k": [1, 2, 4]}, "loss": {"name": "grpo_kl", "kl_coef": 0.05}}))
+    (tmp_path / "b" / "mid.yaml").write_text(yaml.safe_dump({"base": "root.yaml", "train": {"steps": 9}}))
+    (tmp_path / "top.yaml").write_text(yaml.safe_dump({"base": "b/mid.yaml", "eval": {"k": [1]},
+                                                       "loss": {"kl_coef": 0.1}}))
+    cfg = load_config(["--config", str(tmp_path / "top.yaml"), "--train.lr", "3e-5"])
+    assert cfg.train.steps == 9 and cfg.train.lr == 3e-5  # mid overrides root; the CLI overrides all
+    assert cfg.eval.k == [1]  # lists are replaced, not merged
+    assert cfg.loss.name == "grpo_kl" and cfg.loss.kl_coef == 0.1  # a section is merged field by field
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"a.yaml": {"base": "b.yaml"}, "b.yaml": {"base": "a.yaml"}}, "base cycle"),
+    ({"a.yaml": {"base": "a.yaml"}}, "base cycle"),
+    ({"a.yaml": {"base": "missing.yaml"}}, "file not found"),
+    ({"a.yaml": {"base": 3}}, "base must be a path"),
+])
+def test_bad_base_is_a_one_line_error(tmp_path, files, words):
+    for name, data in files.items():
+        (tmp_path / name).write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError) as e:
+        load_config(["--config", str(tmp_path / "a.yaml")])
+    assert words in str(e.value) and "\n" not in str(e.value) and "a.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("flag, value, choices", [("--train.engine", "nope", "native, trl"),
+                                                  ("--rollout.engine", "sglang", "hf, vllm"),
+                                                  ("--train.adv_std", "sample", "unbiased, population")])
+def test_mode_strings_accept_only_their_literal_choices(flag, value, choices):
+    with pytest.raises(ValueError) as e:
+        load_config([flag, value])
+    assert flag[2:] in str(e.value) and choices in str(e.value)

@@ -230,7 +230,7 @@ def test_prompts_and_targets_as_in_training(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from apo_llm.data import synthetic_problems
-    from apo_llm.evaluate import format_prompts
+    from apo_llm.prompts import format_prompts
     from apo_llm.topk_coverage import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
