@@ -67,7 +67,7 @@ We take the step with the project's one loss, `apo_llm.objectives.policy_loss` (
 ("code", SETUP),
 ("code", '''import inspect
 from apo_llm.objectives import LossConfig, policy_loss
-from paper_figures.sim import squeeze_step
+from apo_toy.node import squeeze_step
 print(inspect.getsource(squeeze_step))'''),
 ("code", '''pi = torch.tensor([0.55, 0.15, 0.10, 0.06, 0.05, 0.03, 0.025, 0.02, 0.015, 0.01], dtype=torch.float64)
 pi = pi / pi.sum()  # a proper distribution (the numbers above sum to 1.01)
@@ -526,7 +526,7 @@ ax.legend(); plt.show()'''),
 outside the Top-K and holds a lot of mass, the correct mode holds some, and a valid token inside the
 Top-K has been squeezed. One step of GRPO vs APO on that negative token (same `policy_loss`,
 small step): APO's pull gives the squeezed anchored token a larger log-probability gain."""),
-("code", '''from paper_figures.sim import squeeze_step   # noqa: F401  (GRPO step of notebook 1, for reference)
+("code", '''from apo_toy.node import squeeze_step   # noqa: F401  (GRPO step of notebook 1, for reference)
 zq = torch.log(torch.tensor([0.30, 0.04, 0.03, 0.02, 0.02, 0.002, 0.01, 0.008, 0.02, 0.55], dtype=torch.float64))
 ref_q = torch.log(torch.tensor([0.35, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03, 0.02], dtype=torch.float64))
 yq, squeezed, Kq = 9, 5, 8
@@ -630,7 +630,7 @@ from apo_llm.tiny import ensure_tiny_model
 from apo_llm.modeling import load_model_and_tokenizer, completion_token_stats
 from apo_llm.rollout import generate_completions
 from apo_llm.data import synthetic_problems
-from apo_llm.evaluate import format_prompts
+from apo_llm.prompts import format_prompts
 from apo_llm.rewards import default_reward_for, score_completions
 from apo_llm.objectives import LossConfig, anchor_ratio, group_advantages, policy_loss
 t0 = time.time()

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apo_llm.objectives import LossConfig, policy_loss
 from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, get_preset, run
+from apo_toy.node import squeeze_step
 from apo_toy.presets import Table, rsc_methods
 
 from . import style
@@ -66,20 +66,6 @@ def _final(table, method: str, key: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # 1. Negative squeezing at one node (docs/theory.md section 2)
 # --------------------------------------------------------------------------------------------
-
-
-def squeeze_step(pi: torch.Tensor, ybar: int, eta: float) -> torch.Tensor:
-    """Logits after one SGD step of GRPO's policy_loss with A = -1 on the single token ybar.
-
-    At theta = theta_old the ratio is 1 and unclipped, so the gradient of -A w is
-    grad log pi_ybar = e_ybar - pi: the step is one descent step on log pi_ybar.
-    """
-    z = pi.log().clone().requires_grad_(True)  # logits whose softmax is pi
-    logp = torch.log_softmax(z, -1)[ybar].view(1, 1)  # [B=1, T=1]
-    loss, _ = policy_loss(LossConfig(name="grpo"), logp, logp.detach(), torch.tensor([-1.0], dtype=pi.dtype),
-                          torch.ones(1, 1, dtype=torch.bool))
-    loss.backward()
-    return (z - eta * z.grad).detach()
 
 
 def fig_squeezing(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
