@@ -335,7 +335,10 @@ def anchor_ratio_reading(norm: str, anchor_logp: Tensor, anchor_ref_logp: Tensor
         parts = q * (anchor_logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
         return {"r_anchor": parts.sum(-1), "z_ref": z_ref, "parts": parts.detach(), "p": p_anchor.detach(),
                 "pi_s": pi_s.detach()}
-    parts = torch.where(in_set, a * p_anchor.detach(), zero)
+    if bool(torch.isfinite(a.sum())):  # a >= 0 all finite: a * 0 = 0 off S, as the where below gives
+        parts = a * pi_s.detach()
+    else:  # 1 / Z_ref overflowed (subnormal Z_ref): inf * 0 would be NaN off S
+        parts = torch.where(in_set, a * p_anchor.detach(), zero)
     return {"r_anchor": r_anchor, "z_ref": z_ref, "parts": parts, "p": p_anchor.detach(), "pi_s": pi_s.detach()}
 
 
