@@ -287,9 +287,8 @@ def anchor_ratio(anchor_logp: Tensor, anchor_ref_logp: Tensor, in_anchor_set: Te
 def _anchor_ratio_from_probs(p_anchor: Tensor, p_ref: Tensor, in_anchor_set: Tensor) -> tuple[Tensor, Tensor]:
     # masking by a 0/1 multiply, not torch.where: same values for probabilities (p * 1 = p,
     # p * 0 = +0 for finite p >= 0), same gradient (g * 1[k in S]), ~4x cheaper on [B, T, K]
-    in_f = in_anchor_set.to(p_anchor.dtype)
-    m_s = (p_anchor * in_f).sum(-1)  # [B, T] policy mass on S
-    z_ref = (p_ref * in_f).sum(-1)  # [B, T] reference mass on S
+    m_s = (p_anchor * in_anchor_set.to(p_anchor.dtype)).sum(-1)  # [B, T] policy mass on S
+    z_ref = (p_ref * in_anchor_set.to(p_ref.dtype)).sum(-1)  # [B, T] reference mass on S
     return _safe_div(m_s, z_ref), z_ref
 
 
@@ -315,15 +314,19 @@ def anchor_ratio_reading(norm: str, anchor_logp: Tensor, anchor_ref_logp: Tensor
     p_anchor = anchor_logp.exp()  # [B, T, K] pi_theta on the reference Top-K
     zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
     in_f = in_set.to(p_anchor.dtype)  # 0/1 mask: a multiply is ~4x cheaper than torch.where here
-    p_ref = anchor_ref_logp.exp() * in_f  # [B, T, K] (exp >= 0, so p * 0 = +0 as where gave)
-    pi_s = p_anchor * in_f  # [B, T, K] pi_theta on S
+
+    def on_s(x: Tensor) -> Tensor:  # x 1[k in S] in x's own dtype (exp >= 0: x * 0 = +0, as where gave)
+        return x * (in_f if x.dtype == in_f.dtype else in_set.to(x.dtype))
+
+    p_ref = on_s(anchor_ref_logp.exp())  # [B, T, K]
+    pi_s = on_s(p_anchor)  # [B, T, K] pi_theta on S
     if norm == "ref":
         z_ref = p_ref.sum(-1)
         r_anchor = _safe_div(pi_s.sum(-1), z_ref)  # M_S / Z_ref
         a = _safe_div(torch.ones_like(z_ref), z_ref)[..., None]  # [B, T, 1]
     elif norm == "old_mass":
         z_ref = p_ref.sum(-1)
-        m_old = (anchor_old_logp.exp() * in_f).sum(-1)  # [B, T] M_S(theta_old)
+        m_old = on_s(anchor_old_logp.exp()).sum(-1)  # [B, T] M_S(theta_old)
         r_anchor = _safe_div(pi_s.sum(-1), m_old)
         a = _safe_div(torch.ones_like(m_old), m_old)[..., None]
     else:  # old_token
