@@ -285,10 +285,9 @@ def anchor_ratio(anchor_logp: Tensor, anchor_ref_logp: Tensor, in_anchor_set: Te
 
 
 def _anchor_ratio_from_probs(p_anchor: Tensor, p_ref: Tensor, in_anchor_set: Tensor) -> tuple[Tensor, Tensor]:
-    # masking by a 0/1 multiply, not torch.where: same values for probabilities (p * 1 = p,
-    # p * 0 = +0 for finite p >= 0), same gradient (g * 1[k in S]), ~4x cheaper on [B, T, K]
-    m_s = (p_anchor * in_anchor_set.to(p_anchor.dtype)).sum(-1)  # [B, T] policy mass on S
-    z_ref = (p_ref * in_anchor_set.to(p_ref.dtype)).sum(-1)  # [B, T] reference mass on S
+    zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
+    m_s = torch.where(in_anchor_set, p_anchor, zero).sum(-1)  # [B, T] policy mass on S
+    z_ref = torch.where(in_anchor_set, p_ref, zero).sum(-1)  # [B, T] reference mass on S
     return _safe_div(m_s, z_ref), z_ref
 
 
@@ -316,6 +315,8 @@ def anchor_ratio_reading(norm: str, anchor_logp: Tensor, anchor_ref_logp: Tensor
     in_f = in_set.to(p_anchor.dtype)  # 0/1 mask: a multiply is ~4x cheaper than torch.where here
 
     def on_s(x: Tensor) -> Tensor:  # x 1[k in S] in x's own dtype (exp >= 0: x * 0 = +0, as where gave)
+        if not bool(torch.isfinite(x.sum())):  # a +inf probability (log p = +inf): inf * 0 = NaN off S
+            return torch.where(in_set, x, zero)
         return x * (in_f if x.dtype == in_f.dtype else in_set.to(x.dtype))
 
     p_ref = on_s(anchor_ref_logp.exp())  # [B, T, K]
