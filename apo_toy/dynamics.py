@@ -201,13 +201,16 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
 
     topk = _once(lambda: suite.topk(cfg.apo_k).reshape(P * N, -1))  # [P*N, K]
 
-    def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
-        return x.reshape(P * N, b).gather(-1, topk())[ix["node"]][:, None, :]
-
     def fixed(key, fn: Callable[[], Tensor]) -> Tensor:  # theta-independent: built once per set of rows
         if key not in ix:
             ix[key] = fn()
         return ix[key]
+
+    def anchors(x: Tensor) -> Tensor:  # [P, N, b] -> [R, 1, K], the node's Top-K for each of its edges
+        # one index_select with a cached flat (node, Top-K child) index: its backward is one
+        # index_add_, not an accumulating index_put_ followed by a scatter (gather's backward)
+        flat = fixed(("anchor_flat", cfg.apo_k), lambda: (ix["node"][:, None] * b + topk()[ix["node"]]).reshape(-1))
+        return x.reshape(-1).index_select(0, flat).view(R, 1, -1)
 
     def anchor_old() -> Tensor:  # pi_old at the anchors: fixed within one exact_batch
         if "anchor_old_logp" not in batch:
@@ -225,7 +228,8 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
                                            lambda: (topk()[ix["node"]] == ix["child"][:, None])[:, None, :]),
         "anchor_old_logp": anchor_old,
     })
-    adv = batch["adv"][ix["cls"], ix["prompt"]]  # [R]
+    C = batch["adv"].shape[0]
+    adv = batch["adv"].reshape(-1).index_select(0, fixed(("adv_flat", C), lambda: ix["cls"] * P + ix["prompt"]))  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
     return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
                        **kw, **batch["norm"], diagnostics=diagnostics)
