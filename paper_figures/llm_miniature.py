@@ -392,6 +392,18 @@ def figures(out_dir: Path, res: dict) -> list[Path]:
     return paths + style.save(fig, out_dir, "llm_miniature_frontier")
 
 
+def figures_from(sweep_dir: Path, out_dir: Path) -> tuple[list[Path], dict]:
+    """`python -m paper_figures --miniature DIR`: the figures of a finished sweep, and its headline numbers."""
+    path = Path(sweep_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--miniature: {sweep_dir} has no results.json (run python -m paper_figures.llm_miniature)")
+    res = json.loads(path.read_text())
+    info = {arm: {"pass@1": a["mean"][0], f"pass@{res['ks'][-1]}": a["mean"][-1], "k_star": a["k_star"]}
+            for arm, a in res["arms"].items()}
+    info["base"] = {"pass@1": res["base"]["pass@k"][0], f"pass@{res['ks'][-1]}": res["base"]["pass@k"][-1]}
+    return figures(out_dir, res), info
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
