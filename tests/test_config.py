@@ -199,4 +199,4 @@ def test_resume_differences_split_applied_and_refused():
 
     old = load_config([]).to_dict()
     applied, refused = resume_differences(old, load_config(["--train.steps", "60", "--train.lr", "1e-4"]))
-    assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (3e-3, 1e-4)}
+    assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (1e-3, 1e-4)}
