@@ -73,7 +73,7 @@ class Sizes:
     train: dict
 
 
-FULL = Sizes(arms=tuple(ARMS), seeds=3, steps=30, problems=64, n=256, trajectory_points=2, tiny_quick=False,
+FULL = Sizes(arms=tuple(ARMS), seeds=3, steps=30, problems=40, n=256, trajectory_points=2, tiny_quick=False,
              train={})
 # CI: the quick tiny model, two arms, one seed, a few steps; n = 32 so pass@k runs to k = 32 only
 QUICK = Sizes(arms=("grpo", "apo_ref"), seeds=1, steps=2, problems=4, n=32, trajectory_points=1, tiny_quick=True,

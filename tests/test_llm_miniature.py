@@ -163,3 +163,33 @@ def test_paper_figures_draws_the_sweep(sweep, tmp_path):
     res = json.loads((sweep / "results.json").read_text())
     assert numbers["grpo"]["pass@1"] == res["arms"]["grpo"]["mean"][0]
     assert figures_main(["--only", "llm_miniature", "--out", str(out)]) == 2  # names the missing --miniature
+
+
+# ---- the demo's curves.png (apo_llm.plots) ----
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.integers(1, 10))
+def test_smooth_is_the_trailing_mean(ys, window):
+    from apo_llm.plots import smooth
+
+    got = smooth(ys, window)
+    for i in range(len(ys)):
+        seg = ys[max(0, i - window + 1): i + 1]
+        assert got[i] == pytest.approx(sum(seg) / len(seg), rel=1e-9, abs=1e-9)
+
+
+def test_curves_give_each_quantity_its_own_axis(tmp_path):
+    from apo_llm.plots import _panels, plot_run, read_metrics
+
+    rng = np.random.default_rng(0)
+    lines = [{"step": s, "reward": float(rng.random()), "apo/r_anchor_mean": 1000.0 + s, "apo/pull": 0.1,
+              "apo/neg_clipped_frac": 0.5, "grad_norm": 0.2} for s in range(1, 31)]
+    lines += [{"step": s, "eval/pass@1": 0.2, "eval/pass@8": 0.7} for s in (0, 30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    panels = _panels(*read_metrics(tmp_path / "metrics.jsonl"))
+    keys = [k for _, ks, _, _ in panels for k in ks]
+    assert [ks for _, ks, _, _ in panels if "apo/pull" in ks] == [["apo/pull"]], "pull shares an axis"
+    assert "apo/neg_clipped_frac" in keys and {"eval/pass@1", "eval/pass@8"} <= set(keys)
+    assert "kl" not in keys  # absent metrics get no empty panel
+    (png,) = plot_run(tmp_path)
+    assert png.name == "curves.png" and png.stat().st_size > 20_000
