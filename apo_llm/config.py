@@ -179,6 +179,10 @@ def _section_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Fields where +-inf is a meaningful setting ("no cap"); everywhere else it is refused like NaN.
+INF_ALLOWED = frozenset({"loss.apo_pull_cap"})
+
+
 def _convert(key: str, value: Any, hint: Any) -> Any:
     """Coerce a YAML value or CLI string to the field's type; ValueError names the key."""
     origin = typing.get_origin(hint)
@@ -216,7 +220,8 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):  # a NaN compares False everywhere and would disable range checks
+        if math.isnan(out) or (math.isinf(out) and key not in INF_ALLOWED):
+            # a NaN compares False everywhere and would disable range checks
             raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return out
     if hint is str:
@@ -465,8 +470,18 @@ def save_resolved(cfg: RunConfig, out_dir: str | Path, extra: Optional[dict] = N
         except metadata.PackageNotFoundError:
             versions[mod] = None
     info = {"seed": cfg.train.seed, "versions": versions, "git_sha": git_sha(Path(__file__).parent),
-            "argv": sys.argv, **(extra or {})}
+            "argv": sys.argv, "loss_reading": loss_reading(cfg), **(extra or {})}
     (out / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def loss_reading(cfg: RunConfig) -> dict:
+    """The APO reading this run trains with (docs/method.md): r_anchor's normaliser, the clip, and the
+    effective pull cap (1 + eps_high when loss.apo_pull_cap is None; "inf" for no cap)."""
+    lc = cfg.loss
+    cap = lc.pull_cap
+    return {"name": lc.name, "apo_anchor_norm": lc.apo_anchor_norm, "apo_clip": lc.apo_clip,
+            "apo_anchoring": lc.apo_anchoring, "apo_pull_cap": cap if math.isfinite(cap) else str(cap),
+            "needs_anchor_old_logp": lc.needs_anchor_old}
 
 
 # Settings a resume may change: they steer the loop, not what a step computes. Any other difference

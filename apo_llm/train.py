@@ -50,6 +50,7 @@ from apo_llm.modeling import (
     wrap_lora,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+from apo_llm.passes import RolloutPasses, gathers_anchors, loss_inputs, old_pass_gathers_anchors
 from apo_llm.rollout import Completions, generate_completions
 
 log = logging.getLogger("apo_llm.train")
@@ -182,17 +183,10 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     refuses the rest.
     """
     run_dir = cfg.run_dir
-    resuming = cfg.checkpoint.resume not in (None, "", "none", "None", "false")
-    if cfg.logging.overwrite and resuming:
-        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+    refuse_overwrite_with_resume(cfg)
     resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # CheckpointError names the bad file
     ours = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_root(run_dir).resolve()
-    held = run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
-    if held and not ours and not cfg.logging.overwrite:
-        raise UserError(f"logging.run_name: {run_dir} already holds a run"
-                        + (" without an intact checkpoint" if resuming else "")
-                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
-                          "--logging.overwrite true to move it aside")
+    refuse_mixing_runs(cfg, ours)
     if resume_from is not None:
         saved = read_trainer_state(resume_from).get("config")
         applied, refused = resume_differences(saved or {}, cfg)
@@ -207,10 +201,33 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
     return resume_from
 
 
+def resuming(cfg: RunConfig) -> bool:
+    return cfg.checkpoint.resume not in (None, "", "none", "None", "false")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+
+
+def refuse_overwrite_with_resume(cfg: RunConfig) -> None:
+    if cfg.logging.overwrite and resuming(cfg):
+        raise UserError("logging.overwrite: cannot be combined with --resume (it would move the run aside)")
+
+
+def refuse_mixing_runs(cfg: RunConfig, resumes_this_run: bool) -> None:
+    """The run-dir guard of both engines: a directory holding a run is only reused by a resume of that
+    run (`resumes_this_run`: the checkpoint lies in it), or moved aside with logging.overwrite."""
+    if holds_run(cfg.run_dir) and not resumes_this_run and not cfg.logging.overwrite:
+        raise UserError(f"logging.run_name: {cfg.run_dir} already holds a run"
+                        + (" without an intact checkpoint" if resuming(cfg) else "")
+                        + "; continue it with --resume auto, pick another --logging.run_name, or pass "
+                          "--logging.overwrite true to move it aside")
+
+
 def start_run_dir(cfg: RunConfig) -> None:
     """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
     run_dir = cfg.run_dir
-    if cfg.logging.overwrite and run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES):
+    if cfg.logging.overwrite and holds_run(run_dir):
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         i = 0
         while aside.exists():
@@ -251,46 +268,61 @@ def _trim(c: Completions, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @torch.no_grad()
-def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) -> tuple[dict, float, float]:
-    """Old log-probs + entropy, then the reference stats the loss asks for. Returns (tensors, t_old, t_ref)."""
+def behaviour_and_reference(cfg: RunConfig, model, comp: Completions, device) -> tuple[RolloutPasses, float, float]:
+    """The no-grad passes: reference first (its Top-K ids are the anchors), then old, which gathers
+    log pi_old at those ids when the reading needs it. Returns (passes, t_old, t_ref)."""
     N, T = comp.completion_mask.shape
-    t0 = time.perf_counter()
-    out: dict[str, torch.Tensor] = {"old_logp": torch.zeros(N, T), "entropy": torch.zeros(N, T)}
-    lc = cfg.loss
-    want_ref = lc.needs_reference
-    if want_ref:
-        out["ref_logp"] = torch.zeros(N, T)
-    if lc.needs_anchors:
-        out["anchor_ids"] = torch.zeros(N, T, lc.apo_k, dtype=torch.long)
-        out["anchor_ref_logp"] = torch.full((N, T, lc.apo_k), -math.inf)
+    passes = RolloutPasses(old_logp=torch.zeros(N, T), entropy=torch.zeros(N, T))
     was_training = model.training
     model.eval()
-    mb = cfg.train.micro_batch_size
-    for sl in _micro_slices(N, mb) if not single_pass(cfg, N) else []:  # else update() fills them
+    t0 = time.perf_counter()
+    if cfg.loss.needs_reference:
+        _reference_pass(cfg, model, comp, device, passes)
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not single_pass(cfg, N):  # else update() fills old_logp / entropy from its own forward
+        _old_pass(cfg, model, comp, device, passes)
+    model.train(was_training)
+    return passes, time.perf_counter() - t0, t_ref
+
+
+def _reference_pass(cfg: RunConfig, model, comp: Completions, device, passes: RolloutPasses) -> None:
+    """log pi_ref(y_t) [N, T] and, for losses with anchors, the safe manifold's Top-K ids + log-probs [N, T, K]."""
+    lc = cfg.loss
+    N, T = comp.completion_mask.shape
+    k = lc.apo_k if lc.needs_anchors else 0
+    passes.ref_logp = torch.zeros(N, T)
+    if k:
+        passes.anchor_ids = torch.zeros(N, T, k, dtype=torch.long)
+        passes.anchor_ref_logp = torch.full((N, T, k), -math.inf)
+    with reference_context(model):
+        for sl in _micro_slices(N, cfg.train.micro_batch_size):
+            ids, am, t = _trim(comp, sl)
+            st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
+                                        temperature=cfg.rollout.temperature, topk=k, chunk_size=cfg.train.chunk_size)
+            passes.ref_logp[sl, :t] = st.logp.float().cpu()
+            if k:  # only K ids + log-probs per position are kept
+                passes.anchor_ids[sl, :t] = st.topk_ids.cpu()
+                passes.anchor_ref_logp[sl, :t] = st.topk_logp.float().cpu()
+    if k:
+        passes.anchor_is_sampled = passes.anchor_ids == comp.completion_ids[..., None]  # y_t in M_t
+
+
+def _old_pass(cfg: RunConfig, model, comp: Completions, device, passes: RolloutPasses) -> None:
+    """log pi_old(y_t) and entropy [N, T]; log pi_old at the anchor ids [N, T, K] when the reading needs it."""
+    gather = old_pass_gathers_anchors(cfg.loss)
+    if gather:
+        passes.anchor_old_logp = torch.full(passes.anchor_ids.shape, -math.inf)
+    for sl in _micro_slices(comp.completion_mask.shape[0], cfg.train.micro_batch_size):
         ids, am, t = _trim(comp, sl)
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, want_entropy=True,
+                                    gather_ids=passes.anchor_ids[sl, :t].to(device) if gather else None,
                                     chunk_size=cfg.train.chunk_size)
-        out["old_logp"][sl, :t] = st.logp.float().cpu()
-        out["entropy"][sl, :t] = st.entropy.float().cpu()
-    t_old = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if want_ref:
-        with reference_context(model):
-            for sl in _micro_slices(N, mb):
-                ids, am, t = _trim(comp, sl)
-                st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
-                                            temperature=cfg.rollout.temperature,
-                                            topk=lc.apo_k if lc.needs_anchors else 0,
-                                            chunk_size=cfg.train.chunk_size)
-                out["ref_logp"][sl, :t] = st.logp.float().cpu()
-                if lc.needs_anchors:  # only K ids + log-probs per position are kept
-                    out["anchor_ids"][sl, :t] = st.topk_ids.cpu()
-                    out["anchor_ref_logp"][sl, :t] = st.topk_logp.float().cpu()
-    model.train(was_training)
-    if lc.needs_anchors:
-        out["anchor_is_sampled"] = out["anchor_ids"] == comp.completion_ids[..., None]  # y_t in M_t
-    return out, t_old, time.perf_counter() - t0
+        passes.old_logp[sl, :t] = st.logp.float().cpu()
+        passes.entropy[sl, :t] = st.entropy.float().cpu()
+        if gather:
+            passes.anchor_old_logp[sl, :t] = st.gathered_logp.float().cpu()
 
 
 def single_pass(cfg: RunConfig, rows: int) -> bool:
@@ -299,7 +331,8 @@ def single_pass(cfg: RunConfig, rows: int) -> bool:
     return cfg.train.ppo_epochs == 1 and cfg.train.mini_batch_size >= rows
 
 
-def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor, passes: dict,
+def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, adv: torch.Tensor,
+                        passes: RolloutPasses,
                         device, mb_rows: torch.Tensor, sums: dict) -> tuple[bool, float, float]:
     """Accumulate the gradient of one minibatch over its micro-batches.
 
@@ -309,32 +342,25 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
     lc, tc = cfg.loss, cfg.train
     mask = comp.completion_mask
     fill_old = single_pass(cfg, mask.shape[0])
+    stored = passes.stored()
     mb_tokens = float(mask[mb_rows].sum())
     mb_loss, weight = 0.0, 0.0
     for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
         rows = mb_rows[sl]
         ids, am, t = _trim(comp, rows)
-        gather = passes["anchor_ids"][rows, :t].to(device) if lc.needs_anchors else None
+        gather = passes.anchor_ids[rows, :t].to(device) if gathers_anchors(lc) else None
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, gather_ids=gather,
                                     want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
         if fill_old:  # the behaviour pass was skipped: this forward is pi_old
-            passes["old_logp"][rows, :t] = st.logp.detach().float().cpu()
-            passes["entropy"][rows, :t] = st.entropy.detach().float().cpu()
+            passes.old_logp[rows, :t] = st.logp.detach().float().cpu()
+            passes.entropy[rows, :t] = st.entropy.detach().float().cpu()
         m = mask[rows, :t].to(device)
         if not torch.isfinite(st.logp[m.bool()]).all():
             return False, mb_loss, weight
-        kw: dict[str, Any] = {}
-        if lc.needs_ref_logp:
-            kw["ref_logp"] = passes["ref_logp"][rows, :t].to(device)
-        if lc.needs_anchors:
-            kw.update(anchor_logp=st.gathered_logp,
-                      anchor_ref_logp=passes["anchor_ref_logp"][rows, :t].to(device),
-                      anchor_is_sampled=passes["anchor_is_sampled"][rows, :t].to(device))
-        if lc.needs_entropy:
-            kw["entropy"] = st.entropy
+        kw = loss_inputs(lc, st, stored, lambda x, r=rows, t=t: x[r, :t].to(device), old_is_current=fill_old)
         loss, metrics = policy_loss(
-            lc, st.logp, passes["old_logp"][rows, :t].to(device), adv[rows].to(device), m,
+            lc, st.logp, passes.old_logp[rows, :t].to(device), adv[rows].to(device), m,
             global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), **kw)
         if not torch.isfinite(loss):
             return False, mb_loss, weight
@@ -354,7 +380,7 @@ def nonfinite_weights(params) -> list[str]:
 
 
 def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Completions, adv: torch.Tensor,
-           passes: dict, device) -> dict[str, float]:
+           passes: RolloutPasses, device) -> dict[str, float]:
     """ppo_epochs over shuffled minibatches, gradient accumulation over micro-batches.
 
     A minibatch with a non-finite log-prob, loss or gradient is skipped. After every optimizer step
@@ -689,7 +715,7 @@ def check_weights(policy, step: int, last_ckpt: Optional[Path]) -> None:
                              f"nothing saved. Last good checkpoint: {last_ckpt} (resume with --resume auto)")
 
 
-def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: dict, upd: dict,
+def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passes: RolloutPasses, upd: dict,
                  optimizer) -> dict[str, float]:
     """TRL/verl-named metrics of one step."""
     G = cfg.rollout.num_generations
@@ -704,13 +730,13 @@ def step_metrics(cfg: RunConfig, comp: Completions, rewards: torch.Tensor, passe
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(comp.truncated.float().mean()),
-        "entropy": float(passes["entropy"][mask].mean()) if mask.any() else 0.0,
+        "entropy": float(passes.entropy[mask].mean()) if mask.any() else 0.0,
         "num_tokens": float(mask.sum()),
         "learning_rate": float(optimizer.param_groups[0]["lr"]),
     }
-    if "ref_logp" in passes and mask.any():
+    if passes.ref_logp is not None and mask.any():
         # KL(pi_old || pi_ref) on the sampled tokens (k3), whatever the loss: a drift diagnostic
-        m["kl"] = float(kl_estimate("k3", passes["old_logp"], passes["ref_logp"], None)[mask].mean())
+        m["kl"] = float(kl_estimate("k3", passes.old_logp, passes.ref_logp, None)[mask].mean())
     for k, v in upd.items():
         if k == "kl":
             m["kl_loss_term"] = v  # the loss's own KL term (current policy, its estimator)

@@ -36,6 +36,7 @@ from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
+from apo_llm.passes import gathers_anchors, loss_inputs, old_pass_gathers_anchors
 
 log = logging.getLogger("apo_llm.trl_engine")
 
@@ -186,6 +187,25 @@ class APOGRPOTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         out.update(self._reference_pass(out))
         self._metrics["train"]["timing/reference"].append(time.perf_counter() - t0)
+        if old_pass_gathers_anchors(self.loss_cfg) and out.get("old_per_token_logps") is not None:
+            # TRL ran its old pass before the reference pass existed: gather log pi_old at the anchors
+            # now (the weights have not moved since). Without TRL's old pass, _compute_loss uses the
+            # forward's own gather, detached (pi_old = pi_theta).
+            out["anchor_old_logp"] = self._anchor_old_pass(out)
+        return out
+
+    @torch.no_grad()
+    def _anchor_old_pass(self, batch: dict) -> torch.Tensor:
+        """log pi_old at the reference Top-K ids, [B, T, K] (-inf past each completion's end)."""
+        B = batch["completion_ids"].shape[0]
+        out = torch.full(batch["anchor_ids"].shape, -math.inf, device=batch["anchor_ids"].device)
+        was_training = self.model.training
+        self.model.eval()
+        for s in range(0, B, self.args.per_device_train_batch_size):
+            rows = slice(s, min(s + self.args.per_device_train_batch_size, B))
+            st, t = self._token_stats(self.model, batch, rows, gather_ids=batch["anchor_ids"][rows])
+            out[rows, :t] = st.gathered_logp.float()
+        self.model.train(was_training)
         return out
 
     @torch.no_grad()
@@ -288,20 +308,13 @@ class APOGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         lc = self.loss_cfg
         rows = slice(0, inputs["completion_ids"].shape[0])
-        gather = inputs["anchor_ids"] if lc.needs_anchors else None
+        gather = inputs["anchor_ids"] if gathers_anchors(lc) else None
         st, t = self._token_stats(model, inputs, rows, gather_ids=gather, want_entropy=True)
         mask = inputs["completion_mask"][:, :t]
         old = inputs.get("old_per_token_logps")
-        # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
         old = st.logp.detach() if old is None else old[:, :t]
-        kw: dict[str, Any] = {}
-        if lc.needs_ref_logp:
-            kw["ref_logp"] = inputs["ref_logp"][:, :t]
-        if lc.needs_anchors:
-            kw.update(anchor_logp=st.gathered_logp, anchor_ref_logp=inputs["anchor_ref_logp"][:, :t],
-                      anchor_is_sampled=inputs["anchor_is_sampled"][:, :t])
-        if lc.needs_entropy:
-            kw["entropy"] = st.entropy
+        # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
+        kw = loss_inputs(lc, st, inputs, lambda x: x[:, :t], old_is_current=inputs.get("old_per_token_logps") is None)
         if "importance_sampling_ratio" in inputs:  # vLLM sequence-level correction: one weight per completion
             kw["weights"] = inputs["importance_sampling_ratio"].reshape(-1)
         tokens, seqs = self._loss_normalisers(inputs)
@@ -368,8 +381,10 @@ def world_size() -> int:
 
 
 def _resume_arg(cfg: RunConfig):
+    from apo_llm.train import resuming
+
     spec = cfg.checkpoint.resume
-    if spec is None:
+    if not resuming(cfg):
         return None
     if spec == "auto":
         from transformers.trainer_utils import get_last_checkpoint
@@ -382,9 +397,19 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
     from apo_llm.config import save_resolved
     from apo_llm.modeling import load_model_and_tokenizer, want_lm_head_fp32, wrap_lora
-    from apo_llm.train import load_data, resolve_model_path, seed_everything
+    from accelerate import PartialState
+
+    from apo_llm.train import (
+        load_data, refuse_mixing_runs, refuse_overwrite_with_resume, resolve_model_path, seed_everything,
+        start_run_dir,
+    )
 
     args = grpo_config(cfg, world_size())
+    # the native engine's run-dir guard (never mix two runs), checked by every process before any writes
+    refuse_overwrite_with_resume(cfg)
+    resume = _resume_arg(cfg)
+    refuse_mixing_runs(cfg, resume is not None and Path(resume).resolve().parent == cfg.run_dir.resolve())
+    PartialState().wait_for_everyone()
     seed_everything(cfg.train.seed)  # the same LoRA initialisation on every process
     model_path = resolve_model_path(cfg)
     base, tokenizer = load_model_and_tokenizer(
@@ -400,11 +425,9 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     problems, _, reward_name = load_data(cfg)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run_dir(cfg)  # with logging.overwrite, moves the previous run aside first
         save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name, "engine": "trl",
                                          "world_size": world_size()})
-        if cfg.checkpoint.resume is None and (cfg.run_dir / "metrics.jsonl").exists():
-            (cfg.run_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     return APOGRPOTrainer(cfg, model=model, args=args, reward_funcs=[make_reward_func(reward_name)],
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[JsonlMetrics(cfg.run_dir)])
 

@@ -7,6 +7,7 @@ tests/test_train_e2e.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import zlib
@@ -128,6 +129,93 @@ def test_grpo_runs_without_reference_pass(char_dir, tmp_path, monkeypatch):
     assert not calls
     row = json.loads((tmp_path / "g" / "metrics.jsonl").read_text().splitlines()[0])
     assert "kl" not in row and "apo/manifold_mass" not in row and row["timing/reference"] < 0.05
+
+
+@pytest.mark.parametrize("norm", ["old_mass", "old_token"])
+def test_two_step_run_with_an_old_reading(char_dir, tmp_path, norm):
+    """loss.apo_anchor_norm and loss.apo_pull_cap from the command line reach the loss, run_info.json
+    and metrics.jsonl (the new APO diagnostics)."""
+    cfg = _cfg(char_dir, tmp_path, "--train.steps", "2", "--eval.every", "0", "--logging.run_name", norm,
+               "--loss.apo_anchor_norm", norm, "--loss.apo_clip", "push_only", "--loss.apo_pull_cap", "2.5")
+    train_mod.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / norm / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["optimizer_steps"] == 4 for r in rows)
+    for key in ("apo/neg_clipped_grad_frac", "apo/r_anchor_median", "apo/pull_force_share", "apo/pull_capped_frac",
+                "apo/z_ref_mean"):
+        assert all(key in r and math.isfinite(r[key]) for r in rows), key
+    info = json.loads((tmp_path / norm / "run_info.json").read_text())["loss_reading"]
+    assert info == {"name": "apo", "apo_anchor_norm": norm, "apo_clip": "push_only", "apo_anchoring": "exclusive",
+                    "apo_pull_cap": 2.5, "needs_anchor_old_logp": True}
+
+
+def _perturbed_policy(char_dir):
+    base, tok = load_model_and_tokenizer(str(char_dir))
+    model = wrap_lora(base, r=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # pi_theta != pi_ref: old and reference log-probs at the anchors differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model, tok
+
+
+def _independent_pi_old_at_anchors(cfg, model, comp):
+    """log pi_old at the Top-K ids of pi_ref, from two plain full-width forwards: [N, T, K] each."""
+    ids, am, n = comp.input_ids, comp.attention_mask, comp.n_prompt
+    temp = cfg.rollout.temperature
+    with torch.no_grad():
+        with train_mod.reference_context(model):
+            ref = train_mod.completion_token_stats(model, ids, am, n, temperature=temp, topk=cfg.loss.apo_k)
+        old = train_mod.completion_token_stats(model, ids, am, n, temperature=temp, gather_ids=ref.topk_ids)
+    return ref, old
+
+
+@pytest.mark.parametrize("norm", ["old_mass", "old_token"])
+def test_anchor_old_logp_is_pi_old_at_the_reference_topk(char_dir, norm, monkeypatch):
+    """Both paths: the old pass (2 epochs) stores it; with the single-pass skip the loss receives the
+    training forward's gather, detached. Either equals an independent gather of pi_old."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from apo_llm.rollout import generate_completions
+
+    model, tok = _perturbed_policy(char_dir)
+    comp = generate_completions(model, tok, ["12+7=", "30-4="], 4, max_new_tokens=6, seed=0)
+    mask = comp.completion_mask.bool()
+    for epochs in ("2", "1"):
+        cfg = load_config(["--model.name_or_path", str(char_dir), "--loss.apo_anchor_norm", norm,
+                           "--train.ppo_epochs", epochs, "--train.prompts_per_step", "2",
+                           "--rollout.num_generations", "4", "--train.mini_batch_size", "8",
+                           "--train.micro_batch_size", "8", "--rollout.max_new_tokens", "6"])
+        ref, old = _independent_pi_old_at_anchors(cfg, model, comp)
+        assert (old.gathered_logp[mask] - ref.topk_logp[mask]).abs().max() > 1e-2  # the test can tell them apart
+        passes, _, _ = train_mod.behaviour_and_reference(cfg, model, comp, torch.device("cpu"))
+        assert torch.equal(passes.anchor_ids[mask], ref.topk_ids[mask])
+        if epochs == "2":
+            torch.testing.assert_close(passes.anchor_old_logp[mask], old.gathered_logp[mask], rtol=0, atol=1e-5)
+            continue
+        assert passes.anchor_old_logp is None  # skipped: update() supplies it
+        seen = []
+        real = train_mod.policy_loss
+
+        def spy(*a, **kw):
+            seen.append(kw["anchor_old_logp"].detach().clone())
+            assert not kw["anchor_old_logp"].requires_grad
+            return real(*a, **kw)
+
+        monkeypatch.setattr(train_mod, "policy_loss", spy)
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        adv = torch.randn(8)
+        torch.manual_seed(3)
+        order = torch.randperm(8)  # the minibatch order update() draws next
+        torch.manual_seed(3)
+        train_mod.update(cfg, m, opt, get_scheduler("constant", opt), Accelerator(cpu=True), comp, adv, passes,
+                         torch.device("cpu"))
+        assert len(seen) == 1
+        t = seen[0].shape[1]
+        expect, m_rows = old.gathered_logp[order, :t], mask[order, :t]
+        torch.testing.assert_close(seen[0][m_rows], expect[m_rows], rtol=0, atol=1e-5)
 
 
 def test_truncation_and_zero_variance_warnings(char_dir, tmp_path, monkeypatch, caplog):

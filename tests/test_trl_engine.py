@@ -131,6 +131,78 @@ def test_short_run_writes_one_row_per_step(tiny_model_dir, tmp_path):
     assert (tmp_path / "t" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("norm", ["old_mass", "old_token"])
+def test_anchor_old_logp_is_pi_old_at_the_reference_topk(tiny_model_dir, tmp_path, norm):
+    """With TRL's old pass (2 epochs), anchor_old_logp = log pi_old gathered independently at the
+    reference Top-K ids; the loss then equals policy_loss fed that independent gather."""
+    cfg = _cfg(tiny_model_dir, tmp_path, "--loss.name", "apo", "--loss.apo_anchor_norm", norm,
+               "--train.ppo_epochs", "2")
+    trainer = trl_engine.build_trainer(cfg)
+    model = trainer.model
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # pi_old != pi_ref, so the anchors' old and reference log-probs differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    ds = trainer.train_dataset
+    torch.manual_seed(1)
+    inputs = trainer._generate_and_score_completions([ds[i] for i in range(P) for _ in range(G)])
+    assert inputs["old_per_token_logps"] is not None and "anchor_old_logp" in inputs
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    n_prompt, temp = inputs["prompt_ids"].shape[1], cfg.rollout.temperature
+    with torch.no_grad():
+        with reference_context(model):
+            ref = completion_token_stats(model, ids, am, n_prompt, temperature=temp, topk=cfg.loss.apo_k)
+        old = completion_token_stats(model, ids, am, n_prompt, temperature=temp, gather_ids=ref.topk_ids)
+    mask = inputs["completion_mask"].bool()
+    assert torch.equal(inputs["anchor_ids"][mask], ref.topk_ids[mask])
+    torch.testing.assert_close(inputs["anchor_old_logp"][mask], old.gathered_logp[mask], rtol=0, atol=1e-5)
+    assert (old.gathered_logp[mask] - ref.topk_logp[mask]).abs().max() > 1e-2  # the test can tell them apart
+
+
+@pytest.mark.parametrize("norm", ["old_mass", "old_token"])
+def test_two_step_run_with_an_old_reading(tiny_model_dir, tmp_path, norm):
+    cfg = _cfg(tiny_model_dir, tmp_path, "--train.steps", "2", "--loss.name", "apo", "--loss.apo_anchor_norm", norm,
+               "--loss.apo_clip", "push_only", "--loss.apo_pull_cap", "inf")
+    trl_engine.train_trl(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("apo/neg_clipped_grad_frac", "apo/r_anchor_median", "apo/pull_force_share", "apo/pull_capped_frac"):
+        assert key in rows[-1] and rows[-1][key] == rows[-1][key], sorted(rows[-1])
+    info = json.loads((tmp_path / "t" / "run_info.json").read_text())["loss_reading"]
+    assert info["apo_anchor_norm"] == norm and info["apo_pull_cap"] == "inf" and info["needs_anchor_old_logp"]
+
+
+def test_run_dir_guard_through_the_cli(tiny_model_dir, tmp_path, capsys):
+    """As the native engine: a run dir holding a run is refused (nothing touched), --logging.overwrite
+    moves it aside, and overwrite with --resume is refused."""
+    from apo_llm.train import main
+
+    args = ["--train.engine", "trl", "--model.name_or_path", str(tiny_model_dir), "--model.device", "cpu",
+            "--train.prompts_per_step", "2", "--rollout.num_generations", "4", "--train.mini_batch_size", "8",
+            "--train.micro_batch_size", "8", "--rollout.max_new_tokens", "8", "--eval.every", "0",
+            "--checkpoint.every", "0", "--logging.output_dir", str(tmp_path), "--logging.run_name", "g",
+            "--logging.plots", "false", "--logging.progress", "false", "--data.synthetic_n", "16",
+            "--train.steps", "1"]
+    main(args)
+    run = tmp_path / "g"
+    before = (run / "metrics.jsonl").read_text()
+    assert before
+    for extra, words in (([], "already holds a run"), (["--resume", "auto"], "without an intact checkpoint"),
+                         (["--logging.overwrite", "true", "--resume", "auto"], "cannot be combined with --resume")):
+        with pytest.raises(SystemExit) as e:
+            main(args + extra)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
+        assert (run / "metrics.jsonl").read_text() == before  # the previous run is untouched
+    main(args + ["--logging.overwrite", "true"])
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("g.old-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == before
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 STEPS = 20
 MARGIN = 0.10  # as tests/test_train_e2e.py: mean training reward of the last 5 steps vs the first 5
 
@@ -344,12 +416,13 @@ def test_native_single_pass_skip_matches_the_explicit_old_pass(tiny_model_dir, m
         monkeypatch.setattr(tm, "single_pass", lambda c, rows, s=skip: s)
         passes, _, _ = tm.behaviour_and_reference(cfg, m, comp, torch.device("cpu"))
         if skip:
-            assert not passes["old_logp"].any()  # the behaviour forward did not run
+            assert not passes.old_logp.any()  # the behaviour forward did not run
         tm.update(cfg, m, opt, sched, Accelerator(cpu=True), comp, adv, passes, torch.device("cpu"))
         out[skip] = (passes, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
     mask = comp.completion_mask.bool()
     for key in ("old_logp", "entropy"):
-        torch.testing.assert_close(out[True][0][key][mask], out[False][0][key][mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(getattr(out[True][0], key)[mask], getattr(out[False][0], key)[mask],
+                                   rtol=0, atol=1e-5)
     for name, w in out[True][1].items():
         torch.testing.assert_close(w, out[False][1][name], rtol=0, atol=1e-6)
     start = {n: p.detach() for n, p in model.named_parameters()}

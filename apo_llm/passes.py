@@ -1,0 +1,78 @@
+"""What the no-grad passes over a batch of rollouts hand to the loss, shared by both engines.
+
+`objectives.required_inputs(cfg)` decides which optional `policy_loss` tensors a loss needs;
+`loss_inputs` is the one place that builds them, from the stored old/reference passes and the
+training forward (native trainer, apo_llm/train.py, and TRL engine, apo_llm/trl_engine.py).
+The readings of r_anchor (docs/method.md, `loss.apo_anchor_norm`) old_mass / old_token need
+log pi_old at the reference Top-K ids: the reference pass runs first, then the old pass gathers
+at its ids. When the old pass is skipped (one epoch, one minibatch) pi_old is pi_theta detached,
+so the training forward's gather at the same ids is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from torch import Tensor
+
+from apo_llm.objectives import LossConfig, required_inputs
+
+# Optional loss inputs the training forward computes; the rest come from the stored passes.
+FROM_FORWARD = ("anchor_logp", "entropy")
+
+
+@dataclass
+class RolloutPasses:
+    """The old (behaviour) and reference passes over N rollouts, padded to T completion tokens.
+
+    old_logp, entropy, ref_logp: [N, T]; anchor_ids (the Top-K ids of pi_ref, the safe manifold
+    candidates), anchor_ref_logp, anchor_old_logp (log pi_old at anchor_ids): [N, T, K];
+    anchor_is_sampled: [N, T, K] bool, y_t == anchor id. None where the loss does not need it.
+    """
+
+    old_logp: Tensor
+    entropy: Tensor
+    ref_logp: Optional[Tensor] = None
+    anchor_ids: Optional[Tensor] = None
+    anchor_ref_logp: Optional[Tensor] = None
+    anchor_is_sampled: Optional[Tensor] = None
+    anchor_old_logp: Optional[Tensor] = None
+
+    def stored(self) -> dict[str, Tensor]:
+        """The stored tensors by their `policy_loss` keyword (those that were computed)."""
+        names = ("ref_logp", "anchor_ref_logp", "anchor_is_sampled", "anchor_old_logp")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def gathers_anchors(cfg: LossConfig) -> bool:
+    """The training forward must gather log pi_theta at the anchor ids."""
+    return "anchor_logp" in required_inputs(cfg)
+
+
+def old_pass_gathers_anchors(cfg: LossConfig) -> bool:
+    """The old pass must gather log pi_old at the anchor ids (apo_anchor_norm old_mass / old_token)."""
+    return "anchor_old_logp" in required_inputs(cfg)
+
+
+def loss_inputs(cfg: LossConfig, stats, stored: Mapping[str, Tensor], take: Callable[[Tensor], Tensor],
+                *, old_is_current: bool) -> dict[str, Tensor]:
+    """The optional `policy_loss` keywords `required_inputs(cfg)` names, and only those.
+
+    stats: the training forward's modeling.TokenStats (gathered_logp at the anchor ids, entropy);
+    stored: full-batch tensors (RolloutPasses.stored() or the TRL batch), cut to the rows and
+    columns of this forward by `take`. old_is_current: the old pass was skipped, so pi_old is
+    pi_theta detached and anchor_old_logp is the forward's own gather, detached.
+    """
+    fresh = {"anchor_logp": stats.gathered_logp, "entropy": stats.entropy}
+    if old_is_current and stats.gathered_logp is not None:
+        fresh["anchor_old_logp"] = stats.gathered_logp.detach()
+    out = {}
+    for name in sorted(required_inputs(cfg)):
+        if fresh.get(name) is not None:
+            out[name] = fresh[name]
+        elif name in stored and name not in FROM_FORWARD:
+            out[name] = take(stored[name])
+        else:  # a loss asking for a tensor no pass produced: say which, instead of a None deep in the loss
+            raise ValueError(f"loss.name={cfg.name!r}: needs {name}, which the trainer did not compute")
+    return out
