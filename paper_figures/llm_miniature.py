@@ -361,7 +361,7 @@ def figures(out_dir: Path, res: dict) -> list[Path]:
         a_.set_xlabel("k (log scale)")
     ax.set_ylabel("held-out pass@k")
     ax2.set_ylabel("pass@k − base pass@k")
-    ax.set_title("held-out pass@k (mean ± std over seeds)")
+    ax.set_title("held-out pass@k, mean ± std over seeds (base: black dashed)")
     ax2.set_title("gain over the base model")
     ax2.legend(fontsize=7, ncol=2)
     paths = style.save(fig, out_dir, "llm_miniature_passk")
