@@ -121,7 +121,7 @@ class EvalSection:
     every: int = _f(10, "evaluate pass@k on held-out problems every N steps (0 = off); also before/after")
     num_problems: int = _f(64, "held-out problems")
     num_samples: int = _f(8, "samples per problem (n >= max k)")
-    k: list[int] = _f([1, 8], "pass@k values to report")
+    k: list[int] = _f([1, 4], "pass@k values to report")
     temperature: Optional[float] = _f(None, "sampling temperature (None: rollout.temperature)")
     max_new_tokens: Optional[int] = _f(None, "None: rollout.max_new_tokens")
     seed: int = _f(1234, "fixed sampling seed, so evaluations are comparable across steps")
