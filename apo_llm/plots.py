@@ -67,7 +67,8 @@ def _panels(steps: list[dict], evals: list[dict]) -> list[tuple[str, list[str], 
     out = []
     for title, key, scale in PANELS:
         if key == "eval":
-            keys = sorted({k for e in evals for k in e if k.startswith("eval/pass@")}, key=lambda k: int(k.split("@")[1]))
+            keys = sorted({k for e in evals for k in e if k.startswith("eval/pass@")},
+                          key=lambda k: int(k.split("@")[1]))
             if keys:
                 out.append((title, keys, scale, evals))
         elif any(key in r for r in steps):

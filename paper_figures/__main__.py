@@ -26,7 +26,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--topk", type=Path, default=None,
                     help="apo_llm.topk_coverage output dir (default: compute on the tiny model)")
     ap.add_argument("--miniature", type=Path, default=None,
-                    help="a finished `python -m paper_figures.llm_miniature` sweep dir: draw its llm_miniature_* figures")
+                    help="a `python -m paper_figures.llm_miniature` sweep dir: draw its llm_miniature_* figures")
     ap.add_argument("--no-topk", action="store_true", help="skip the Top-K coverage figure")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the simulator is small)")
     return ap.parse_args(argv)

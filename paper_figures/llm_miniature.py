@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -75,8 +76,10 @@ class Sizes:
 
 FULL = Sizes(arms=tuple(ARMS), seeds=3, steps=30, problems=40, n=256, trajectory_points=2, tiny_quick=False,
              train={})
-# CI: the quick tiny model, two arms, one seed, a few steps; n = 32 so pass@k runs to k = 32 only
-QUICK = Sizes(arms=("grpo", "apo_ref"), seeds=1, steps=2, problems=4, n=32, trajectory_points=1, tiny_quick=True,
+# CI: the quick tiny model, three arms (one with a "." in its name), one seed, a few steps;
+# n = 32 so pass@k runs to k = 32 only
+QUICK = Sizes(arms=("grpo", "apo_ref", "grpo_kl_0.1"), seeds=1, steps=2, problems=4, n=32, trajectory_points=1,
+              tiny_quick=True,
               train={"train": {"prompts_per_step": 4, "mini_batch_size": 32, "micro_batch_size": 32},
                      "data": {"synthetic_n": 16}, "rollout": {"max_new_tokens": 48}})
 
@@ -195,12 +198,13 @@ def evaluate_all(out: Path, adapters: dict[str, Path], sz: Sizes, threads: int) 
             base.eval()
             evaluate_model(label, base, tok, problems, prompts, cfg, "synthetic", done, out_file)
             continue
+        name = re.sub(r"[^0-9A-Za-z_-]", "_", label)  # torch module names refuse "." (grpo_kl_0.1)
         if model is None:
-            model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=label, is_trainable=False)
+            model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=name, is_trainable=False)
         else:
-            model.load_adapter(str(adapters[label]), adapter_name=label, is_trainable=False)
+            model.load_adapter(str(adapters[label]), adapter_name=name, is_trainable=False)
         model.eval()
-        with model_context(model, label):
+        with model_context(model, name):
             evaluate_model(label, model, tok, problems, prompts, cfg, "synthetic", done, out_file)
 
 
@@ -290,7 +294,8 @@ def summarize(out: Path, sz: Sizes) -> dict:
         res["arms"][arm] = {
             "seeds": seeds, "pass@k": cur.tolist(), "mean": mean.tolist(), "std": cur.std(0).tolist(),
             "k_star": crossover_k(mean, base_curve, ks),
-            "share_p_fell": float(np.mean([a for a, _ in shifts])), "share_p_rose": float(np.mean([b for _, b in shifts])),
+            "share_p_fell": float(np.mean([a for a, _ in shifts])),
+            "share_p_rose": float(np.mean([b for _, b in shifts])),
             "diagnostics": {k: float(np.mean([d[k] for d in diags if k in d])) for k in {k for d in diags for k in d}},
         }
     for lab in by:  # GRPO's checkpoints: "grpo-s0@10" -> trajectory["grpo-s0"][10]
@@ -443,7 +448,7 @@ def run_sweep(out: Path, sz: Sizes, threads: int = 1, fig_dir: Optional[Path] = 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m paper_figures.llm_miniature", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI size: quick tiny model, 2 arms, 1 seed, 2 steps, n=32")
+    ap.add_argument("--quick", action="store_true", help="CI size: quick tiny model, 3 arms, 1 seed, 2 steps, n=32")
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (reused = resumed); "
                     "default runs/llm_miniature[_quick]")
     ap.add_argument("--figures", type=Path, default=None,

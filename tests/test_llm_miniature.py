@@ -1,6 +1,6 @@
 """paper_figures.llm_miniature: the --quick sweep end to end, its numbers against (n, c), resumption.
 
-One quick sweep (quick tiny model, 2 arms x 1 seed, 2 steps, 4 held-out problems x 32 samples) is
+One quick sweep (quick tiny model, 3 arms x 1 seed, 2 steps, 4 held-out problems x 32 samples) is
 run once for the module (~1 min on 2 cores); the tests recompute what it reports from the
 per-problem (n, c) records with math.comb, then cut the sweep and check that a rerun redoes
 exactly the missing part.
@@ -61,7 +61,8 @@ def test_reported_numbers_match_the_counts(sweep):
     recs = _records(sweep)
     n = lm.QUICK.n
     assert res["ks"] == list(range(1, n + 1))
-    nc = {lab: {r["problem_id"]: (r["n"], r["c"]) for r in recs if r["model"] == lab} for lab in {r["model"] for r in recs}}
+    labels = {r["model"] for r in recs}
+    nc = {lab: {r["problem_id"]: (r["n"], r["c"]) for r in recs if r["model"] == lab} for lab in labels}
 
     def curve(lab):
         return np.array([np.mean([_passk_comb(a, b, k) for a, b in nc[lab].values()]) for k in range(1, n + 1)])
