@@ -299,7 +299,7 @@ def summarize(out: Path, sz: Sizes) -> dict:
             "diagnostics": {k: float(np.mean([d[k] for d in diags if k in d])) for k in {k for d in diags for k in d}},
         }
     for lab in by:  # GRPO's checkpoints: "grpo-s0@10" -> trajectory["grpo-s0"][10] = pass@k curve
-        if "@" in lab:
+        if "@" in lab and len(by[lab]) >= len(by[BASE]):  # a checkpoint still being evaluated waits
             run, step = lab.split("@")
             res["trajectory"].setdefault(run, {})[int(step)] = passk_curve(by[lab], ks).tolist()
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
