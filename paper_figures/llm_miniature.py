@@ -269,8 +269,8 @@ def summarize(out: Path, sz: Sizes) -> dict:
 
     ks = list(range(1, sz.n + 1))
     by = counts(read_records(out / "eval" / PER_PROBLEM_FILE))
-    if BASE not in by:
-        raise ValueError(f"out: {out} has no evaluation of the base model yet")
+    if len(by.get(BASE, {})) < sz.problems:
+        raise ValueError(f"out: {out} has no complete evaluation of the base model yet (rerun the sweep)")
     base_curve = passk_curve(by[BASE], ks)
     res: dict = {"ks": ks, "sizes": dataclasses.asdict(sz), "base": {"pass@k": base_curve.tolist()},
                  "arms": {}, "trajectory": {}, "failed": {}}
@@ -281,7 +281,7 @@ def summarize(out: Path, sz: Sizes) -> dict:
             if failed.is_file():
                 res["failed"][f"{arm}-s{s}"] = failed.read_text().splitlines()[0]
             lab = f"{arm}-s{s}"
-            if lab not in by or len(by[lab]) < len(by[BASE]):
+            if len(by.get(lab, {})) < sz.problems:  # not (fully) evaluated yet: no numbers
                 continue
             seeds.append(s)
             curves.append(passk_curve(by[lab], ks))
@@ -299,7 +299,7 @@ def summarize(out: Path, sz: Sizes) -> dict:
             "diagnostics": {k: float(np.mean([d[k] for d in diags if k in d])) for k in {k for d in diags for k in d}},
         }
     for lab in by:  # GRPO's checkpoints: "grpo-s0@10" -> trajectory["grpo-s0"][10] = pass@k curve
-        if "@" in lab and len(by[lab]) >= len(by[BASE]):  # a checkpoint still being evaluated waits
+        if "@" in lab and len(by[lab]) >= sz.problems:  # a checkpoint still being evaluated waits
             run, step = lab.split("@")
             res["trajectory"].setdefault(run, {})[int(step)] = passk_curve(by[lab], ks).tolist()
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -194,3 +194,19 @@ def test_curves_give_each_quantity_its_own_axis(tmp_path):
     assert "kl" not in keys  # absent metrics get no empty panel
     (png,) = plot_run(tmp_path)
     assert png.name == "curves.png" and png.stat().st_size > 20_000
+
+
+def test_partly_evaluated_models_give_no_numbers(sweep, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(sweep, out)
+    recs = _records(out)
+    ck = next(r["model"] for r in recs if r["model"].startswith(f"{lm.NULL_ARM}-s0@"))
+    full = lm.summarize(out, lm.QUICK)
+    assert full["trajectory"]["grpo-s0"]
+    # the last problem of the checkpoint and of the apo arm are not evaluated yet
+    drop = {(ck, [r for r in recs if r["model"] == ck][-1]["problem_id"]),
+            ("apo_ref-s0", [r for r in recs if r["model"] == "apo_ref-s0"][-1]["problem_id"])}
+    kept = [r for r in recs if (r["model"], r["problem_id"]) not in drop]
+    (out / "eval" / "per_problem.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    res = lm.summarize(out, lm.QUICK)
+    assert "grpo-s0" not in res["trajectory"] and "apo_ref" not in res["arms"] and "grpo" in res["arms"]
