@@ -342,6 +342,11 @@ def _style(arm: str) -> dict:
     return {"color": col, "ls": ls}
 
 
+def _marker(arm: str) -> str:
+    """Frontier markers: the arms that share a colour (APO readings, KL strengths, psr/nsr) differ here."""
+    return {"apo_old_mass": "s", "apo_old_token": "^", "grpo_kl_0.1": "D", "nsr": "v"}.get(arm, "o")
+
+
 def figures(out_dir: Path, res: dict) -> list[Path]:
     """llm_miniature_passk (pass@k and its gap to base, seed bands) and llm_miniature_frontier."""
     import matplotlib.pyplot as plt
@@ -398,7 +403,7 @@ def _frontier(ax, res: dict, base: np.ndarray, k: int) -> None:
         col = _style(arm)["color"]
         ax.scatter(cur[:, 0], cur[:, i], color=col, s=14, alpha=0.5)
         ax.errorbar(cur[:, 0].mean(), cur[:, i].mean(), xerr=cur[:, 0].std(), yerr=cur[:, i].std(),
-                    color=col, marker="o", ms=7, capsize=2, label=arm)
+                    color=col, marker=_marker(arm), ms=7, capsize=2, label=arm)
     ax.set_xlabel("held-out pass@1")
     ax.set_ylabel(f"held-out pass@{k}")
     ax.set_title(f"pass@1 vs pass@{k} (seeds faint, mean ± std)")
