@@ -19,11 +19,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for the PNG and PDF files")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (seconds, for CI); figures are not for reading")
-    ap.add_argument("--only", nargs="*", default=None, choices=ALL_FIGURES, help="make only these figures")
+    ap.add_argument("--only", nargs="*", default=None, choices=ALL_FIGURES + ("llm_miniature",),
+                    help="make only these figures")
     ap.add_argument("--train-runs", nargs="*", type=Path, default=[], help="apo_llm.train output dirs")
     ap.add_argument("--eval-dirs", nargs="*", type=Path, default=[], help="apo_llm.evaluate output dirs")
     ap.add_argument("--topk", type=Path, default=None,
                     help="apo_llm.topk_coverage output dir (default: compute on the tiny model)")
+    ap.add_argument("--miniature", type=Path, default=None,
+                    help="a `python -m paper_figures.llm_miniature` sweep dir: draw its llm_miniature_* figures")
     ap.add_argument("--no-topk", action="store_true", help="skip the Top-K coverage figure")
     ap.add_argument("--frontier", type=Path, default=None,
                     help="a `python -m apo_toy.run --preset frontier` output dir (default: run the preset here)")
@@ -40,8 +43,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         want.add("eval_passk")
     if args.no_topk:
         want.discard("topk_coverage")
+    if args.miniature is not None:
+        want.add("llm_miniature")
     for flag, name, given in (("--train-runs", "training_curves", args.train_runs),
-                              ("--eval-dirs", "eval_passk", args.eval_dirs)):
+                              ("--eval-dirs", "eval_passk", args.eval_dirs),
+                              ("--miniature", "llm_miniature", args.miniature)):
         if name in want and not given:
             print(f"error: figure {name} needs {flag}", file=sys.stderr)
             return 2
@@ -102,6 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     make("topk_coverage", topk)
     make("training_curves", lambda: llm.fig_training(out, args.train_runs))
     make("eval_passk", lambda: llm.fig_eval(out, args.eval_dirs))
+    if args.miniature is not None:
+        from . import llm_miniature
+
+        make("llm_miniature", lambda: llm_miniature.figures_from(args.miniature, out))
     num_file = out / "numbers.json"
     if args.only and num_file.is_file():  # a partial rerun keeps the other figures' numbers
         numbers = {**json.loads(num_file.read_text()), **numbers}

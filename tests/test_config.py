@@ -90,7 +90,7 @@ def test_cli_type_conversion():
     (["--train.max_consecutive_nonfinite", "0"], "train.max_consecutive_nonfinite"),
     (["--train.stop_at_step", "0"], "train.stop_at_step"),
     (["--train.num_threads", "-2"], "train.num_threads"),
-    (["--eval.k", "1,8"], "eval.num_samples"),
+    (["--eval.k", "1,16"], "eval.num_samples"),
     (["--eval.k", "[0]"], "eval.k"),
     (["--eval.every", "-1"], "eval.every"),
     (["--eval.num_problems", "0"], "eval.num_problems"),
@@ -199,7 +199,7 @@ def test_resume_differences_split_applied_and_refused():
 
     old = load_config([]).to_dict()
     applied, refused = resume_differences(old, load_config(["--train.steps", "60", "--train.lr", "1e-4"]))
-    assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (3e-3, 1e-4)}
+    assert applied == {"train.steps": (30, 60)} and refused == {"train.lr": (1e-3, 1e-4)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_reusing_a_run_name_without_resume_is_refused(prev):
 def test_resume_with_a_changed_setting_is_refused(prev):
     _, out, base, _ = prev
     r = _run("apo_llm.train", *base, "--logging.run_name", "prev", "--resume", "auto", "--train.lr", "1e-4")
-    _assert_one_line(r, "train.lr", "0.0001", "0.003")
+    _assert_one_line(r, "train.lr", "0.0001", "0.001")
     _untouched(prev)
 
 

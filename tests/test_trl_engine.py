@@ -215,7 +215,7 @@ def test_trl_engine_raises_training_reward(tiny_model_dir, tmp_path):
     TRL takes one optimizer step of 128 rows per step where the native default takes two of 64."""
     cfg = load_config([
         "--train.engine", "trl", "--model.name_or_path", str(tiny_model_dir), "--model.device", "cpu",
-        "--loss.name", "apo", "--train.steps", str(STEPS), "--data.synthetic_n", "16",
+        "--loss.name", "apo", "--train.steps", str(STEPS), "--data.synthetic_n", "16", "--train.lr", "3e-3",
         "--train.mini_batch_size", "128", "--train.micro_batch_size", "64", "--eval.every", "0",
         "--checkpoint.every", "0", "--logging.output_dir", str(tmp_path), "--logging.run_name", "e2e",
         "--logging.progress", "false", "--logging.plots", "false", "--train.num_threads", "1"])
