@@ -8,6 +8,7 @@ tests/test_train_e2e.py.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import zlib
@@ -88,14 +89,16 @@ def test_resume_gives_identical_metrics(char_dir, tmp_path, loss):
 
 
 def test_run_directory_and_metric_names(char_dir, tmp_path):
+    # TensorBoard is an optional extra: its event file is checked only where it is installed
+    has_tb = importlib.util.find_spec("tensorboard") is not None
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "2", "--logging.run_name", "r", "--logging.plots", "true",
-               "--logging.tensorboard", "true")
+               "--logging.tensorboard", str(has_tb).lower())
     summary = train_mod.train(cfg)
     run = tmp_path / "r"
     for f in ("config.yaml", "run_info.json", "metrics.jsonl", "summary.json", "curves.png",
               "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (run / f).exists(), f
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not has_tb or list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     step = [r for r in rows if "reward" in r][0]
     for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
