@@ -93,3 +93,15 @@ def test_engine_timings_on_the_tiny_model(random_tiny_model_dir, tmp_path, engin
         assert 0 < s["tokens"] <= 2 * 2 * 8  # completion tokens of 4 rows of at most 8
     rec = G.summarize(engine, steps, 1.0, 1.0)
     assert rec["tokens_per_s"] > 0 and 0 < rec["generate_share"] < 1
+
+
+@pytest.mark.slow
+def test_a_failed_engine_is_one_json_line_and_counted(tmp_path, capsys, monkeypatch):
+    """The parent's handling of a worker that exits non-zero (here: the worker's own CPU refusal)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker refuses also where a GPU is present
+    a = argparse.Namespace(engines="native", timeout=120)
+    assert G.run_engines(a, ["--engines", "native"], tmp_path / "no_model") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    rec = json.loads(out[0])
+    assert rec["engine"] == "native" and rec["failed"].startswith("exit 2: gpu_smoke: no CUDA device")
