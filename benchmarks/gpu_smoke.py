@@ -20,7 +20,7 @@ Each prints ONE line `{"engine": ..., "s_per_step": ..., "generate_share": ..., 
 with CUDA warm-up, is reported apart as `first_step_s`); tokens are completion tokens.
 A crashed or timed-out engine prints {"engine": ..., "failed": ...} and the exit code is 1. The
 per-engine time limits (TIMEOUT_S) keep the whole run under 8 minutes; it has not yet been run on a
-GPU (written on a CPU-only machine, where tests/test_gpu_smoke.py runs the same engine code on
+GPU (written on a CPU-only machine, where tests/llm/test_gpu_smoke.py runs the same engine code on
 the tiny model). On a machine without CUDA it refuses (one line on stderr, exit code 2) before
 building anything.
 
@@ -103,7 +103,7 @@ def build_model_dir(out: Path) -> Path:
 
 def config_args(a, engine: str, model_dir: str, out: str, device: str = "cuda", dtype: str = "bfloat16") -> list[str]:
     """Command-line overrides of the run config: the same batch for every engine (device/dtype: for
-    the CPU test of the timing plumbing in tests/test_gpu_smoke.py)."""
+    the CPU test of the timing plumbing in tests/llm/test_gpu_smoke.py)."""
     rows = a.prompts * a.G
     args = ["--model.name_or_path", model_dir, "--model.device", device, "--model.dtype", dtype,
             "--loss.name", a.loss, "--train.steps", str(a.steps), "--train.prompts_per_step", str(a.prompts),

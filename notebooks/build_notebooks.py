@@ -2,7 +2,7 @@
 
     .venv/bin/python notebooks/build_notebooks.py      # rewrites notebooks/0*.ipynb
 
-The .ipynb files are committed WITHOUT outputs; CI executes them (tests/test_notebooks.py).
+The .ipynb files are committed WITHOUT outputs; CI executes them (tests/teaching/test_notebooks.py).
 Edit the cells here, not in the .ipynb files, so the two never drift apart.
 """
 

@@ -23,7 +23,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from apo_llm.objectives import LossConfig, policy_loss
-from tests.test_objectives import _far, _rand, piecewise_grpo
+from tests.core.test_objectives import _far, _rand, piecewise_grpo
 
 F64 = torch.float64
 TIGHT = dict(rtol=0.0, atol=1e-10)
@@ -84,7 +84,7 @@ def _draw_position(seed, V, K, scale, y_in_topk):
 @given(r=st.floats(0.85, 1.5), **position)
 def test_push_only_gradient_closed_form(seed, V, K, scale, adv, lam, beta, anchoring, y_in_topk, r):
     """push_only with w = r inside the window and no pull cap: the closed form holds for any r,
-    beta, lambda (the capped pull is tested in tests/test_obj_readings.py)."""
+    beta, lambda (the capped pull is tested in tests/core/test_obj_readings.py)."""
     K, z, log_rho, y = _draw_position(seed, V, K, scale, y_in_topk)
     cfg = LossConfig(name="apo", apo_clip="push_only", apo_k=K, apo_lambda=lam, apo_beta=beta,
                      apo_anchoring=anchoring, apo_pull_cap=math.inf)

@@ -10,7 +10,7 @@ import yaml
 
 from apo_llm.config import RunConfig, build_config, help_text, load_config, parse_cli, save_resolved
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 REAL = [p for p in CONFIGS if not p.name.startswith(("tiny_", "toy_"))]
 
 
@@ -206,7 +206,7 @@ def test_resume_differences_split_applied_and_refused():
 # Composed configs: `base: other.yaml`
 # --------------------------------------------------------------------------------------------
 
-BASES = sorted((Path(__file__).resolve().parent.parent / "configs" / "base").glob("*.yaml"))
+BASES = sorted((Path(__file__).resolve().parents[2] / "configs" / "base").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)

@@ -1,7 +1,7 @@
 """Several processes (torchrun, gloo on CPU): the TRL engine syncs gradients; the native engine refuses.
 
 `torchrun --standalone --nproc_per_node 2 -m apo_llm.train --train.engine trl` runs 3 steps on the
-quick tiny model; tests/mp_driver.py saves each rank's LoRA weights after every step and each
+quick tiny model; tests/llm/mp_driver.py saves each rank's LoRA weights after every step and each
 rank's rollouts. A single process then trains on the union of those rollouts (same config, same
 seed, plain SGD); its LoRA weights must equal the ranks' after every step (1e-5), which holds only
 when the gradient is averaged across ranks with the right token normaliser.
@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
@@ -60,7 +60,7 @@ def test_native_engine_refuses_several_processes(tmp_path):
 def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
-    r = _torchrun(["tests/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "mp")],
+    r = _torchrun(["tests/llm/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "mp")],
                   _env(MP_MODE="dump", MP_DIR=str(dump)))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +68,7 @@ def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir,
     assert all(row["grad_norm"] > 0 for row in rows if row["frac_reward_zero_std"] < 1)
     assert (tmp_path / "mp" / "adapter" / "adapter_config.json").is_file()
 
-    r1 = subprocess.run([sys.executable, "tests/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "one")],
+    r1 = subprocess.run([sys.executable, "tests/llm/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "one")],
                         env=_env(MP_MODE="replay", MP_DIR=str(dump)), cwd=ROOT, capture_output=True, text=True,
                         timeout=240)
     assert r1.returncode == 0, r1.stderr[-3000:]

@@ -18,11 +18,11 @@ from apo_llm.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
 from apo_llm.modeling import load_model_and_tokenizer, wrap_lora
-from tests.test_modeling import build_char_llama
+from tests.llm.test_modeling import build_char_llama
 
-torch.set_num_threads(1)  # see tests/test_modeling.py
+torch.set_num_threads(1)  # see tests/llm/test_modeling.py
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_prune_and_latest_and_resume_resolution(char_dir, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {repo!r})
-    from tests.test_checkpoint import _setup, _train_a_bit
+    from tests.llm.test_checkpoint import _setup, _train_a_bit
     from apo_llm import checkpoint as ck
     run, char_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ on stderr naming the culprit (a file or a config field), without a traceback, an
 earlier finished run in the same output directory byte for byte as it was.
 
 The previous run and the probes use the instant random character-level Llama of
-tests/test_modeling.py: the probes must fail before a model matters (validation runs before
+tests/llm/test_modeling.py: the probes must fail before a model matters (validation runs before
 loading), and the one fresh training run they share takes a few seconds.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_modeling import build_char_llama
+from tests.llm.test_modeling import build_char_llama
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(offline: bool = True) -> dict:

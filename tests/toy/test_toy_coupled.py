@@ -23,7 +23,7 @@ from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sampled_los
 from apo_toy.measures import crossover
 from apo_toy.presets import train_method
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
-from tests.test_toy_dynamics import CASES, case_method
+from tests.toy.test_toy_dynamics import CASES, case_method
 
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 

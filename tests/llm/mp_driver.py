@@ -1,4 +1,4 @@
-"""Helper of tests/test_multiprocess.py (not a test): runs `apo_llm.train.main` with the TRL engine and
+"""Helper of tests/llm/test_multiprocess.py (not a test): runs `apo_llm.train.main` with the TRL engine and
 
     MP_MODE=dump    (under torchrun) saves each rank's LoRA weights after every optimizer step and
                     each rank's generation batch (tokens, masks, advantages, reference stats);
@@ -7,7 +7,7 @@
 
 Both use plain SGD instead of AdamW, so that equal weights mean equal gradients.
 
-Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/mp_driver.py --config-args...
+Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/llm/mp_driver.py --config-args...
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def test_run_dir_guard_through_the_cli(tiny_model_dir, tmp_path, capsys):
 
 
 STEPS = 20
-MARGIN = 0.10  # as tests/test_train_e2e.py: mean training reward of the last 5 steps vs the first 5
+MARGIN = 0.10  # as tests/llm/test_train_e2e.py: mean training reward of the last 5 steps vs the first 5
 
 
 @pytest.mark.slow
@@ -325,7 +325,7 @@ def _stand_in_tokenizer(tiny_dir, model_name: str):
 def _shipped_configs():
     from pathlib import Path
 
-    return sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    return sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.stem)

@@ -22,7 +22,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from apo_llm.objectives import LossConfig, policy_loss
-from tests.test_objectives import _rand
+from tests.core.test_objectives import _rand
 
 F64 = torch.float64
 TIGHT = dict(rtol=0.0, atol=1e-10)

@@ -19,7 +19,7 @@ import torch
 import apo_llm.train as train_mod
 from apo_llm.config import load_config
 
-torch.set_num_threads(1)  # see tests/test_modeling.py
+torch.set_num_threads(1)  # see tests/llm/test_modeling.py
 
 STEPS = 20
 MARGIN = 0.10  # mean training reward of the last 5 steps must exceed the first 5 by this much

@@ -7,9 +7,9 @@ an independent computation:
 - kl_cov: GRPO + coef |log pi - log pi_old| on the ceil(frac N) tokens of largest cov.
   cov_t = (A_t - mean A)(log pi_t - mean log pi) over response tokens, recomputed here in numpy.
 
-PSR / NSR / W-REINFORCE / pass@k are advantage estimators (tests/test_advantages.py checks each
+PSR / NSR / W-REINFORCE / pass@k are advantage estimators (tests/core/test_advantages.py checks each
 against the table and the expected-direction identity); the entropy bonus is checked in
-tests/test_objectives.py::test_entropy_bonus_gradient.
+tests/core/test_objectives.py::test_entropy_bonus_gradient.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from apo_llm.objectives import LossConfig, policy_loss
-from tests.test_obj_readings import draw_rows, rows_loss, set_indicator
-from tests.test_objectives import _rand
+from tests.core.test_obj_readings import draw_rows, rows_loss, set_indicator
+from tests.core.test_objectives import _rand
 
 F64 = torch.float64
 TIGHT = dict(rtol=0.0, atol=1e-10)

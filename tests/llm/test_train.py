@@ -2,7 +2,7 @@
 
 These use a tiny random character-level Llama and a deterministic stand-in reward (so groups have
 reward variance and the adapter really moves); the reward-rises test on the SFT tiny model is in
-tests/test_train_e2e.py.
+tests/llm/test_train_e2e.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import apo_llm.train as train_mod
 from apo_llm.checkpoint import latest_checkpoint, load_checkpoint
 from apo_llm.config import load_config
 from apo_llm.modeling import load_model_and_tokenizer, wrap_lora
-from tests.test_modeling import build_char_llama
+from tests.llm.test_modeling import build_char_llama
 
-torch.set_num_threads(1)  # see tests/test_modeling.py
+torch.set_num_threads(1)  # see tests/llm/test_modeling.py
 
 VOLATILE = ("timing/", "tokens_per_second", "memory/")  # wall-clock measurements differ between runs
 

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 from apo_llm.modeling import completion_token_stats, load_model_and_tokenizer
 from apo_llm.rollout import completion_mask_after_eos, generate_completions
-from tests.test_modeling import build_char_llama
+from tests.llm.test_modeling import build_char_llama
 
 PROMPTS = ["what is 3+4?", "7*8=?", "a long prompt about 12-5 ="]
 

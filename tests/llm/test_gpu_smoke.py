@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from benchmarks import gpu_smoke as G
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
