@@ -281,14 +281,8 @@ def anchor_ratio(anchor_logp: Tensor, anchor_ref_logp: Tensor, in_anchor_set: Te
     bool (membership of S). Returns (r_anchor [B, T], Z_ref [B, T]). Where S is empty (Z_ref = 0)
     r_anchor is 0, so the pull vanishes instead of dividing by zero.
     """
-    return _anchor_ratio_from_probs(anchor_logp.exp(), anchor_ref_logp.exp(), in_anchor_set)
-
-
-def _anchor_ratio_from_probs(p_anchor: Tensor, p_ref: Tensor, in_anchor_set: Tensor) -> tuple[Tensor, Tensor]:
-    zero = torch.zeros((), dtype=p_anchor.dtype, device=p_anchor.device)
-    m_s = torch.where(in_anchor_set, p_anchor, zero).sum(-1)  # [B, T] policy mass on S
-    z_ref = torch.where(in_anchor_set, p_ref, zero).sum(-1)  # [B, T] reference mass on S
-    return _safe_div(m_s, z_ref), z_ref
+    out = anchor_ratio_reading("ref", anchor_logp, anchor_ref_logp, None, in_anchor_set)
+    return out["r_anchor"], out["z_ref"]
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:

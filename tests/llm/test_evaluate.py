@@ -310,15 +310,6 @@ def test_paired_deltas_against_direct_differences():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run ~10x faster on one thread when pytest-xdist workers share two cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def cli(model_dir, out, *extra, limit=3):
     return ["--model", str(model_dir), "--dataset", "synthetic", "--n", "4", "--k", "1,2,4", "--max-new-tokens", "48",
             "--limit", str(limit), "--batch-size", "8", "--seed", "3", "--out", str(out), "--save-completions", *extra]

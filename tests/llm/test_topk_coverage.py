@@ -176,15 +176,6 @@ def test_buckets_and_config_validation():
         CoverageConfig(solution_prefix="tab").validate()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run ~10x faster on one thread when pytest-xdist workers share two cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_cli_on_tiny_model(tiny_model_dir, one_thread, tmp_path):
     """End to end on the tiny model; the counts are checked against full-logit ranks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
