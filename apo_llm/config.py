@@ -290,6 +290,13 @@ def build_config(yaml_dict: Optional[dict] = None, cli: Optional[dict] = None) -
     return cfg
 
 
+def fill_loss_norm_len(cfg: RunConfig) -> None:
+    """Dr. GRPO's constant normaliser defaults to the maximum completion length, the same for every
+    micro-batch (the padded width would change with the micro-batch); both engines call this."""
+    if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
+        cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens
+
+
 def validate(cfg: RunConfig) -> None:
     """Range and consistency checks; every error names the field. One line per check, in three
     groups (what is loaded, the loop, the engines) checked in this order."""

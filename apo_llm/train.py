@@ -47,7 +47,8 @@ from apo_llm.checkpoint import (
     checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
-from apo_llm.config import TINY_MODEL, RunConfig, load_config, resume_differences, save_resolved
+from apo_llm.config import (TINY_MODEL, RunConfig, fill_loss_norm_len, load_config, resume_differences,
+                             save_resolved)
 from apo_llm.data import FILE_SOURCES
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
@@ -575,9 +576,7 @@ def setup(cfg: RunConfig) -> Setup:
     refuse_several_processes(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
-        # Dr. GRPO's constant normaliser: the maximum completion length, the same for every micro-batch
-        cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens
+    fill_loss_norm_len(cfg)
     check_paths(cfg)
     quiet_progress_unless_tty()
     resume_from = prepare_run_dir(cfg)

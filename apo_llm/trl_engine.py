@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from apo_llm.config import RolloutSection, RunConfig, TrainSection
+from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
 from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
@@ -431,8 +431,7 @@ def train_trl(cfg: RunConfig) -> dict:
     """Run `cfg` with the TRL engine; returns the summary (also summary.json), written by the main process."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if cfg.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.loss.loss_norm_len is None:
-        cfg.loss.loss_norm_len = cfg.rollout.max_new_tokens  # as train.py: Dr. GRPO's constant length
+    fill_loss_norm_len(cfg)
     trainer = build_trainer(cfg)
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
