@@ -180,14 +180,17 @@ _ITEMS = ["apples", "pens", "cards", "coins", "books", "stamps", "shells", "marb
 _GAINS = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more", "wins {n} more"]
 _LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "breaks {n}", "uses {n}"]
 _GROUPS = ["buys {m} boxes of {k}", "gets {m} bags of {k}"]  # gain of m * k
+HARD_EVENTS = 4
 
 
 def _synthetic_one(rng: random.Random, index: int, split: str) -> Problem:
-    """One problem: start amount, then 1-3 events (gain, loss, or m groups of k); answer = final amount."""
+    """One problem: start amount, then 1-3 events (gain, loss, or m groups of k); answer = final amount.
+    Split "test_hard": always HARD_EVENTS events, one more than any train/test problem has (a harder,
+    length-shifted held-out set on which the base model's pass@256 stays below 1)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     total = rng.randint(2, 15)
     events: list[tuple[str, int, str, str | None]] = []  # (kind, amount, story text, product step)
-    for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+    for _ in range(HARD_EVENTS if split == "test_hard" else rng.choice((1, 1, 1, 2, 2, 3))):
         kind = rng.choice(("gain", "gain", "loss", "loss", "group"))
         if kind == "loss" and total < 2:
             kind = "gain"

@@ -3,7 +3,7 @@
     python -m paper_figures.llm_miniature [--quick] [--out DIR] [--arms A B ...] [--seeds N] ...
 
 For each arm (ARMS) and seed: train a LoRA adapter with `apo_llm.train` on the synthetic training
-pool, then sample n completions per held-out problem (synthetic split "test", never trained on)
+pool, then sample n completions per held-out problem of each held-out split (never trained on)
 with the evaluator's `evaluate_model` (same problem batches and sampling seeds for every model:
 common random numbers). From the per-problem (n, c) it reports, per arm (seed mean and spread):
 
@@ -13,6 +13,10 @@ common random numbers). From the per-problem (n, c) it reports, per arm (seed me
     share p fell / rose      share of held-out problems whose c/n is below / above the base's
     diagnostics              step-mean of the trainer's metrics over the second half of training
                              (reward, entropy, kl, apo/* such as apo/neg_clipped_frac)
+
+Held-out splits (SPLITS; each has its own eval dir, results file and figures, suffix SUFFIX[split]):
+"test" is drawn like the training pool (1-3 events per problem); "test_hard" has 4 events per
+problem, one more than any training problem, so the base model's pass@256 stays below 1 there.
 
 GRPO's checkpoints are also evaluated (GRPO's own trajectory, the null of the frontier figure:
 an arm only beats GRPO if it lies above that curve, not just above GRPO's end point).
@@ -72,6 +76,11 @@ class Sizes:
     trajectory_points: int  # GRPO checkpoints evaluated per seed (besides its end)
     tiny_quick: bool
     train: dict
+    splits: tuple[str, ...] = ("test", "test_hard")  # held-out synthetic splits, each evaluated at n
+
+
+SPLITS = ("test", "test_hard")
+SUFFIX = {"test": "", "test_hard": "_test_hard"}  # eval{s}/, results{s}.json, llm_miniature{s}_*.png
 
 
 FULL = Sizes(arms=tuple(ARMS), seeds=3, steps=30, problems=40, n=256, trajectory_points=2, tiny_quick=False,
@@ -159,17 +168,22 @@ def adapters_of(out: Path, arm: str, seed: int, steps: int) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def eval_settings(sz: Sizes, threads: int):
+def eval_settings(sz: Sizes, threads: int, split: str):
     from apo_llm.evaluate import EvalConfig
 
     # batch_size = n: one problem per generate call, so every model sees the same per-problem seeds
-    return EvalConfig(dataset="synthetic", split="test", n=sz.n, k="1", temperature=1.0, max_new_tokens=
+    return EvalConfig(dataset="synthetic", split=split, n=sz.n, k="1", temperature=1.0, max_new_tokens=
                       int(sz.train.get("rollout", {}).get("max_new_tokens", 64)), limit=sz.problems,
                       batch_size=sz.n, seed=1234, threads=threads)
 
 
 def evaluate_all(out: Path, adapters: dict[str, Path], sz: Sizes, threads: int) -> None:
-    """Sample what per_problem.jsonl lacks for the base model and every adapter."""
+    """Sample what each split's per_problem.jsonl lacks for the base model and every adapter."""
+    for split in sz.splits:
+        _evaluate_split(out, adapters, sz, threads, split)
+
+
+def _evaluate_split(out: Path, adapters: dict[str, Path], sz: Sizes, threads: int, split: str) -> None:
     from peft import PeftModel
 
     from apo_llm.evaluate import (PER_PROBLEM_FILE, format_prompts, load_eval_problems, model_context,
@@ -177,9 +191,9 @@ def evaluate_all(out: Path, adapters: dict[str, Path], sz: Sizes, threads: int) 
     from apo_llm.modeling import load_model_and_tokenizer
     from apo_llm.tiny import ensure_tiny_model
 
-    cfg = eval_settings(sz, threads)
+    cfg = eval_settings(sz, threads, split)
     problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit)
-    ev_dir = out / "eval"
+    ev_dir = out / f"eval{SUFFIX[split]}"
     ev_dir.mkdir(parents=True, exist_ok=True)
     settings = {**{k: getattr(cfg, k) for k in ("dataset", "split", "n", "temperature", "max_new_tokens", "seed")},
                 "limit": sz.problems, "tiny_quick": sz.tiny_quick}
@@ -263,16 +277,16 @@ def diagnostics(run_dir: Path) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in late if k in r])) for k in DIAG_KEYS if any(k in r for r in late)}
 
 
-def summarize(out: Path, sz: Sizes) -> dict:
-    """results.json: per label the curve, per arm the seed mean / std and the comparisons with base."""
+def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
+    """results{SUFFIX}.json: per label the curve, per arm the seed mean / std and the comparisons with base."""
     from apo_llm.evaluate import PER_PROBLEM_FILE, read_records
 
     ks = list(range(1, sz.n + 1))
-    by = counts(read_records(out / "eval" / PER_PROBLEM_FILE))
+    by = counts(read_records(out / f"eval{SUFFIX[split]}" / PER_PROBLEM_FILE))
     if len(by.get(BASE, {})) < sz.problems:
-        raise ValueError(f"out: {out} has no complete evaluation of the base model yet (rerun the sweep)")
+        raise ValueError(f"out: {out} has no complete evaluation of the base model on {split!r} yet (rerun the sweep)")
     base_curve = passk_curve(by[BASE], ks)
-    res: dict = {"ks": ks, "sizes": dataclasses.asdict(sz), "base": {"pass@k": base_curve.tolist()},
+    res: dict = {"split": split, "ks": ks, "sizes": dataclasses.asdict(sz), "base": {"pass@k": base_curve.tolist()},
                  "arms": {}, "trajectory": {}, "failed": {}}
     for arm in sz.arms:
         seeds, curves, shifts, diags = [], [], [], []
@@ -302,8 +316,8 @@ def summarize(out: Path, sz: Sizes) -> dict:
         if "@" in lab and len(by[lab]) >= sz.problems:  # a checkpoint still being evaluated waits
             run, step = lab.split("@")
             res["trajectory"].setdefault(run, {})[int(step)] = passk_curve(by[lab], ks).tolist()
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(res, sz) + "\n")
+    (out / f"results{SUFFIX[split]}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"results{SUFFIX[split]}.md").write_text(markdown(res, sz) + "\n")
     return res
 
 
@@ -348,7 +362,7 @@ def _marker(arm: str) -> str:
 
 
 def figures(out_dir: Path, res: dict) -> list[Path]:
-    """llm_miniature_passk (pass@k and its gap to base, seed bands) and llm_miniature_frontier."""
+    """llm_miniature{SUFFIX}_passk (pass@k and its gap to base, seed bands) and llm_miniature{SUFFIX}_frontier."""
     import matplotlib.pyplot as plt
 
     from . import style
@@ -368,12 +382,14 @@ def figures(out_dir: Path, res: dict) -> list[Path]:
     for a_ in (ax, ax2):
         a_.set_xscale("log", base=2)
         a_.set_xlabel("k (log scale)")
-    ax.set_ylabel("held-out pass@k")
+    split = res.get("split", "test")
+    tag = SUFFIX[split]
+    ax.set_ylabel(f"held-out pass@k (split {split})")
     ax2.set_ylabel("pass@k − base pass@k")
     ax.set_title("held-out pass@k, mean ± std over seeds (base: black dashed)")
     ax2.set_title("gain over the base model")
     ax2.legend(fontsize=7, ncol=2)
-    paths = style.save(fig, out_dir, "llm_miniature_passk")
+    paths = style.save(fig, out_dir, f"llm_miniature{tag}_passk")
 
     n = int(ks[-1])
     # pass@n is often at the ceiling (the base solves every held-out problem in n samples): a second
@@ -382,7 +398,7 @@ def figures(out_dir: Path, res: dict) -> list[Path]:
     for ax, k in zip(axes, (n, max(1, n // 8))):
         _frontier(ax, res, base, k)
     axes[1].legend(fontsize=7, ncol=2)
-    return paths + style.save(fig, out_dir, "llm_miniature_frontier")
+    return paths + style.save(fig, out_dir, f"llm_miniature{tag}_frontier")
 
 
 def _frontier(ax, res: dict, base: np.ndarray, k: int) -> None:
@@ -410,15 +426,22 @@ def _frontier(ax, res: dict, base: np.ndarray, k: int) -> None:
 
 
 def figures_from(sweep_dir: Path, out_dir: Path) -> tuple[list[Path], dict]:
-    """`python -m paper_figures --miniature DIR`: the figures of a finished sweep, and its headline numbers."""
-    path = Path(sweep_dir) / "results.json"
-    if not path.is_file():
+    """`python -m paper_figures --miniature DIR`: the figures of a finished sweep (every split it has
+    results for), and its headline numbers {split: {arm: ...}}."""
+    paths, info = [], {}
+    for split in SPLITS:
+        path = Path(sweep_dir) / f"results{SUFFIX[split]}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        n = res["ks"][-1]
+        info[split] = {arm: {"pass@1": a["mean"][0], f"pass@{n}": a["mean"][-1], "k_star": a["k_star"]}
+                       for arm, a in res["arms"].items()}
+        info[split]["base"] = {"pass@1": res["base"]["pass@k"][0], f"pass@{n}": res["base"]["pass@k"][-1]}
+        paths += figures(out_dir, res)
+    if not info:
         raise ValueError(f"--miniature: {sweep_dir} has no results.json (run python -m paper_figures.llm_miniature)")
-    res = json.loads(path.read_text())
-    info = {arm: {"pass@1": a["mean"][0], f"pass@{res['ks'][-1]}": a["mean"][-1], "k_star": a["k_star"]}
-            for arm, a in res["arms"].items()}
-    info["base"] = {"pass@1": res["base"]["pass@k"][0], f"pass@{res['ks'][-1]}": res["base"]["pass@k"][-1]}
-    return figures(out_dir, res), info
+    return paths, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,8 +450,9 @@ def figures_from(sweep_dir: Path, out_dir: Path) -> tuple[list[Path], dict]:
 
 
 def run_sweep(out: Path, sz: Sizes, threads: int = 1, fig_dir: Optional[Path] = None, log=print,
-              retry_failed: bool = False) -> dict:
-    """Train every missing (arm, seed), evaluate every missing model, summarize, draw. Resumable."""
+              retry_failed: bool = False) -> dict[str, dict]:
+    """Train every missing (arm, seed), evaluate every missing model, summarize, draw. Resumable.
+    Returns {split: results}."""
     import torch
     from tqdm.auto import tqdm
 
@@ -437,7 +461,9 @@ def run_sweep(out: Path, sz: Sizes, threads: int = 1, fig_dir: Optional[Path] = 
     torch.set_num_threads(max(threads, 1))
     tty = quiet_progress_unless_tty()
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out / "sizes.json", {k: v for k, v in dataclasses.asdict(sz).items() if k not in ("arms", "seeds")})
+    # arms, seeds and splits may grow between calls; what trains a run may not change
+    check_settings(out / "sizes.json", {k: v for k, v in dataclasses.asdict(sz).items()
+                                        if k not in ("arms", "seeds", "splits")})
     jobs = [(arm, s) for s in range(sz.seeds) for arm in sz.arms]  # seed-major: a cut sweep has every arm
     t0 = time.perf_counter()
     with tqdm(total=len(jobs), desc="llm_miniature", unit="run", disable=not tty) as bar:
@@ -451,11 +477,13 @@ def run_sweep(out: Path, sz: Sizes, threads: int = 1, fig_dir: Optional[Path] = 
             (bar.write if tty else log)(f"[llm_miniature] {msg}")
             bar.update(1)
     evaluate_all(out, {}, sz, threads)  # the base model, even when every arm failed
-    res = summarize(out, sz)
-    res["wall_s"] = time.perf_counter() - t0
-    if fig_dir is not None:
-        res["figures"] = [str(p) for p in figures(fig_dir, res)]
-    return res
+    results = {}
+    for split in sz.splits:
+        res = results[split] = summarize(out, sz, split)
+        res["wall_s"] = time.perf_counter() - t0
+        if fig_dir is not None:
+            res["figures"] = [str(p) for p in figures(fig_dir, res)]
+    return results
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -470,6 +498,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                            ("problems", int, "held-out problems"), ("n", int, "samples per held-out problem"),
                            ("trajectory-points", int, "GRPO checkpoints evaluated per seed")):
         ap.add_argument(f"--{name}", type=typ, default=None, help=hlp + " (overrides the size preset)")
+    ap.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
+                    help="held-out synthetic splits to evaluate (default: both; test_hard has 4 events per problem)")
     ap.add_argument("--retry-failed", action="store_true", help="train again the (arm, seed) runs recorded in FAILED")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     return ap.parse_args(argv)
@@ -479,13 +509,15 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sz = QUICK if args.quick else FULL
     over = {k: getattr(args, k) for k in ("seeds", "steps", "problems", "n", "trajectory_points")
             if getattr(args, k) is not None}
+    if args.splits is not None:
+        over["splits"] = tuple(dict.fromkeys(args.splits))
     if args.arms is not None:
         bad = [a for a in args.arms if a not in ARMS]
         if bad or not args.arms:
             raise ValueError(f"arms: unknown {bad} (choose from {list(ARMS)})")
         over["arms"] = tuple(args.arms)
     for k, v in over.items():
-        if k != "arms" and v < 1:
+        if k not in ("arms", "splits") and v < 1:
             raise ValueError(f"{k}: must be >= 1, got {v}")
     return dataclasses.replace(sz, **over)
 
@@ -500,12 +532,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         sz = sizes_from(args)
         out = args.out or Path("runs") / ("llm_miniature_quick" if args.quick else "llm_miniature")
-        res = run_sweep(out, sz, args.threads, args.figures or out / "figures", retry_failed=args.retry_failed)
+        results = run_sweep(out, sz, args.threads, args.figures or out / "figures", retry_failed=args.retry_failed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown(res, sz))
-    print(f"[llm_miniature] {res['wall_s']:.0f} s; results in {out / 'results.json'}; figures {res['figures'][0]} ...")
+    for split, res in results.items():
+        print(f"\nheld-out split {split!r} ({out / f'results{SUFFIX[split]}.json'}):\n" + markdown(res, sz))
+    print(f"[llm_miniature] {res['wall_s']:.0f} s; figures in {Path(res['figures'][0]).parent}")
     return 0
 
 

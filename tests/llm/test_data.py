@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_llm import data
-from apo_llm.data import PROMPT_SUFFIX, RowError, gsm8k_row, load_problems, math_row, synthetic_problems
+from apo_llm.data import HARD_EVENTS, PROMPT_SUFFIX, RowError, gsm8k_row, load_problems, math_row, synthetic_problems
 from apo_llm.rewards import gsm8k_strict
 
 
@@ -178,8 +178,9 @@ def _answer_from_story(question: str) -> int:
     return total
 
 
-def test_synthetic_problems_are_consistent():
-    problems = synthetic_problems(400, seed=1, split="train")
+@pytest.mark.parametrize("split", ["train", "test_hard"])
+def test_synthetic_problems_are_consistent(split):
+    problems = synthetic_problems(400, seed=1, split=split)
     orders = set()
     for p in problems:
         assert p.prompt == p.question + " " + PROMPT_SUFFIX["gsm8k"]
@@ -191,8 +192,19 @@ def test_synthetic_problems_are_consistent():
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c) >= 0
         orders.add(tuple(line.split()[1] for line in lines[:-1] if "*" not in line))
     # several solution paths: both loss-before-gain and gain-before-loss orders occur
-    assert ("-", "+") in orders and ("+", "-") in orders
+    def has(o, first, then):
+        return first in o and then in o[o.index(first):]
+
+    assert any(has(o, "-", "+") for o in orders) and any(has(o, "+", "-") for o in orders)
     assert len({p.gold for p in problems}) > 20  # a spread of answers, not a constant
+
+
+def test_hard_split_has_one_event_more_than_any_training_problem():
+    def events(p):
+        return len(_EVENT.findall(p.question))
+
+    assert max(map(events, synthetic_problems(400, 0, "train"))) == HARD_EVENTS - 1
+    assert {events(p) for p in synthetic_problems(100, 0, "test_hard")} == {HARD_EVENTS}
 
 
 def test_synthetic_is_deterministic_per_seed_and_split():

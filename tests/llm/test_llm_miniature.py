@@ -25,8 +25,9 @@ def _passk_comb(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "eval" / "per_problem.jsonl").read_text().splitlines() if x.strip()]
+def _records(out: Path, split: str = "test") -> list[dict]:
+    path = out / f"eval{lm.SUFFIX[split]}" / "per_problem.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,11 @@ def sweep(tmp_path_factory, tiny_model_dir):
         mp.undo()
 
 
-def test_every_arm_and_seed_has_per_problem_counts(sweep):
+@pytest.mark.parametrize("split", lm.SPLITS)
+def test_every_arm_and_seed_has_per_problem_counts(sweep, split):
     sz = lm.QUICK
-    recs = _records(sweep)
+    recs = _records(sweep, split)
+    assert {r["problem_id"].rsplit("-", 1)[0] for r in recs} == {f"synthetic-{split}"}
     labels = {r["model"] for r in recs}
     want = {"base"} | {f"{a}-s{s}" for a in sz.arms for s in range(sz.seeds)}
     assert want <= labels
@@ -56,9 +59,11 @@ def test_every_arm_and_seed_has_per_problem_counts(sweep):
         assert (sweep / "runs" / f"{a}-s0" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_reported_numbers_match_the_counts(sweep):
-    res = json.loads((sweep / "results.json").read_text())
-    recs = _records(sweep)
+@pytest.mark.parametrize("split", lm.SPLITS)
+def test_reported_numbers_match_the_counts(sweep, split):
+    res = json.loads((sweep / f"results{lm.SUFFIX[split]}.json").read_text())
+    assert res["split"] == split
+    recs = _records(sweep, split)
     n = lm.QUICK.n
     assert res["ks"] == list(range(1, n + 1))
     labels = {r["model"] for r in recs}
@@ -79,7 +84,7 @@ def test_reported_numbers_match_the_counts(sweep):
         assert a["share_p_rose"] == pytest.approx(np.mean([x > 0 for x in d]))
     assert "apo/neg_clipped_frac" in res["arms"]["apo_ref"]["diagnostics"]
     assert "apo/neg_clipped_frac" not in res["arms"]["grpo"]["diagnostics"]
-    for name in ("llm_miniature_passk", "llm_miniature_frontier"):
+    for name in (f"llm_miniature{lm.SUFFIX[split]}_passk", f"llm_miniature{lm.SUFFIX[split]}_frontier"):
         png = sweep / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, name
 
@@ -158,11 +163,12 @@ def test_paper_figures_draws_the_sweep(sweep, tmp_path):
 
     out = tmp_path / "figs"
     assert figures_main(["--only", "llm_miniature", "--miniature", str(sweep), "--out", str(out)]) == 0
-    for name in ("llm_miniature_passk", "llm_miniature_frontier"):
-        assert (out / f"{name}.png").stat().st_size > 20_000 and (out / f"{name}.pdf").is_file()
     numbers = json.loads((out / "numbers.json").read_text())["llm_miniature"]
-    res = json.loads((sweep / "results.json").read_text())
-    assert numbers["grpo"]["pass@1"] == res["arms"]["grpo"]["mean"][0]
+    for split in lm.SPLITS:
+        for name in (f"llm_miniature{lm.SUFFIX[split]}_passk", f"llm_miniature{lm.SUFFIX[split]}_frontier"):
+            assert (out / f"{name}.png").stat().st_size > 20_000 and (out / f"{name}.pdf").is_file()
+        res = json.loads((sweep / f"results{lm.SUFFIX[split]}.json").read_text())
+        assert numbers[split]["grpo"]["pass@1"] == res["arms"]["grpo"]["mean"][0]
     assert figures_main(["--only", "llm_miniature", "--out", str(out)]) == 2  # names the missing --miniature
 
 
