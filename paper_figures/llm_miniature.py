@@ -260,6 +260,17 @@ def crossover_k(arm: np.ndarray, base: np.ndarray, ks: Sequence[int]) -> Optiona
     return int(ks[below[0]]) if below.size else None
 
 
+def gap_vs_base(runs: Sequence[dict[str, tuple[int, int]]], base: dict[str, tuple[int, int]],
+                k: int) -> tuple[float, float]:
+    """Paired gap to the base at one k: per problem, the arm's pass@k (mean over its seeds) minus the
+    base's; returns (mean over problems, standard error over problems). The s.e. is the spread of the
+    problems, the unit both models share, so it says whether the gap exceeds problem-level noise."""
+    ids = sorted(base)
+    arm = np.mean([[pass_at_k(r[i][0], r[i][1], k) for i in ids] for r in runs], axis=0)  # [problems]
+    d = arm - np.array([pass_at_k(base[i][0], base[i][1], k) for i in ids])
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def p_shift(nc: dict[str, tuple[int, int]], base: dict[str, tuple[int, int]]) -> tuple[float, float]:
     """(share of shared problems whose c/n fell below the base's, share whose c/n rose)."""
     ids = [i for i in nc if i in base]
@@ -310,6 +321,8 @@ def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
             "k_star": crossover_k(mean, base_curve, ks),
             "share_p_fell": float(np.mean([a for a, _ in shifts])),
             "share_p_rose": float(np.mean([b for _, b in shifts])),
+            # {k: [mean, s.e.]} of the paired per-problem gap to base (JSON keys are strings)
+            "gap": {str(k): gap_vs_base([by[f"{arm}-s{s}"] for s in seeds], by[BASE], k) for k in gap_ks(sz.n)},
             "diagnostics": {k: float(np.mean([d[k] for d in diags if k in d])) for k in {k for d in diags for k in d}},
         }
     for lab in by:  # GRPO's checkpoints: "grpo-s0@10" -> trajectory["grpo-s0"][10] = pass@k curve
@@ -321,21 +334,29 @@ def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
     return res
 
 
+def gap_ks(n: int) -> list[int]:
+    """The k at which the paired gap to base is reported: 1, n / 4 and n."""
+    return sorted({1, max(1, n // 4), n})
+
+
 def markdown(res: dict, sz: Sizes) -> str:
-    """The README table: one row per arm, seed mean +- std across seeds."""
+    """The README table: one row per arm, seed mean +- std across seeds; the paired gap to base at
+    k = n / 4 with its standard error over problems."""
     show = [k for k in (1, 4, 16, 64, 256) if k <= sz.n]
+    kg = str(gap_ks(sz.n)[1]) if len(gap_ks(sz.n)) > 1 else "1"
     head = ("| arm | seeds | " + " | ".join(f"pass@{k}" for k in show)
-            + " | k* | p fell | p rose | neg_clipped_frac | KL(old‖ref) |")
-    rows = [head, "|" + "---|" * (len(show) + 7)]
+            + f" | k* | pass@{kg} − base (± s.e.) | p fell | p rose | neg_clipped_frac | KL(old‖ref) |")
+    rows = [head, "|" + "---|" * (len(show) + 8)]
     base = res["base"]["pass@k"]
-    rows.append(f"| base | - | " + " | ".join(f"{base[k - 1]:.3f}" for k in show) + " | - | - | - | - | - |")
+    rows.append(f"| base | - | " + " | ".join(f"{base[k - 1]:.3f}" for k in show) + " | - | - | - | - | - | - |")
     for arm, a in res["arms"].items():
         d = a["diagnostics"]
         cells = [f"{a['mean'][k - 1]:.3f} ± {a['std'][k - 1]:.3f}" for k in show]
         ncf = f"{d['apo/neg_clipped_frac']:.3f}" if "apo/neg_clipped_frac" in d else "-"
         kl = f"{d['kl']:.4f}" if "kl" in d else "-"
         rows.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(cells)
-                    + f" | {a['k_star'] if a['k_star'] is not None else 'none'} | {a['share_p_fell']:.2f}"
+                    + f" | {a['k_star'] if a['k_star'] is not None else 'none'}"
+                    + " | {:+.3f} ± {:.3f}".format(*a["gap"][kg]) + f" | {a['share_p_fell']:.2f}"
                     + f" | {a['share_p_rose']:.2f} | {ncf} | {kl} |")
     for run, msg in res["failed"].items():
         rows.append(f"| {run} | FAILED: {msg[:120]} |")

@@ -82,6 +82,11 @@ def test_reported_numbers_match_the_counts(sweep, split):
         d = [nc[f"{arm}-s0"][p][1] - nc["base"][p][1] for p in nc["base"]]  # same n: compare c
         assert a["share_p_fell"] == pytest.approx(np.mean([x < 0 for x in d]))
         assert a["share_p_rose"] == pytest.approx(np.mean([x > 0 for x in d]))
+        for k in (1, n // 4, n):  # paired gap to base over problems, from the counts with math.comb
+            g = [_passk_comb(*nc[f"{arm}-s0"][p], k) - _passk_comb(*nc["base"][p], k) for p in nc["base"]]
+            mean, se = a["gap"][str(k)]
+            assert mean == pytest.approx(np.mean(g), abs=1e-12)
+            assert se == pytest.approx(np.std(g, ddof=1) / math.sqrt(len(g)), abs=1e-12)
     assert "apo/neg_clipped_frac" in res["arms"]["apo_ref"]["diagnostics"]
     assert "apo/neg_clipped_frac" not in res["arms"]["grpo"]["diagnostics"]
     for name in (f"llm_miniature{lm.SUFFIX[split]}_passk", f"llm_miniature{lm.SUFFIX[split]}_frontier"):
