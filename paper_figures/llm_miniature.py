@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -197,7 +198,7 @@ def _evaluate_split(out: Path, adapters: dict[str, Path], sz: Sizes, threads: in
     ev_dir.mkdir(parents=True, exist_ok=True)
     settings = {**{k: getattr(cfg, k) for k in ("dataset", "split", "n", "temperature", "max_new_tokens", "seed")},
                 "limit": sz.problems, "tiny_quick": sz.tiny_quick}
-    check_settings(ev_dir / "settings.json", settings)
+    check_settings(ev_dir / "settings.json", settings, out)
     out_file = ev_dir / PER_PROBLEM_FILE
     done = {(r["model"], r["problem_id"]) for r in read_records(out_file)}
     todo = [lab for lab in [BASE, *adapters] if any((lab, p.id) not in done for p in problems)]
@@ -222,16 +223,24 @@ def _evaluate_split(out: Path, adapters: dict[str, Path], sz: Sizes, threads: in
             evaluate_model(label, model, tok, problems, prompts, cfg, "synthetic", done, out_file)
 
 
-def check_settings(path: Path, settings: dict) -> None:
+def check_settings(path: Path, settings: dict, sweep: Path) -> None:
     """A sweep directory keeps its evaluation settings: mixing two would compare unlike numbers."""
     if path.is_file():
         saved = json.loads(path.read_text())
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
-            raise ValueError(f"out: {path.parent.parent} holds a sweep made with other settings "
+            raise ValueError(f"out: {sweep} holds a sweep made with other settings "
                              f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())}); use another --out")
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Whole file or none: two sweep processes over disjoint --arms may share a directory, and a
+    reader must never see a half-written settings or results file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +338,8 @@ def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
         if "@" in lab and len(by[lab]) >= sz.problems:  # a checkpoint still being evaluated waits
             run, step = lab.split("@")
             res["trajectory"].setdefault(run, {})[int(step)] = passk_curve(by[lab], ks).tolist()
-    (out / f"results{SUFFIX[split]}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"results{SUFFIX[split]}.md").write_text(markdown(res, sz) + "\n")
+    write_atomic(out / f"results{SUFFIX[split]}.json", json.dumps(res, indent=1) + "\n")
+    write_atomic(out / f"results{SUFFIX[split]}.md", markdown(res, sz) + "\n")
     return res
 
 
@@ -484,7 +493,7 @@ def run_sweep(out: Path, sz: Sizes, threads: int = 1, fig_dir: Optional[Path] = 
     out.mkdir(parents=True, exist_ok=True)
     # arms, seeds and splits may grow between calls; what trains a run may not change
     check_settings(out / "sizes.json", {k: v for k, v in dataclasses.asdict(sz).items()
-                                        if k not in ("arms", "seeds", "splits")})
+                                        if k not in ("arms", "seeds", "splits")}, out)
     jobs = [(arm, s) for s in range(sz.seeds) for arm in sz.arms]  # seed-major: a cut sweep has every arm
     t0 = time.perf_counter()
     with tqdm(total=len(jobs), desc="llm_miniature", unit="run", disable=not tty) as bar:
@@ -545,7 +554,6 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import logging
-    import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

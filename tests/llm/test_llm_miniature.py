@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +144,26 @@ def test_other_settings_in_the_same_directory_are_refused(sweep, tmp_path, capsy
     out = tmp_path / "mixed"
     shutil.copytree(sweep, out)
     assert lm.main(["--quick", "--out", str(out), "--n", "16"]) == 2
-    assert "use another --out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "use another --out" in err and f"out: {out} holds" in err
+
+
+def test_two_processes_over_disjoint_arms_equal_one(sweep, tmp_path, tiny_model_dir):
+    """The README's way to use both cores: two sweeps into one directory, then one to summarise."""
+    out = tmp_path / "shared"
+    env = {**os.environ, "APO_CACHE_DIR": str(Path(tiny_model_dir).parent), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "paper_figures.llm_miniature", "--quick", "--out", str(out), "--arms"]
+    procs = [subprocess.Popen(cmd + arms, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for arms in (["grpo"], ["apo_ref", "grpo_kl_0.1"])]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    assert lm.main(["--quick", "--out", str(out)]) == 0
+    for split in lm.SPLITS:
+        name = f"results{lm.SUFFIX[split]}.json"
+        one, two = (json.loads((d / name).read_text()) for d in (sweep, out))
+        assert two["base"] == one["base"] and two["failed"] == {}
+        for arm in lm.QUICK.arms:  # same seeds, same problems: the same counts, hence the same numbers
+            assert two["arms"][arm]["pass@k"] == one["arms"][arm]["pass@k"], (split, arm)
 
 
 def test_bad_arguments_name_the_field(tmp_path, capsys):
