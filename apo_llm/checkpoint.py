@@ -207,7 +207,10 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, *, 
     return state
 
 
-def _unused(path: Path) -> Path:
+NO_RESUME = (None, "", "none", "None", "false")  # checkpoint.resume values that start a fresh run
+
+
+def unused_path(path: Path) -> Path:
     """`path`, or `path.1`, `path.2`, ... : the first name not taken (never overwrite evidence)."""
     i, out = 0, path
     while out.exists():
@@ -241,7 +244,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
     `invalid-step-*` (kept for inspection, never picked again) and a warning says why. When
     checkpoints exist but none verifies, CheckpointError lists them. An explicit path must verify.
     """
-    if resume in (None, "", "none", "None", "false"):
+    if resume in NO_RESUME:
         return None
     if resume == "auto":
         skipped = []
@@ -250,7 +253,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
             if why is None:
                 for bad in skipped:
                     log.warning(f"resume: skipped checkpoint {bad[0].name}: {bad[1]}")
-                    os.replace(bad[0], _unused(bad[0].with_name("invalid-" + bad[0].name)))
+                    os.replace(bad[0], unused_path(bad[0].with_name("invalid-" + bad[0].name)))
                 return ckpt
             skipped.append((ckpt, why))
         if skipped:

@@ -364,9 +364,6 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
 # --------------------------------------------------------------------------------------------
 
 
-
-
-
 def parse_dataset(spec: str) -> tuple[str, Optional[str]]:
     """'gsm8k' -> ('gsm8k', None); 'jsonl:data/x.jsonl' -> ('jsonl', 'data/x.jsonl')."""
     source, sep, path = spec.partition(":")
@@ -377,11 +374,6 @@ def parse_dataset(spec: str) -> tuple[str, Optional[str]]:
     if source in DATASET_NAMES and not sep:
         return source, None
     raise ValueError(f"dataset: {spec!r} is not one of {DATASET_NAMES} or jsonl:PATH / parquet:PATH")
-
-
-# --------------------------------------------------------------------------------------------
-# Adapters and prompts
-# --------------------------------------------------------------------------------------------
 
 
 def load_eval_problems(dataset: str, split: str, limit: Optional[int], reward: Optional[str] = None,

@@ -315,17 +315,15 @@ def anchor_ratio_reading(norm: str, anchor_logp: Tensor, anchor_ref_logp: Tensor
 
     p_ref = on_s(anchor_ref_logp.exp())  # [B, T, K]
     pi_s = on_s(p_anchor)  # [B, T, K] pi_theta on S
+    z_ref = p_ref.sum(-1)  # [B, T] Z_ref, the reference's mass on S
     if norm == "ref":
-        z_ref = p_ref.sum(-1)
         r_anchor = _safe_div(pi_s.sum(-1), z_ref)  # M_S / Z_ref
         a = _safe_div(torch.ones_like(z_ref), z_ref)[..., None]  # [B, T, 1]
     elif norm == "old_mass":
-        z_ref = p_ref.sum(-1)
         m_old = on_s(anchor_old_logp.exp()).sum(-1)  # [B, T] M_S(theta_old)
         r_anchor = _safe_div(pi_s.sum(-1), m_old)
         a = _safe_div(torch.ones_like(m_old), m_old)[..., None]
     else:  # old_token
-        z_ref = p_ref.sum(-1)
         q = _safe_div(p_ref, z_ref[..., None])  # [B, T, K] reference renormalised on S
         old_ok = torch.isfinite(anchor_old_logp)
         q = torch.where(old_ok, q, zero)

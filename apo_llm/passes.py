@@ -45,16 +45,6 @@ class RolloutPasses:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def gathers_anchors(cfg: LossConfig) -> bool:
-    """The training forward must gather log pi_theta at the anchor ids."""
-    return "anchor_logp" in required_inputs(cfg)
-
-
-def old_pass_gathers_anchors(cfg: LossConfig) -> bool:
-    """The old pass must gather log pi_old at the anchor ids (apo_anchor_norm old_mass / old_token)."""
-    return "anchor_old_logp" in required_inputs(cfg)
-
-
 def loss_inputs(cfg: LossConfig, stats, stored: Mapping[str, Tensor], take: Callable[[Tensor], Tensor],
                 *, old_is_current: bool) -> dict[str, Tensor]:
     """The optional `policy_loss` keywords `required_inputs(cfg)` names, and only those.

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from apo_llm.checkpoint import (
-    checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
+    NO_RESUME, checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
+    unused_path,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import (TINY_MODEL, RunConfig, fill_loss_norm_len, load_config, resume_differences,
@@ -56,7 +57,7 @@ from apo_llm.modeling import (
     wrap_lora,
 )
 from apo_llm.objectives import metrics_to_floats, group_advantages, kl_estimate, policy_loss
-from apo_llm.passes import RolloutPasses, gathers_anchors, loss_inputs, old_pass_gathers_anchors
+from apo_llm.passes import RolloutPasses, loss_inputs
 from apo_llm.prompts import format_for_run
 from apo_llm.rollout import Completions, generate_completions
 
@@ -209,7 +210,7 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
 
 
 def resuming(cfg: RunConfig) -> bool:
-    return cfg.checkpoint.resume not in (None, "", "none", "None", "false")
+    return cfg.checkpoint.resume not in NO_RESUME
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -235,11 +236,7 @@ def start_run_dir(cfg: RunConfig) -> None:
     """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
     run_dir = cfg.run_dir
     if cfg.logging.overwrite and holds_run(run_dir):
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        i = 0
-        while aside.exists():
-            i += 1
-            aside = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}.{i}")
+        aside = unused_path(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.replace(run_dir, aside)
         log.warning(f"logging.overwrite: moved the previous run {run_dir} to {aside}")
     try:
@@ -311,7 +308,7 @@ def _reference_pass(cfg: RunConfig, model, comp: Completions, device, passes: Ro
 
 def _old_pass(cfg: RunConfig, model, comp: Completions, device, passes: RolloutPasses) -> None:
     """log pi_old(y_t) and entropy [N, T]; log pi_old at the anchor ids [N, T, K] when the reading needs it."""
-    gather = old_pass_gathers_anchors(cfg.loss)
+    gather = cfg.loss.needs_anchor_old
     if gather:
         passes.anchor_old_logp = torch.full(passes.anchor_ids.shape, -math.inf)
     for sl in _micro_slices(comp.completion_mask.shape[0], cfg.train.micro_batch_size):
@@ -349,7 +346,7 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
     for sl in _micro_slices(len(mb_rows), tc.micro_batch_size):
         rows = mb_rows[sl]
         ids, am, t = _trim(comp, rows)
-        gather = passes.anchor_ids[rows, :t].to(device) if gathers_anchors(lc) else None
+        gather = passes.anchor_ids[rows, :t].to(device) if lc.needs_anchors else None
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
                                     temperature=cfg.rollout.temperature, gather_ids=gather,
                                     want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
@@ -384,6 +381,11 @@ def _add_weighted(sums: dict, seen: list[tuple[float, dict]]) -> None:
     floats = metrics_to_floats(flat)
     for (i, k), v in floats.items():
         sums[k] = sums.get(k, 0.0) + seen[i][0] * v
+
+
+def all_finite(params) -> bool:
+    """One device sync for every tensor (the per-step check; nonfinite_weights names them, slowly)."""
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()) if params else True
 
 
 def nonfinite_weights(params) -> list[str]:
@@ -421,7 +423,7 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
                 continue
             grad_norms.append(gn)
             mb_losses.append(mb_loss)
-            if nonfinite_weights(params):
+            if not all_finite(params):
                 return _roll_back(params, optimizer, scheduler, last_good,
                                   planned=tc.ppo_epochs * math.ceil(N / tc.mini_batch_size))
     # diagnostics: token-weighted means over micro-batches (fractions and means of token quantities)

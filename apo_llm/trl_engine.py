@@ -40,7 +40,7 @@ from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
-from apo_llm.passes import gathers_anchors, loss_inputs, old_pass_gathers_anchors
+from apo_llm.passes import loss_inputs
 
 log = logging.getLogger("apo_llm.trl_engine")
 
@@ -191,7 +191,7 @@ class APOGRPOTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         out.update(self._reference_pass(out))
         self._metrics["train"]["timing/reference"].append(time.perf_counter() - t0)
-        if old_pass_gathers_anchors(self.loss_cfg) and out.get("old_per_token_logps") is not None:
+        if self.loss_cfg.needs_anchor_old and out.get("old_per_token_logps") is not None:
             # TRL ran its old pass before the reference pass existed: gather log pi_old at the anchors
             # now (the weights have not moved since). Without TRL's old pass, _compute_loss uses the
             # forward's own gather, detached (pi_old = pi_theta).
@@ -312,13 +312,13 @@ class APOGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         lc = self.loss_cfg
         rows = slice(0, inputs["completion_ids"].shape[0])
-        gather = inputs["anchor_ids"] if gathers_anchors(lc) else None
+        gather = inputs["anchor_ids"] if lc.needs_anchors else None
         st, t = self._token_stats(model, inputs, rows, gather_ids=gather, want_entropy=True)
         mask = inputs["completion_mask"][:, :t]
-        old = inputs.get("old_per_token_logps")
-        old = st.logp.detach() if old is None else old[:, :t]
         # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
-        kw = loss_inputs(lc, st, inputs, lambda x: x[:, :t], old_is_current=inputs.get("old_per_token_logps") is None)
+        skipped = inputs.get("old_per_token_logps") is None
+        old = st.logp.detach() if skipped else inputs["old_per_token_logps"][:, :t]
+        kw = loss_inputs(lc, st, inputs, lambda x: x[:, :t], old_is_current=skipped)
         if "importance_sampling_ratio" in inputs:  # vLLM sequence-level correction: one weight per completion
             kw["weights"] = inputs["importance_sampling_ratio"].reshape(-1)
         tokens, seqs = self._loss_normalisers(inputs)

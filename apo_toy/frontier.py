@@ -65,7 +65,8 @@ def frontier_rows(table: Table, null: str = "grpo", labels: Optional[dict] = Non
             g = np.array([v for v, _ in gains])
             row[f"gain_{k}"], row[f"gain_{k}_std"] = float(g.mean()), float(g.std())
             row[f"gain_{k}_se"] = float(g.std(ddof=1) / math.sqrt(len(g))) if len(g) > 1 else float("nan")
-            row["range"] = ",".join(sorted({w for _, w in gains}))
+            ranges = {w for _, w in gains}  # the same for every key: the pass@1 axis is shared
+        row["range"] = ",".join(sorted(ranges))
         out.append(row)
     return out
 

@@ -20,17 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .measures import PASS_KS
 from .coupled import CoupledSpec
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
-PLOT_KEYS = ("pass@1", "pass@256", "coverage", "distinct@256", "manifold_mass", "entropy")
 
 
 def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:

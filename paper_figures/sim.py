@@ -256,7 +256,7 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     base = table.where(method="base")
     for j, (key, ylab) in enumerate(panels):
         ax, dax = axes[0, j], axes[1, j]
-        steps0, grpo = _curves(table, "grpo", key)
+        _, grpo = _curves(table, "grpo", key)
         for m in RECOVERY_METHODS:
             steps, vals = _curves(table, m, key)
             ax.plot(steps, vals.mean(0), color=style.color(m), ls=style.linestyle(m), lw=2.6 if m == "grpo" else 1.4,
