@@ -69,12 +69,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and (p / "COMPLETE").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if (p / "COMPLETE").is_file()]
+    return [p for step, p in sorted(found) if step >= 0]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

@@ -360,12 +360,13 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
             loss, metrics = policy_loss(
                 lc, st.logp, passes.old_logp[rows, :t].to(device), adv[rows].to(device), m,
                 global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), sync_metrics=False, **kw)
-            finite = bool(torch.isfinite(loss))
+            loss_value = float(loss.detach())  # the one read-back of the loss, before backward is queued
+            finite = math.isfinite(loss_value)
         if not finite:
             break
         accelerator.backward(loss)
-        mb_loss += float(loss.detach())
-        w = float(m.sum())
+        mb_loss += loss_value
+        w = float(mask[rows, :t].sum())  # the CPU mask: no device sync
         weight += w
         seen.append((w, metrics))
     _add_weighted(sums, seen)

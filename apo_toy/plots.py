@@ -50,7 +50,7 @@ def color(method: str) -> str:
     return FAMILY_COLORS.get(family(method), "#444444")
 
 
-def _steps_matrix(runs: Table, method: str, key: str, seeds: list) -> tuple[np.ndarray, np.ndarray]:
+def steps_matrix(runs: Table, method: str, key: str, seeds: list) -> tuple[np.ndarray, np.ndarray]:
     """steps [S] and values [n_seeds, S] of one method (NaN where a seed lacks a step)."""
     sub = runs.where(method=method)
     steps = np.array(sorted(set(sub.column("step").astype(int).tolist())))
@@ -80,7 +80,7 @@ def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence
     for j, key in enumerate(CURVE_KEYS):
         ax = axes[0, j]
         for m in methods:
-            steps, v = _steps_matrix(runs, m, key, seeds)
+            steps, v = steps_matrix(runs, m, key, seeds)
             is_null = m == NULL
             ax.plot(steps, np.nanmean(v, 0), color=color(m), lw=2.6 if is_null else 1.3, zorder=5 if is_null else 2,
                     label=m)
@@ -89,11 +89,11 @@ def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence
         ax.set_title(key)
         if has_null:
             ax2 = axes[1, j]
-            s0, v0 = _steps_matrix(runs, NULL, key, seeds)
+            s0, v0 = steps_matrix(runs, NULL, key, seeds)
             for m in methods:
                 if m == NULL:
                     continue
-                steps, v = _steps_matrix(runs, m, key, seeds)
+                steps, v = steps_matrix(runs, m, key, seeds)
                 common = np.intersect1d(steps, s0)
                 d = v[:, np.searchsorted(steps, common)] - v0[:, np.searchsorted(s0, common)]  # [seeds, S] same seed
                 _band(ax2, common, d, color(m))
@@ -179,8 +179,8 @@ def frontier_figure(table: Table, rows: list[dict], preset: str = "frontier"):
         if r["method"] != NULL:
             fams.setdefault(family(r["method"]), []).append(r)
     for ax, key in zip(axes[:2], ("pass@256", "coverage")):
-        steps, x = _steps_matrix(runs, NULL, "pass@1", seeds)
-        _, y = _steps_matrix(runs, NULL, key, seeds)
+        steps, x = steps_matrix(runs, NULL, "pass@1", seeds)
+        _, y = steps_matrix(runs, NULL, key, seeds)
         ax.plot(np.nanmean(x, 0), np.nanmean(y, 0), color="#000000", lw=2.2, marker=".", ms=5, zorder=6,
                 label=f"GRPO trajectory (steps 0-{int(steps[-1])}, every {int(steps[1] - steps[0])})")
         for fam, rs in fams.items():

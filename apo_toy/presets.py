@@ -263,6 +263,8 @@ class Preset:
     methods: tuple
     cfg: RunConfig
     seeds: int = 1
+    curve_arms: tuple = ()  # the arms curves.png / pass_at_k.png draw (empty: every arm)
+    frontier: bool = False  # also measure iso-pass@1 gains against GRPO's trajectory (frontier.md/.png)
 
 
 def tradeoff_methods() -> tuple:
@@ -315,6 +317,12 @@ def frontier_methods() -> tuple:
     return tuple(ms)
 
 
+# the frontier's curves show GRPO and each family's middle strength (27 arms would be unreadable)
+FRONTIER_CURVE_ARMS = ("grpo", "grpo@lr_x0.5", "grpo_kl@0.05", "topk_kl_on_wrong@0.1", "entropy@0.01",
+                       "apo@beta=0.1", "apo_old_mass@beta=0.1", "apo_old_token@beta=0.1", "apo_push_only@beta=0.1",
+                       "psr", "nsr", "w_reinforce", "passk")
+
+
 def recovery_methods() -> tuple:
     """The `recovery` arms: GRPO, KL, and APO under each reading of r_anchor (and push_only)."""
     return ("grpo", "grpo_kl", "grpo_kl_full", *APO_READINGS, "apo_push_only", "topk_kl_on_wrong", "npg")
@@ -340,7 +348,8 @@ PRESETS: dict[str, Preset] = {
                SuiteSpec(), recovery_methods(), RunConfig(steps=200, init_steps=100)),
         Preset("frontier", "coupled rsc suite (peaked reference), 5 seeds: each method's strength sweep, held-out "
                "pass@1 vs pass@256 / coverage against GRPO's own trajectory (iso-pass@1 gain; apo_toy/frontier.py)",
-               CoupledSpec(), frontier_methods(), dataclasses.replace(RSC_RUN, eval_every=5), seeds=5),
+               CoupledSpec(), frontier_methods(), dataclasses.replace(RSC_RUN, eval_every=5), seeds=5,
+               curve_arms=FRONTIER_CURVE_ARMS, frontier=True),
         Preset("ablation", "APO clip placement, exclusive vs inclusive anchoring, K; 4 PPO epochs per step",
                SuiteSpec(), (get_method("grpo"), get_method("apo"), get_method("apo_push_only"),
                              get_method("apo_inclusive"), get_method("apo", name="apo@K=2", apo_k=2),

@@ -46,7 +46,7 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
         json.dump(summary, f, indent=1)
     (out / "table.md").write_text(markdown_table(summary))
     plot(table, out, preset)
-    if preset == "frontier":
+    if preset in PRESETS and PRESETS[preset].frontier:
         if "grpo" in table.unique("method"):
             write_frontier(table, out, settings)
         else:  # the gains are measured against GRPO's trajectory
@@ -76,18 +76,12 @@ def _cell(r: dict, k: str) -> str:
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:
-    """curves.png and pass_at_k.png (apo_toy/plots.py); the frontier preset shows one arm per family there."""
+    """curves.png and pass_at_k.png (apo_toy/plots.py); a preset's curve_arms, when it names some, only."""
     from .plots import plot_curves, plot_pass_at_k
 
-    methods = None
-    if preset == "frontier":  # 27 arms: the curves show GRPO and each family's middle strength
-        methods = [m for m in table.unique("method") if m in FRONTIER_CURVE_ARMS]
+    curve = PRESETS[preset].curve_arms if preset in PRESETS else ()
+    methods = [m for m in table.unique("method") if m in curve] if curve else None
     return [plot_curves(table, out, preset, methods), plot_pass_at_k(table, out, preset, methods)]
-
-
-FRONTIER_CURVE_ARMS = ("grpo", "grpo@lr_x0.5", "grpo_kl@0.05", "topk_kl_on_wrong@0.1", "entropy@0.01",
-                       "apo@beta=0.1", "apo_old_mass@beta=0.1", "apo_old_token@beta=0.1", "apo_push_only@beta=0.1",
-                       "psr", "nsr", "w_reinforce", "passk")
 
 
 def write_frontier(table: Table, out: Path, settings: dict) -> list[dict]:
@@ -147,7 +141,7 @@ def main(argv=None) -> int:
         ap.error("--preset and --out are required (or --replot DIR)")
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
-        if isinstance(get_preset(args.preset).spec, CoupledSpec) if args.preset in PRESETS else False:
+        if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):
             args.spec = ["n_train=8", "n_heldout=8"] + list(args.spec)
     import torch
 
@@ -168,7 +162,7 @@ def main(argv=None) -> int:
                 "methods": table.unique("method")[1:], "description": p.description}
     write_outputs(table, Path(args.out), args.preset, settings)
     print((Path(args.out) / "table.md").read_text())
-    extra = ", frontier.md, frontier.json, frontier.png" if args.preset == "frontier" else ""
+    extra = ", frontier.md, frontier.json, frontier.png" if p.frontier else ""
     print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
     return 0
 

@@ -17,7 +17,8 @@ import torch
 
 from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, get_preset, run
 from apo_toy.node import squeeze_step
-from apo_toy.presets import Table, rsc_methods
+from apo_toy.plots import steps_matrix
+from apo_toy.presets import APO_READINGS, Table, rsc_methods
 
 from . import style
 
@@ -48,14 +49,7 @@ def _spec(sz: Sizes) -> SuiteSpec:
 
 def _curves(table, method: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps [S], values [seeds, S]) of one method's measured steps."""
-    sub = table.where(method=method)
-    seeds = sub.unique("seed")
-    steps = np.array(sorted({r["step"] for r in sub.rows}))
-    vals = np.full((len(seeds), len(steps)), np.nan)
-    for i, s in enumerate(seeds):
-        for r in sub.where(seed=s).rows:
-            vals[i, np.searchsorted(steps, r["step"])] = r.get(key, np.nan)
-    return steps, vals
+    return steps_matrix(table, method, key, table.where(method=method).unique("seed"))
 
 
 def _final(table, method: str, key: str) -> np.ndarray:
@@ -238,7 +232,7 @@ def fig_frontier(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
 # 5. Elastic recovery
 # --------------------------------------------------------------------------------------------
 
-RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", "apo", "apo_old_mass", "apo_old_token", "apo_push_only")
+RECOVERY_METHODS = ("grpo", "grpo_kl", "grpo_kl_full", *APO_READINGS, "apo_push_only")  # recovery_methods() minus two
 
 
 def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:

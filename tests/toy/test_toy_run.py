@@ -132,3 +132,14 @@ def test_cli_spec_overrides(tmp_path, capsys):
     assert "n_train" in capsys.readouterr().err
     assert main(["--preset", "rsc", "--out", str(out), "--spec", "vocab=1"]) == 2
     assert "vocab" in capsys.readouterr().err
+
+
+def test_hand_named_frontier_arms_are_arms_of_the_sweep():
+    # a changed sweep strength must not silently drop an arm from the curves or the quick figure
+    from paper_figures.sim import QUICK_FRONTIER_ARMS
+
+    p = PRESETS["frontier"]
+    names = {m.name for m in p.methods}
+    assert p.frontier and p.curve_arms and set(p.curve_arms) <= names
+    assert set(QUICK_FRONTIER_ARMS) <= names
+    assert not any(q.frontier or q.curve_arms for q in PRESETS.values() if q.name != "frontier")
