@@ -61,7 +61,8 @@ class LossConfig:
     """
 
     name: str = field(default="grpo", metadata={
-        "help": "grpo | dapo | grpo_kl | kl_on_wrong | apo | topk_kl_on_wrong | clip_cov | kl_cov"})
+        "help": "grpo | dapo | grpo_kl | kl_on_wrong | apo | topk_kl_on_wrong | clip_cov | kl_cov | cispo | "
+                "gspo | gspo_token | sapo | gmpo | gpg | simko"})
     eps_low: Optional[float] = field(
         default=None, metadata={"help": "lower clip range: ratio >= 1 - eps_low (default 0.2)"}
     )
@@ -105,6 +106,19 @@ class LossConfig:
     cov_ub: float = field(default=5.0, metadata={"help": "clip_cov: upper bound of the candidate band"})
     kl_cov_coef: float = field(default=1.0, metadata={
         "help": "kl_cov: coef of |log pi - log pi_old| on the selected tokens"})
+    cispo_eps_max: float = field(default=5.0, metadata={
+        "help": "cispo: cap of the detached weight, min(w, eps_max) (TRL's epsilon_high for cispo)"})
+    sapo_tau_pos: float = field(default=1.0, metadata={"help": "sapo: gate temperature on A > 0 tokens"})
+    sapo_tau_neg: float = field(default=1.05, metadata={"help": "sapo: gate temperature on A <= 0 tokens"})
+    simko_k: int = field(default=3, metadata={"help": "simko: size K of the policy's own Top-K candidates"})
+    simko_alpha: float = field(default=0.01, metadata={
+        "help": "simko: share of the correct-token ratio moved to the policy's Top-K candidates"})
+    simko_lambda: float = field(default=1.1, metadata={
+        "help": "simko: advantage scale on wrong tokens that are the policy's top-1 candidate"})
+    simko_entropy_quantile: Optional[float] = field(default=0.8, metadata={
+        "help": "simko: act where H_t exceeds this quantile of its sequence's entropies (None: every token)"})
+    top_entropy_quantile: float = field(default=1.0, metadata={
+        "help": "keep the policy term (and entropy bonus) on the top rho of the call's tokens by entropy; 1: all"})
     loss_agg: str = field(
         default="token-mean",
         metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"},
@@ -165,11 +179,26 @@ class LossConfig:
             bad("cov_frac", "must lie in (0, 1]")
         if not (math.isfinite(real("cov_lb")) and math.isfinite(real("cov_ub")) and self.cov_lb < self.cov_ub):
             bad("cov_ub", f"the band needs finite cov_lb < cov_ub (cov_lb={self.cov_lb!r})")
+        self._validate_peers(bad, real)
         n = self.loss_norm_len
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Real)
                               or not (math.isfinite(n) and n == int(n) and n >= 1)):
             bad("loss_norm_len", "must be a positive integer or None")
         return self._notes()
+
+    def _validate_peers(self, bad, real) -> None:
+        """The fields of the peer objectives (CISPO, SAPO, SimKO) and the entropy-token selection."""
+        for name in ("cispo_eps_max", "sapo_tau_pos", "sapo_tau_neg", "simko_lambda"):
+            if not (real(name) > 0.0 and math.isfinite(getattr(self, name))):
+                bad(name, "must be finite and > 0")
+        if isinstance(self.simko_k, bool) or not isinstance(self.simko_k, int) or self.simko_k < 1:
+            bad("simko_k", "Top-K size must be an integer >= 1")
+        if not 0.0 <= real("simko_alpha") <= 1.0:
+            bad("simko_alpha", "must lie in [0, 1]")
+        if self.simko_entropy_quantile is not None and not 0.0 <= real("simko_entropy_quantile") < 1.0:
+            bad("simko_entropy_quantile", "must lie in [0, 1) (None: every token)")
+        if not 0.0 < real("top_entropy_quantile") <= 1.0:
+            bad("top_entropy_quantile", "must lie in (0, 1] (1: every token)")
 
     def _notes(self) -> list[str]:
         notes = []
@@ -210,7 +239,25 @@ class LossConfig:
 
     @property
     def needs_entropy(self) -> bool:
-        return self.ent_coef > 0.0
+        """H_t per token: the entropy bonus, the top-entropy token selection, or a term that reads it (SimKO)."""
+        return self.ent_coef > 0.0 or self.top_entropy_quantile < 1.0 or POLICY_TERMS[self.name].needs_entropy
+
+    @property
+    def policy_topk(self) -> int:
+        """K of the policy's own Top-K log-probs the training forward must return (0: none; SimKO)."""
+        return self.simko_k if POLICY_TERMS[self.name].needs_policy_topk else 0
+
+    @property
+    def needs_policy_topk(self) -> bool:
+        return self.policy_topk > 0
+
+    @property
+    def sequence_coupled(self) -> bool:
+        """A token's loss depends on the other tokens of its own sequence (GSPO's and GMPO's sequence
+        ratio, SimKO's per-sequence entropy quantile): micro-batches must hold whole sequences (both
+        engines split by rows), and an expected surrogate summed over single edges does not exist."""
+        term = POLICY_TERMS[self.name]
+        return term.sequence_level or (term.needs_policy_topk and self.simko_entropy_quantile is not None)
 
     @property
     def needs_sign_split(self) -> bool:
@@ -222,9 +269,10 @@ class LossConfig:
 
     @property
     def batch_coupled(self) -> bool:
-        """The token loss depends on other tokens of the call (Clip-Cov / KL-Cov selections), so
+        """The token loss depends on other tokens of the call (Clip-Cov / KL-Cov selections, the
+        top-entropy-quantile selection), so
         an expected (enumerated) surrogate is not the expectation of the sampled one."""
-        return POLICY_TERMS[self.name].batch_coupled
+        return POLICY_TERMS[self.name].batch_coupled or self.top_entropy_quantile < 1.0
 
     @property
     def pull_cap(self) -> float:
@@ -239,7 +287,7 @@ class LossConfig:
 
 
 OPTIONAL_INPUTS = ("ref_logp", "kl_full", "entropy", "anchor_logp", "anchor_ref_logp", "anchor_is_sampled",
-                   "anchor_old_logp")
+                   "anchor_old_logp", "policy_topk_logp")
 
 
 def required_inputs(cfg: LossConfig) -> frozenset[str]:
@@ -250,7 +298,8 @@ def required_inputs(cfg: LossConfig) -> frozenset[str]:
     """
     need = {"ref_logp": cfg.needs_ref_logp, "kl_full": cfg.needs_kl_full, "entropy": cfg.needs_entropy,
             "anchor_logp": cfg.needs_anchors, "anchor_ref_logp": cfg.needs_anchors,
-            "anchor_is_sampled": cfg.needs_anchors, "anchor_old_logp": cfg.needs_anchor_old}
+            "anchor_is_sampled": cfg.needs_anchors, "anchor_old_logp": cfg.needs_anchor_old,
+            "policy_topk_logp": cfg.needs_policy_topk}
     return frozenset(name for name, wanted in need.items() if wanted)
 
 
@@ -349,6 +398,9 @@ class PolicyTerm:
     apo_ratio: bool = False  # rectifies A < 0 ratios: apo_clip, apo_anchor_norm, apo_pull_cap apply
     sign_gated_coef: Optional[str] = None  # coefficient of a term applied on A < 0 tokens, not scaled by A
     batch_coupled: bool = False  # a token's loss depends on the other tokens of the call
+    sequence_level: bool = False  # a token's loss depends on the other tokens of its sequence
+    needs_entropy: bool = False  # reads H_t (detached) per token
+    needs_policy_topk: bool = False  # reads log pi_theta at the policy's own Top-K ids [B, T, K] (with grad)
 
 
 def _anchor_set(cfg: LossConfig, anchor_is_sampled: Tensor) -> Tensor:
@@ -480,6 +532,149 @@ def kl_cov_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, ol
     return loss + cfg.kl_cov_coef * pen, {"rho": ratio, "cov_selected": sel}
 
 
+# --------------------------------------------------------------------------------------------
+# Peer objectives shipped by TRL / verl (CISPO, GSPO, SAPO, GMPO, GPG) and SimKO
+# --------------------------------------------------------------------------------------------
+# Each is the per-token term of its paper, in that paper's symbols mapped to ours
+# (w_t = pi_theta(y_t) / pi_old(y_t), A the advantage); docs/objectives.md has the table of
+# sources, defaults and which library ships which. sg(.) is stop-gradient (detach).
+
+
+def _masked_seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """(1/|y_i|) sum_t m_it x_it per sequence, [B, T] -> [B, 1]; 0 for an empty sequence."""
+    m = mask.to(x.dtype)
+    return (torch.where(mask, x, torch.zeros_like(x)).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+
+
+def cispo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): a clipped, detached importance weight times A log pi.
+
+        loss_t = -sg(min(w_t, eps_max)) A log pi_theta(y_t)
+
+    Every token keeps its gradient (nothing is flat, unlike the PPO clip); the weight only scales
+    it. Upper cap only, as TRL's cispo (epsilon_high = eps_max, 5.0 recommended there, after ScaleRL,
+    arXiv 2510.13786); verl's cispo clips the weight two-sided to [1 - eps_low, 1 + eps_high]."""
+    weight = ratio.clamp(max=cfg.cispo_eps_max).detach()
+    return -weight * adv * logp, {"rho": ratio}
+
+
+def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """log s_i = (1/|y_i|) sum_t log w_t (token log-ratios clamped first), clamped to +-20. [B, 1]."""
+    lr = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return _masked_seq_mean(lr, mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def gspo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor, mask: Tensor,
+              **_: Tensor) -> tuple[Tensor, dict]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): the sequence-level, length-normalised ratio
+
+        s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp((1/|y_i|) sum_t log w_it)
+        loss_t = max(-A s_i, -A clip(s_i, 1 - eps_low, 1 + eps_high))   on every token of y_i
+
+    The paper's objective is per sequence with A_i; with the seq-mean-token-mean aggregation (the
+    paper's) the token losses average back to it. Needs each sequence whole in one call."""
+    s = _sequence_log_ratio(logp, old_logp, mask).exp().expand_as(ratio)  # [B, T]
+    return clipped_surrogate(s, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c), {"rho": s}
+
+
+def gspo_token_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor, mask: Tensor,
+                    **_: Tensor) -> tuple[Tensor, dict]:
+    """GSPO-token (same paper): s_it = sg(s_i) pi_theta(y_t) / sg(pi_theta(y_t)), clipped as GSPO.
+
+    Its value is s_i at every token, its gradient s_i grad log pi_theta(y_t): with a sequence-level
+    advantage it equals GSPO exactly (value, clipping and gradient); with a per-token A it weights
+    each token's own gradient by its own A (verl's "gspo" loss is this form)."""
+    log_s = _sequence_log_ratio(logp, old_logp, mask).detach()
+    s = (log_s + logp - logp.detach()).exp()  # [B, T]
+    return clipped_surrogate(s, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c), {"rho": s}
+
+
+def sapo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+    """SAPO (Gao et al. 2025, arXiv 2511.20347): a soft, temperature-controlled gate for the clip.
+
+        loss_t = -A (4 / tau) sigmoid(tau (w_t - 1)),   tau = tau_pos if A > 0 else tau_neg
+
+    d/dw = A 4 sigmoid (1 - sigmoid) = A at w = 1 (the policy gradient on-policy), decaying smoothly
+    as w leaves 1 instead of dropping to 0 at a clip edge."""
+    tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
+    return -adv * torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau, {"rho": ratio}
+
+
+def gmpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor, mask: Tensor,
+              **_: Tensor) -> tuple[Tensor, dict]:
+    """GMPO (Zhao et al. 2025, arXiv 2507.20673): the geometric mean of token ratios, clipped per
+    token in log space, times the sequence advantage A_i (mean of A over the sequence):
+
+        l_it = sgn(A_i) min(sgn(A_i) log w_it, sgn(A_i) clip(log w_it, -eps_low, eps_high))
+        loss_i = -A_i exp((1/|y_i|) sum_t l_it)        (placed on every token of y_i)
+
+    The paper's range is (e^-0.4, e^0.4): eps_low = eps_high = 0.4 (preset). With seq-mean-token-mean
+    the token losses average to verl's per-sequence mean."""
+    a_seq = _masked_seq_mean(adv, mask)  # [B, 1] A_i
+    sgn = torch.sign(a_seq)
+    lr = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lr_min = sgn * torch.minimum(sgn * lr, sgn * lr.clamp(-cfg.eps_low, cfg.eps_high))
+    geo = _masked_seq_mean(lr_min, mask).exp()  # [B, 1] clipped geometric-mean ratio
+    return (-a_seq * geo).expand_as(ratio), {"rho": geo.expand_as(ratio)}
+
+
+def gpg_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+    """GPG (Chu et al. 2025, arXiv 2504.02546): the plain policy gradient, no ratio, no clip.
+
+        loss_t = -A log pi_theta(y_t)
+
+    On-policy by construction: with several epochs nothing corrects for pi_theta != pi_old."""
+    return -adv * logp, {"rho": ratio}
+
+
+def high_entropy_tokens(entropy: Tensor, mask: Tensor, q: float, *, per_sequence: bool,
+                        strict: bool = False) -> Tensor:
+    """Tokens whose entropy is at or above (strict: above) the q-quantile of the response tokens'
+    entropies (linear interpolation, torch.quantile): per sequence (SimKO) or over the whole call
+    (TRL's top_entropy_quantile: rho = 1 - q). Detached; [B, T] bool, False at pads and empty rows."""
+    h = entropy.detach()
+    nan = torch.full_like(h, math.nan)
+    if per_sequence:
+        thr = torch.nanquantile(torch.where(mask, h, nan), q, dim=-1, keepdim=True)  # [B, 1], NaN if empty
+    else:
+        vals = h[mask]  # host sync once per call: only when the selection is on
+        if vals.numel() == 0:
+            return torch.zeros_like(mask)
+        thr = torch.quantile(vals, q)
+    return mask & ((h > thr) if strict else (h >= thr))
+
+
+def simko_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, mask: Tensor, entropy: Tensor,
+               policy_topk_logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+    """SimKO (Peng et al. 2025, arXiv 2510.14807), on the tokens I_t of high entropy
+    (H_t above the simko_entropy_quantile tau of its sequence; every token if tau is None):
+
+        A > 0 (correct):  gamma~_t = (1 - alpha I_t) w_t + (alpha I_t / K) sum_{k in TopK(pi_theta)} sg(w_t)
+                                     pi_theta(k) / sg(pi_theta(k))
+        A < 0 (wrong):    A~_t = lambda A if I_t and y_t = argmax pi_theta, else A
+        loss_t = max(-A~ gamma~, -A~ clip(gamma~, 1 - eps_low, 1 + eps_high))
+
+    gamma~ equals w_t in value (so the clip decision is GRPO's) but spreads alpha I_t of the correct
+    token's gradient over the policy's own Top-K candidates: grad = w_t ((1 - alpha I_t) grad log pi(y_t)
+    + (alpha I_t / K) sum_k grad log pi(k)). Defaults K = 3, alpha = 0.01, lambda = 1.1, tau = 0.8
+    (the authors' scripts). policy_topk_logp: log pi_theta at its own Top-K ids [B, T, K], with grad,
+    sorted (column 0 is the top-1); y_t is the top-1 where log pi(y_t) >= that column."""
+    h = entropy.detach()
+    if cfg.simko_entropy_quantile is None:
+        sel = mask
+    else:
+        sel = high_entropy_tokens(h, mask, cfg.simko_entropy_quantile, per_sequence=True, strict=True)
+    alpha = cfg.simko_alpha * sel.to(ratio.dtype)  # [B, T] alpha I_t
+    spread = (policy_topk_logp - policy_topk_logp.detach()).exp().mean(-1)  # [B, T] value 1, grad mean_k grad log pi(k)
+    gamma = (1.0 - alpha) * ratio + alpha * ratio.detach() * spread
+    top1 = logp.detach() >= policy_topk_logp[..., 0].detach()
+    pos = adv > 0
+    a_t = torch.where(~pos & sel & top1 & (adv < 0), cfg.simko_lambda * adv, adv)
+    rho = torch.where(pos, gamma, ratio)
+    loss = clipped_surrogate(rho, a_t, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    return loss, {"rho": rho, "simko_selected": sel, "simko_top1_penalised": ~pos & sel & top1 & (adv < 0)}
+
+
 POLICY_TERMS: dict[str, PolicyTerm] = {
     "grpo": PolicyTerm(grpo_term),
     "dapo": PolicyTerm(grpo_term),
@@ -490,6 +685,14 @@ POLICY_TERMS: dict[str, PolicyTerm] = {
                                    sign_gated_coef="topk_kl_coef"),
     "clip_cov": PolicyTerm(clip_cov_term, batch_coupled=True),
     "kl_cov": PolicyTerm(kl_cov_term, defining_coef="kl_cov_coef", batch_coupled=True),
+    # peers shipped by TRL / verl, and SimKO (section above)
+    "cispo": PolicyTerm(cispo_term),
+    "gspo": PolicyTerm(gspo_term, sequence_level=True),
+    "gspo_token": PolicyTerm(gspo_token_term, sequence_level=True),
+    "sapo": PolicyTerm(sapo_term),
+    "gmpo": PolicyTerm(gmpo_term, sequence_level=True),
+    "gpg": PolicyTerm(gpg_term),
+    "simko": PolicyTerm(simko_term, needs_entropy=True, needs_policy_topk=True),
 }
 
 # Field defaults that depend on the loss name; "_defaults" fills what a preset leaves open.
@@ -497,6 +700,9 @@ LOSS_PRESETS: dict[str, dict] = {
     "_defaults": {"eps_low": 0.2, "eps_high": 0.2, "cov_frac": 2e-4},
     "dapo": {"eps_low": 0.2, "eps_high": 0.28},
     "kl_cov": {"cov_frac": 2e-3},
+    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},  # the GSPO paper's clip range
+    "gspo_token": {"eps_low": 3e-4, "eps_high": 4e-4},
+    "gmpo": {"eps_low": 0.4, "eps_high": 0.4},  # log-space range (e^-0.4, e^0.4), the GMPO paper's
 }
 
 
@@ -595,6 +801,7 @@ def policy_loss(
     weights: Optional[Tensor] = None,
     *,
     anchor_old_logp: Optional[Tensor] = None,
+    policy_topk_logp: Optional[Tensor] = None,
     global_tokens: Optional[float] = None,
     global_seqs: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
@@ -608,7 +815,8 @@ def policy_loss(
     Per token: loss_t = policy_term_t [+ kl_coef * kl_t on the term's KL scope] [- ent_coef * H_t],
     then `aggregate`. Tensors: logp, old_logp, mask, ref_logp, kl_full, entropy [B, T];
     advantages [B] or [B, T]; anchor_* [B, T, K] (anchor_old_logp: log pi_old at the anchors, for
-    apo_anchor_norm old_mass / old_token); weights [B]. `global_tokens` / `global_seqs` are the
+    apo_anchor_norm old_mass / old_token); policy_topk_logp [B, T, K] (log pi_theta at its own Top-K
+    ids, sorted, with grad: SimKO); weights [B]. `global_tokens` / `global_seqs` are the
     counts of the whole batch when this call sees one micro-batch of it. `generator` drives the
     random token choice of clip_cov. `required_inputs(cfg)` lists the optional tensors needed.
     `diagnostics=False` returns only {"loss"} (same loss and gradient): the diagnostics cost about
@@ -616,17 +824,23 @@ def policy_loss(
     """
     cfg.validate()
     inputs = _check_inputs(cfg, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
-                           anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp)
+                           anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp,
+                           policy_topk_logp)
     mask_b = inputs["mask"]
     adv = inputs["advantages"]
     log_ratio = (inputs["logp"] - inputs["old_logp"]).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()  # [B, T] w_t
 
     term = POLICY_TERMS[cfg.name]
-    anchors = {k: inputs[k] for k in ("anchor_logp", "anchor_ref_logp", "anchor_is_sampled", "anchor_old_logp")
-               if k in inputs}
+    anchors = {k: inputs[k] for k in ("anchor_logp", "anchor_ref_logp", "anchor_is_sampled", "anchor_old_logp",
+                                      "entropy", "policy_topk_logp") if k in inputs}
     loss_tok, aux = term.fn(cfg, ratio, adv, logp=inputs["logp"], old_logp=inputs["old_logp"], mask=mask_b,
                             generator=generator, **anchors)
+    sel = None
+    if cfg.top_entropy_quantile < 1.0:  # the one place tokens are selected by entropy, for any term
+        sel = high_entropy_tokens(inputs["entropy"], mask_b, 1.0 - cfg.top_entropy_quantile, per_sequence=False)
+        loss_tok = torch.where(sel, loss_tok, torch.zeros_like(loss_tok))
+        aux["entropy_selected"] = sel
     pg_tok = loss_tok
 
     kl_tok = None
@@ -634,8 +848,9 @@ def policy_loss(
         kl_tok = kl_estimate(cfg.kl_estimator, inputs["logp"], inputs.get("ref_logp"), inputs.get("kl_full"))
         scope = (adv < 0) if term.kl_scope == "negative" else torch.ones_like(mask_b)
         loss_tok = loss_tok + cfg.kl_coef * kl_tok * scope
-    if cfg.ent_coef > 0.0:
-        loss_tok = loss_tok - cfg.ent_coef * inputs["entropy"]
+    if cfg.ent_coef > 0.0:  # on the selected tokens only, as TRL does
+        bonus = cfg.ent_coef * inputs["entropy"]
+        loss_tok = loss_tok - (bonus if sel is None else torch.where(sel, bonus, torch.zeros_like(bonus)))
 
     agg = dict(weights=inputs.get("weights"), global_tokens=global_tokens, global_seqs=global_seqs,
                loss_norm_len=cfg.loss_norm_len)
@@ -712,6 +927,11 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
         out["topk_kl/ce_neg"] = mean(aux["topk_ce"], neg)
     if "cov_selected" in aux:
         out["cov/selected_frac"] = mean(aux["cov_selected"], mask)
+    if "simko_selected" in aux:
+        out["simko/selected_frac"] = mean(aux["simko_selected"], mask)
+        out["simko/top1_penalised_frac"] = mean(aux["simko_top1_penalised"], neg)
+    if "entropy_selected" in aux:
+        out["entropy_select/frac"] = mean(aux["entropy_selected"], mask)
     if "r_anchor" in aux:
         out.update(_apo_diagnostics(cfg, aux, inputs, adv, mask, neg, clipped, push_l1, mean, share, tok_w))
     return out
@@ -759,8 +979,8 @@ def _weighted_median(x: Tensor, tok_w: Tensor, sel: Tensor) -> Tensor:
 
 
 def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, anchor_logp,
-                  anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp=None
-                  ) -> dict[str, Tensor]:
+                  anchor_ref_logp, anchor_is_sampled, kl_full, entropy, weights, anchor_old_logp=None,
+                  policy_topk_logp=None) -> dict[str, Tensor]:
     """Validate shapes and presence; zero out pad positions; raise ValueError naming the argument."""
     if not isinstance(logp, Tensor) or logp.dim() != 2:
         raise ValueError(f"logp: expected a [B, T] tensor, got {_shape(logp)}")
@@ -768,7 +988,8 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
     need = required_inputs(cfg)
     given = dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp, anchor_logp=anchor_logp,
                  anchor_ref_logp=anchor_ref_logp, anchor_is_sampled=anchor_is_sampled, kl_full=kl_full,
-                 entropy=entropy, weights=weights, anchor_old_logp=anchor_old_logp)
+                 entropy=entropy, weights=weights, anchor_old_logp=anchor_old_logp,
+                 policy_topk_logp=policy_topk_logp)
     for name in OPTIONAL_INPUTS:
         if name in need and given[name] is None:
             raise ValueError(f"{name}: required by LossConfig(name={cfg.name!r}, kl_coef={cfg.kl_coef}, "
@@ -795,6 +1016,11 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
             if not isinstance(x, Tensor) or tuple(x.shape) != k_shape:
                 raise ValueError(f"{name}: expected shape {list(k_shape)} (as anchor_logp), got {_shape(x)}")
 
+    if cfg.needs_policy_topk:
+        x = policy_topk_logp
+        if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != bt or x.shape[2] < 1:
+            raise ValueError(f"policy_topk_logp: expected shape [B, T, K]=[{bt[0]}, {bt[1]}, K>=1], got {_shape(x)}")
+
     m = mask.bool()
     out: dict[str, Tensor] = {"mask": m}
     all_on = bool(m.all())  # no pad position anywhere: inputs need no blanking
@@ -811,6 +1037,9 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
         for name in ["anchor_logp"] + [n for n in anchor_names if n != "anchor_is_sampled"]:
             out[name] = _clean(name, given[name], mk, allow_inf=True, fill=-math.inf, all_on=all_on)
         out["anchor_is_sampled"] = anchor_is_sampled.bool()
+    if cfg.needs_policy_topk:  # finite on response positions: the policy's most likely tokens
+        out["policy_topk_logp"] = _clean("policy_topk_logp", policy_topk_logp, m[..., None].expand_as(policy_topk_logp),
+                                         allow_inf=False, all_on=all_on)
     if weights is not None:
         if not torch.isfinite(weights.sum()) and not torch.isfinite(weights).all():  # sum: see _clean
             raise ValueError("weights: contains NaN or inf")

@@ -19,7 +19,7 @@ from torch import Tensor
 from apo_llm.objectives import LossConfig, required_inputs
 
 # Optional loss inputs the training forward computes; the rest come from the stored passes.
-FROM_FORWARD = ("anchor_logp", "entropy")
+FROM_FORWARD = ("anchor_logp", "entropy", "policy_topk_logp")
 
 
 @dataclass
@@ -49,12 +49,13 @@ def loss_inputs(cfg: LossConfig, stats, stored: Mapping[str, Tensor], take: Call
                 *, old_is_current: bool) -> dict[str, Tensor]:
     """The optional `policy_loss` keywords `required_inputs(cfg)` names, and only those.
 
-    stats: the training forward's modeling.TokenStats (gathered_logp at the anchor ids, entropy);
+    stats: the training forward's modeling.TokenStats (gathered_logp at the anchor ids, entropy, and
+    the policy's own Top-K log-probs when the forward ran with topk = cfg.policy_topk);
     stored: full-batch tensors (RolloutPasses.stored() or the TRL batch), cut to the rows and
     columns of this forward by `take`. old_is_current: the old pass was skipped, so pi_old is
     pi_theta detached and anchor_old_logp is the forward's own gather, detached.
     """
-    fresh = {"anchor_logp": stats.gathered_logp, "entropy": stats.entropy}
+    fresh = {"anchor_logp": stats.gathered_logp, "entropy": stats.entropy, "policy_topk_logp": stats.topk_logp}
     if old_is_current and stats.gathered_logp is not None:
         fresh["anchor_old_logp"] = stats.gathered_logp.detach()
     out = {}

@@ -348,7 +348,7 @@ def _minibatch_backward(cfg: RunConfig, model, accelerator, comp: Completions, a
         ids, am, t = _trim(comp, rows)
         gather = passes.anchor_ids[rows, :t].to(device) if lc.needs_anchors else None
         st = completion_token_stats(model, ids.to(device), am.to(device), comp.n_prompt,
-                                    temperature=cfg.rollout.temperature, gather_ids=gather,
+                                    temperature=cfg.rollout.temperature, gather_ids=gather, topk=lc.policy_topk,
                                     want_entropy=lc.needs_entropy or fill_old, chunk_size=tc.chunk_size)
         if fill_old:  # the behaviour pass was skipped: this forward is pi_old
             passes.old_logp[rows, :t] = st.logp.detach().float().cpu()

@@ -313,7 +313,7 @@ class APOGRPOTrainer(GRPOTrainer):
         lc = self.loss_cfg
         rows = slice(0, inputs["completion_ids"].shape[0])
         gather = inputs["anchor_ids"] if lc.needs_anchors else None
-        st, t = self._token_stats(model, inputs, rows, gather_ids=gather, want_entropy=True)
+        st, t = self._token_stats(model, inputs, rows, topk=lc.policy_topk, gather_ids=gather, want_entropy=True)
         mask = inputs["completion_mask"][:, :t]
         # TRL skips the old pass when the update is a single pass over fresh rollouts: pi_old = pi_theta
         skipped = inputs.get("old_per_token_logps") is None

@@ -31,8 +31,12 @@ KL-on-Wrong and Top-K KL on wrong put a term not proportional to A on A < 0 toke
 (`LossConfig.needs_sign_split`), and a wrong response in a group without any success has A = 0:
 for those the wrong class is split into A < 0 (probability q_0 = P(A != 0 | r = 0), advantage
 c_0 / q_0) and A = 0, which keeps the identity exact. Clip-Cov / KL-Cov select tokens by a
-batch statistic (`LossConfig.batch_coupled`): their expected loss is not a sum over edges, so exact
-mode refuses them (use sampled mode).
+batch statistic (`LossConfig.batch_coupled`, also any top_entropy_quantile < 1): their expected loss
+is not a sum over edges, so exact mode refuses them (use sampled mode). So does every loss whose token
+term reads the rest of its sequence (`LossConfig.sequence_coupled`: GSPO's and GMPO's sequence
+ratio, SimKO's per-sequence entropy quantile; SimKO with simko_entropy_quantile=None is per-token
+and runs exact). CISPO, SAPO, GPG and SimKO-per-token are per-token terms linear in A within a
+sign, so the identity holds for them.
 
 What "exact" means with several epochs: each epoch is one full-batch step on the expected
 surrogate with theta_old fixed (so PPO clipping acts as in the sampled loss). That is the
@@ -82,6 +86,12 @@ def optional_inputs(cfg: LossConfig, builders: dict[str, Callable[[], Tensor]]) 
     return {name: builders[name]() for name in need}
 
 
+def _policy_topk(logpi: Tensor, k: int) -> Tensor:
+    """log pi_theta at each node's own Top-min(k, b) children, sorted: [nodes, b] -> [nodes, K], with grad."""
+    ids = logpi.detach().topk(min(k, logpi.shape[-1]), dim=-1).indices
+    return logpi.gather(-1, ids)
+
+
 def _once(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
     """fn, evaluated at most once (several anchor inputs share one Top-K gather)."""
     box: list = []
@@ -126,6 +136,9 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     if cfg.batch_coupled:
         raise ValueError(f"LossConfig.name={cfg.name!r}: its token selection depends on the whole sampled batch "
                          "(batch_coupled), so the expected surrogate is not a sum over edges; use mode='sampled'")
+    if cfg.sequence_coupled:
+        raise ValueError(f"LossConfig.name={cfg.name!r}: a token's loss depends on the rest of its sequence "
+                         "(sequence_coupled), so the expected surrogate is not a sum over edges; use mode='sampled'")
     logpi_old = torch.log_softmax(logits_old.detach(), -1)  # [P, N, b]
     pi_old = logpi_old.exp()
     log_reach, _ = reach_and_leaf_logp(logpi_old, suite.depth)
@@ -227,6 +240,8 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
         "anchor_is_sampled": lambda: fixed(("anchor_is", cfg.apo_k),
                                            lambda: (topk()[ix["node"]] == ix["child"][:, None])[:, None, :]),
         "anchor_old_logp": anchor_old,
+        # the policy's own Top-K at each row's node (ids from the current logits, data not differentiated)
+        "policy_topk_logp": lambda: _policy_topk(logpi.reshape(P * N, b), cfg.policy_topk)[ix["node"]][:, None, :],
     })
     C = batch["adv"].shape[0]
     adv = batch["adv"].reshape(-1).index_select(0, fixed(("adv_flat", C), lambda: ix["cls"] * P + ix["prompt"]))  # [R]
@@ -330,6 +345,7 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
         "anchor_ref_logp": lambda: ref[flat[..., None], topk()],
         "anchor_is_sampled": lambda: topk() == act[..., None],
         "anchor_old_logp": anchor_old,
+        "policy_topk_logp": lambda: _policy_topk(logpi, cfg.policy_topk)[flat],  # [B, D, K]
     })
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:

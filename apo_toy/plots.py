@@ -28,6 +28,9 @@ FAMILY_COLORS = {
     "apo_inclusive": "#c5b0d5", "psr": "#7f7f7f", "nsr": "#c7c7c7", "w_reinforce": "#dbdb8d", "passk": "#e377c2",
     "clip_cov": "#ff9896", "kl_cov": "#f7b6d2", "npg": "#555555",
 }
+# the TRL / verl peers and SimKO (apo_toy/methods.py)
+FAMILY_COLORS.update({"cispo": "#e6550d", "gspo": "#31a354", "gspo_token": "#74c476", "sapo": "#756bb1",
+                      "gmpo": "#636363", "gpg": "#fd8d3c", "simko": "#de2d26", "simko_token": "#fc9272"})
 
 
 def _plt():

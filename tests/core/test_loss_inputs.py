@@ -41,6 +41,10 @@ BAD_CONFIGS = [
     ("apo_pull_cap", math.nan), ("apo_pull_cap", "1.2"), ("topk_kl_coef", -0.1), ("topk_kl_coef", math.inf),
     ("cov_frac", 0.0), ("cov_frac", 1.5), ("cov_frac", math.nan), ("cov_lb", math.nan), ("cov_ub", 0.5),
     ("cov_ub", math.inf), ("kl_cov_coef", -1.0), ("eps_low", True),
+    ("cispo_eps_max", 0.0), ("cispo_eps_max", math.inf), ("sapo_tau_pos", 0.0), ("sapo_tau_neg", -1.0),
+    ("simko_k", 0), ("simko_k", 2.5), ("simko_alpha", 1.5), ("simko_alpha", -0.1), ("simko_lambda", 0.0),
+    ("simko_entropy_quantile", 1.0), ("simko_entropy_quantile", -0.1), ("top_entropy_quantile", 0.0),
+    ("top_entropy_quantile", 1.5), ("top_entropy_quantile", math.nan),
 ]
 
 
@@ -90,6 +94,11 @@ def test_positive_only_rectified_arm_warns_and_validate_says_so():
     (dict(name="topk_kl_on_wrong", topk_kl_coef=0.1, apo_anchor_norm="old_mass"),
      {"anchor_logp", "anchor_ref_logp", "anchor_is_sampled"}),
     (dict(name="clip_cov"), set()), (dict(name="kl_cov"), set()),
+    (dict(name="cispo"), set()), (dict(name="gspo"), set()), (dict(name="gspo_token"), set()),
+    (dict(name="sapo"), set()), (dict(name="gmpo"), set()), (dict(name="gpg"), set()),
+    (dict(name="simko"), {"entropy", "policy_topk_logp"}),
+    (dict(name="simko", simko_entropy_quantile=None), {"entropy", "policy_topk_logp"}),
+    (dict(name="gspo", top_entropy_quantile=0.2), {"entropy"}),
 ])
 def test_required_inputs(cfg_kw, want):
     """The one decision of what to compute; policy_loss accepts exactly that set (others None)."""
@@ -145,6 +154,7 @@ def _inputs(seed: int = 0, adv_per_token: bool = False) -> dict:
         anchor_ref_logp=-1.0 - 2.0 * r(B, T, K), anchor_is_sampled=r(B, T, K) > 0.7,
         kl_full=r(B, T).requires_grad_(), entropy=(1.0 + r(B, T)).requires_grad_(), weights=1.0 + r(B),
         anchor_old_logp=-1.0 - 2.0 * r(B, T, K),
+        policy_topk_logp=(-0.5 - r(B, T, K)).sort(-1, descending=True).values.requires_grad_(),
     )
 
 
@@ -278,12 +288,12 @@ def test_nan_on_padded_positions_changes_nothing(seed, name, est, agg, apo_clip,
         x = _inputs(seed, adv_per_token=True)
         pad = ~x["mask"]
         for k in ("logp", "old_logp", "advantages", "ref_logp", "kl_full", "entropy", "anchor_logp",
-                  "anchor_ref_logp", "anchor_old_logp"):
+                  "anchor_ref_logp", "anchor_old_logp", "policy_topk_logp"):
             at_pad = pad if x[k].dim() == 2 else pad[..., None]  # anchors: [B, T, K]
             filled = torch.where(at_pad, torch.full_like(x[k], fill), x[k].detach())
             x[k] = filled.requires_grad_() if x[k].requires_grad else filled
         loss, m = policy_loss(cfg, **x, generator=torch.Generator().manual_seed(seed))
-        leaves = [x[k] for k in ("logp", "anchor_logp", "kl_full", "entropy")]
+        leaves = [x[k] for k in ("logp", "anchor_logp", "kl_full", "entropy", "policy_topk_logp")]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(lf) if gr is None else gr for lf, gr in zip(leaves, grads)]
         assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in m.values())

@@ -23,8 +23,10 @@ from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_roll
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
-# Clip-Cov / KL-Cov select tokens by a batch statistic: sampled mode only (exact mode refuses them)
-EXACT_METHODS = [m for m in LOSS_METHODS if not METHODS[m].loss_config().batch_coupled]
+# Clip-Cov / KL-Cov select tokens by a batch statistic, GSPO / GMPO / SimKO (entropy quantile) read the
+# whole sequence: sampled mode only (exact mode refuses them)
+EXACT_METHODS = [m for m in LOSS_METHODS if not (METHODS[m].loss_config().batch_coupled
+                                                 or METHODS[m].loss_config().sequence_coupled)]
 
 
 def tiny_suite(seed=0, b=3, depth=2, prompts=1, top_k=2) -> Suite:
