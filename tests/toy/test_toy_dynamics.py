@@ -257,3 +257,17 @@ def test_diagnostics_off_gives_the_same_loss_and_gradient(name):
             out.append((loss.detach(), torch.autograd.grad(loss, z)[0], met))
         assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
         assert len(out[0][2]) > 5 and set(out[1][2]) == {"loss"} and out[1][2]["loss"] == out[0][2]["loss"]
+
+
+@pytest.mark.parametrize("name", ["gspo", "gspo_token", "gmpo", "simko"])
+def test_exact_mode_refuses_sequence_coupled_losses_and_sampled_runs_them(name):
+    """GSPO / GMPO's sequence ratio and SimKO's per-sequence entropy quantile make a token's loss
+    depend on its whole sequence: no expected surrogate summed over single edges exists."""
+    suite = tiny_suite(b=3, depth=3)
+    cfg = METHODS[name].loss_config()
+    with pytest.raises(ValueError, match=r"sequence_coupled.*use mode='sampled'"):
+        exact_batch(suite, cfg, suite.ref_logits, 4, {"estimator": "grpo"})
+    logits = suite.ref_logits.clone().requires_grad_()
+    opt = torch.optim.SGD([logits], lr=1.0)
+    m = sampled_update(suite, cfg, logits, opt, 4, {"estimator": "grpo"}, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(m["loss"])
