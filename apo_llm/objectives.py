@@ -615,7 +615,9 @@ def gmpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_
     lr = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     lr_min = sgn * torch.minimum(sgn * lr, sgn * lr.clamp(-cfg.eps_low, cfg.eps_high))
     geo = _masked_seq_mean(lr_min, mask).exp()  # [B, 1] clipped geometric-mean ratio
-    return (-a_seq * geo).expand_as(ratio), {"rho": geo.expand_as(ratio)}
+    # diagnostics: 1 + log w_t crosses 1 -/+ eps exactly where the log-space clip binds, so the
+    # shared clip fractions count GMPO's own clipped tokens
+    return (-a_seq * geo).expand_as(ratio), {"rho": 1.0 + lr.detach()}
 
 
 def gpg_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:

@@ -28,6 +28,16 @@ LOSS_ARGS = {
     "grpo_kl": ["--loss.kl_coef", "0.05", "--loss.kl_estimator", "k3"],
     "kl_on_wrong": ["--loss.kl_coef", "0.05"],
     "apo": ["--loss.apo_beta", "0.3"],
+    # the TRL / verl peers and SimKO (apo_llm/objectives.py); clip ranges widened where the
+    # presets' would leave the perturbed ratios inside (GSPO 3e-4 is reached anyway)
+    "cispo": ["--loss.cispo_eps_max", "1.2"],
+    "gspo": ["--loss.loss_agg", "seq-mean-token-mean"],
+    "gspo_token": [],
+    "sapo": ["--loss.loss_agg", "seq-mean-token-mean"],
+    "gmpo": ["--loss.eps_low", "0.05", "--loss.eps_high", "0.05"],
+    "gpg": [],
+    "simko": ["--loss.simko_alpha", "0.3", "--loss.simko_entropy_quantile", "0.5"],
+    "dapo": ["--loss.top_entropy_quantile", "0.5", "--loss.ent_coef", "0.01"],
 }
 
 
@@ -52,8 +62,11 @@ def _direct(trainer, inputs):
     with reference_context(policy):
         ref = completion_token_stats(policy, ids, am, n_prompt, temperature=temp, topk=lc.apo_k)
     gather = ref.topk_ids if lc.needs_anchors else None
-    st = completion_token_stats(policy, ids, am, n_prompt, temperature=temp, gather_ids=gather, want_entropy=True)
-    kw = {}
+    st = completion_token_stats(policy, ids, am, n_prompt, temperature=temp, gather_ids=gather, want_entropy=True,
+                                topk=lc.policy_topk)
+    kw = {"entropy": st.entropy} if lc.needs_entropy else {}
+    if lc.needs_policy_topk:
+        kw["policy_topk_logp"] = st.topk_logp
     if lc.needs_ref_logp:
         kw["ref_logp"] = ref.logp
     if lc.needs_anchors:
