@@ -62,7 +62,7 @@ class LossConfig:
 
     name: str = field(default="grpo", metadata={
         "help": "grpo | dapo | grpo_kl | kl_on_wrong | apo | topk_kl_on_wrong | clip_cov | kl_cov | cispo | "
-                "gspo | gspo_token | sapo | gmpo | gpg | simko"})
+                "gspo | gspo_token | sapo | gmpo | gpg | dppo_tv | dppo_kl | simko"})
     eps_low: Optional[float] = field(
         default=None, metadata={"help": "lower clip range: ratio >= 1 - eps_low (default 0.2)"}
     )
@@ -117,6 +117,11 @@ class LossConfig:
         "help": "simko: advantage scale on wrong tokens that are the policy's top-1 candidate"})
     simko_entropy_quantile: Optional[float] = field(default=0.8, metadata={
         "help": "simko: act where H_t exceeds this quantile of its sequence's entropies (None: every token)"})
+    dppo_delta_low: float = field(default=0.2, metadata={
+        "help": "dppo_tv / dppo_kl: divergence threshold on A <= 0 tokens (TV: probability drop; KL: binary KL)"})
+    dppo_delta_high: float = field(default=0.2, metadata={
+        "help": "dppo_tv / dppo_kl: divergence threshold on A > 0 tokens"})
+    dppo_trunc: float = field(default=20.0, metadata={"help": "dppo: cap c of the detached weight min(w, c)"})
     top_entropy_quantile: float = field(default=1.0, metadata={
         "help": "keep the policy term (and entropy bonus) on the top rho of the call's tokens by entropy; 1: all"})
     loss_agg: str = field(
@@ -188,7 +193,8 @@ class LossConfig:
 
     def _validate_peers(self, bad, real) -> None:
         """The fields of the peer objectives (CISPO, SAPO, SimKO) and the entropy-token selection."""
-        for name in ("cispo_eps_max", "sapo_tau_pos", "sapo_tau_neg", "simko_lambda"):
+        for name in ("cispo_eps_max", "sapo_tau_pos", "sapo_tau_neg", "simko_lambda", "dppo_delta_low",
+                     "dppo_delta_high", "dppo_trunc"):
             if not (real(name) > 0.0 and math.isfinite(getattr(self, name))):
                 bad(name, "must be finite and > 0")
         if isinstance(self.simko_k, bool) or not isinstance(self.simko_k, int) or self.simko_k < 1:
@@ -629,6 +635,44 @@ def gpg_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: 
     return -adv * logp, {"rho": ratio}
 
 
+def _dppo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, logp: Tensor, old_logp: Tensor, div: str
+               ) -> tuple[Tensor, dict]:
+    """DPPO (Qi et al. 2026, arXiv 2602.04879): a binary trust-region mask on the divergence of the
+    sampled token's Bernoulli (pi(y_t), 1 - pi(y_t)) from pi_old's, in place of the ratio clip.
+
+        loss_t = -A sg(min(w_t, c)) log pi_theta(y_t) M_t
+        TV:  M_t = [p - p_old <= delta_high] if A > 0 else [p - p_old >= -delta_low]
+        KL:  D = p_old log(p_old / p) + (1 - p_old) log((1 - p_old) / (1 - p))
+             M_t = [D <= delta_high or p <= p_old] if A > 0 else [D <= delta_low or p >= p_old]
+
+    p = pi_theta(y_t), p_old = pi_old(y_t); a token is masked only when it has moved too far in
+    its advantage's direction. Thresholds default to 0.2 (TRL's experimental DPPO trainer's
+    default; the paper's tuned values were not recovered), c = 20 (verl's clip_ratio_c there)."""
+    p, p_old = logp.detach().exp(), old_logp.exp()
+    pos = adv > 0
+    if div == "tv":
+        keep = torch.where(pos, p - p_old <= cfg.dppo_delta_high, p - p_old >= -cfg.dppo_delta_low)
+    else:
+        q, q_old = (1.0 - p).clamp(min=1e-12), (1.0 - p_old).clamp(min=1e-12)
+        d = p_old * (old_logp - logp.detach()) + q_old * (q_old.log() - q.log())
+        keep = torch.where(pos, (d <= cfg.dppo_delta_high) | (p <= p_old), (d <= cfg.dppo_delta_low) | (p >= p_old))
+    weight = ratio.clamp(max=cfg.dppo_trunc).detach()
+    loss = torch.where(keep, -adv * weight * logp, torch.zeros_like(logp))
+    return loss, {"rho": ratio, "dppo_masked": ~keep}
+
+
+def dppo_tv_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor,
+                 **_: Tensor) -> tuple[Tensor, dict]:
+    """DPPO-Binary-TV: see `_dppo_term` (M_t from |p - p_old|)."""
+    return _dppo_term(cfg, ratio, adv, logp, old_logp, "tv")
+
+
+def dppo_kl_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor,
+                 **_: Tensor) -> tuple[Tensor, dict]:
+    """DPPO-Binary-KL: see `_dppo_term` (M_t from the binary KL(pi_old || pi_theta) of y_t)."""
+    return _dppo_term(cfg, ratio, adv, logp, old_logp, "kl")
+
+
 def high_entropy_tokens(entropy: Tensor, mask: Tensor, q: float, *, per_sequence: bool,
                         strict: bool = False) -> Tensor:
     """Tokens whose entropy is at or above (strict: above) the q-quantile of the response tokens'
@@ -694,6 +738,8 @@ POLICY_TERMS: dict[str, PolicyTerm] = {
     "sapo": PolicyTerm(sapo_term),
     "gmpo": PolicyTerm(gmpo_term, sequence_level=True),
     "gpg": PolicyTerm(gpg_term),
+    "dppo_tv": PolicyTerm(dppo_tv_term),
+    "dppo_kl": PolicyTerm(dppo_kl_term),
     "simko": PolicyTerm(simko_term, needs_entropy=True, needs_policy_topk=True),
 }
 
@@ -932,6 +978,8 @@ def _diagnostics(cfg: LossConfig, mask: Tensor, adv: Tensor, ratio: Tensor, aux:
     if "simko_selected" in aux:
         out["simko/selected_frac"] = mean(aux["simko_selected"], mask)
         out["simko/top1_penalised_frac"] = mean(aux["simko_top1_penalised"], neg)
+    if "dppo_masked" in aux:
+        out["dppo/masked_frac"] = mean(aux["dppo_masked"], mask)
     if "entropy_selected" in aux:
         out["entropy_select/frac"] = mean(aux["entropy_selected"], mask)
     if "r_anchor" in aux:

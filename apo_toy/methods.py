@@ -116,6 +116,8 @@ METHODS: dict[str, Method] = {
         Method("gmpo", {"name": "gmpo", "loss_agg": "seq-mean-token-mean"},
                help="GMPO: geometric mean of token ratios, log-space clip 0.4; sampled mode only"),
         Method("gpg", {"name": "gpg"}, help="GPG: -A log pi, no ratio or clip; exact and sampled"),
+        Method("dppo_tv", {"name": "dppo_tv"}, help="DPPO-Binary-TV: trust-region mask |p - p_old| <= 0.2; exact and sampled"),
+        Method("dppo_kl", {"name": "dppo_kl"}, help="DPPO-Binary-KL: mask on the binary KL <= 0.2; exact and sampled"),
         Method("simko", {"name": "simko"},
                help="SimKO: Top-3 boost on correct, 1.1x on wrong top-1, top-20% entropy per sequence; sampled only"),
         Method("simko_token", {"name": "simko", "simko_entropy_quantile": None},

@@ -30,7 +30,7 @@ FAMILY_COLORS = {
 }
 # the TRL / verl peers and SimKO (apo_toy/methods.py)
 FAMILY_COLORS.update({"cispo": "#e6550d", "gspo": "#31a354", "gspo_token": "#74c476", "sapo": "#756bb1",
-                      "gmpo": "#636363", "gpg": "#fd8d3c", "simko": "#de2d26", "simko_token": "#fc9272"})
+                      "gmpo": "#636363", "gpg": "#fd8d3c", "dppo_tv": "#3182bd", "dppo_kl": "#9ecae1", "simko": "#de2d26", "simko_token": "#fc9272"})
 
 
 def _plt():

@@ -44,7 +44,8 @@ BAD_CONFIGS = [
     ("cispo_eps_max", 0.0), ("cispo_eps_max", math.inf), ("sapo_tau_pos", 0.0), ("sapo_tau_neg", -1.0),
     ("simko_k", 0), ("simko_k", 2.5), ("simko_alpha", 1.5), ("simko_alpha", -0.1), ("simko_lambda", 0.0),
     ("simko_entropy_quantile", 1.0), ("simko_entropy_quantile", -0.1), ("top_entropy_quantile", 0.0),
-    ("top_entropy_quantile", 1.5), ("top_entropy_quantile", math.nan),
+    ("top_entropy_quantile", 1.5), ("top_entropy_quantile", math.nan), ("dppo_delta_low", 0.0),
+    ("dppo_delta_high", math.inf), ("dppo_trunc", -1.0),
 ]
 
 
@@ -96,6 +97,7 @@ def test_positive_only_rectified_arm_warns_and_validate_says_so():
     (dict(name="clip_cov"), set()), (dict(name="kl_cov"), set()),
     (dict(name="cispo"), set()), (dict(name="gspo"), set()), (dict(name="gspo_token"), set()),
     (dict(name="sapo"), set()), (dict(name="gmpo"), set()), (dict(name="gpg"), set()),
+    (dict(name="dppo_tv"), set()), (dict(name="dppo_kl"), set()),
     (dict(name="simko"), {"entropy", "policy_topk_logp"}),
     (dict(name="simko", simko_entropy_quantile=None), {"entropy", "policy_topk_logp"}),
     (dict(name="gspo", top_entropy_quantile=0.2), {"entropy"}),

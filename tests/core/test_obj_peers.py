@@ -245,7 +245,7 @@ def test_top_entropy_quantile_selects_for_any_term(seed, rho, ent, name):
 
 @pytest.mark.parametrize("name, kw", [
     ("cispo", {}), ("gspo", {}), ("gspo_token", {}), ("sapo", {}), ("gmpo", {}), ("gpg", {}),
-    ("simko", {}), ("simko", {"simko_entropy_quantile": None}),
+    ("dppo_tv", {}), ("dppo_kl", {}), ("simko", {}), ("simko", {"simko_entropy_quantile": None}),
 ])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_of_whole_sequences_sum_to_the_batch(name, kw, agg):
@@ -310,3 +310,27 @@ def test_policy_topk_nan_on_a_response_position_is_named():
     x["policy_topk_logp"] = bad
     with pytest.raises(ValueError, match=r"^policy_topk_logp: 1 response position"):
         policy_loss(LossConfig(name="simko"), **x)
+
+
+@QUICK
+@given(seed=st.integers(0, 2**31), dlo=st.floats(0.01, 0.5), dhi=st.floats(0.01, 0.5), c=st.floats(0.5, 20.0),
+       div=st.sampled_from(["tv", "kl"]))
+def test_dppo_gradient_closed_form(seed, dlo, dhi, c, div):
+    """d loss / d log pi_t = -A min(w, c) M_t / N, M_t the binary TV / KL trust-region mask, written
+    here from the Bernoulli divergences in numpy."""
+    x = _batch(seed, drift=1.0, adv_per_token=True)
+    x["logp"] = x["logp"].detach().clamp(max=-0.01).requires_grad_()  # probabilities below 1
+    cfg = LossConfig(name=f"dppo_{div}", dppo_delta_low=dlo, dppo_delta_high=dhi, dppo_trunc=c)
+    loss, m = policy_loss(cfg, **{k: x[k] for k in ("logp", "old_logp", "advantages", "mask")})
+    p, po = np.exp(x["logp"].detach().numpy()), np.exp(x["old_logp"].numpy())
+    a = x["advantages"].numpy()
+    if div == "tv":
+        keep = np.where(a > 0, p - po <= dhi, p - po >= -dlo)
+    else:
+        d = po * np.log(po / p) + (1 - po) * np.log((1 - po) / (1 - p))
+        keep = np.where(a > 0, (d <= dhi) | (p <= po), (d <= dlo) | (p >= po))
+    w = np.minimum(p / po, c)
+    n = float(x["mask"].sum())
+    want = torch.from_numpy(np.where(x["mask"].numpy() & keep, -a * w / n, 0.0))
+    torch.testing.assert_close(_grad(loss, x["logp"]), want, rtol=1e-10, atol=1e-12)
+    assert m["dppo/masked_frac"] == pytest.approx(float((x["mask"].numpy() & ~keep).sum()) / n)

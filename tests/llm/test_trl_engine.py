@@ -36,6 +36,8 @@ LOSS_ARGS = {
     "sapo": ["--loss.loss_agg", "seq-mean-token-mean"],
     "gmpo": ["--loss.eps_low", "0.05", "--loss.eps_high", "0.05"],
     "gpg": [],
+    "dppo_tv": ["--loss.dppo_delta_low", "0.01", "--loss.dppo_delta_high", "0.01"],
+    "dppo_kl": ["--loss.dppo_delta_low", "0.001", "--loss.dppo_delta_high", "0.001"],
     "simko": ["--loss.simko_alpha", "0.3", "--loss.simko_entropy_quantile", "0.5"],
     "dapo": ["--loss.top_entropy_quantile", "0.5", "--loss.ent_coef", "0.01"],
 }
