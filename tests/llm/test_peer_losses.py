@@ -103,6 +103,7 @@ def test_our_term_equals_trls_own_loss_type(tiny_model_dir, tmp_path, key):
 
     loss_ours = trainer.compute_loss(model, inputs)
     g_ours = torch.autograd.grad(loss_ours, lora)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not enter
     for name, value in dict(beta=0.0, **trl_attrs).items():  # TRL reads these from the trainer
         setattr(trainer, name, value)
         if hasattr(trainer.args, name):
