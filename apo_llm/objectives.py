@@ -1,4 +1,5 @@
-"""The one loss module: GRPO family, KL variants, KL-on-Wrong, APO and its baselines, in pure torch.
+"""The one loss module: GRPO family, KL variants, KL-on-Wrong, APO and its baselines, the peers TRL
+and verl ship (CISPO, GSPO, SAPO, GMPO, GPG, DPPO) and SimKO, in pure torch.
 
 Everything in the project (the tree simulator, the LoRA trainer, the notebooks) calls
 `policy_loss` and `group_advantages` from here; there is no second implementation.
@@ -20,7 +21,8 @@ optional KL and entropy terms are added by `policy_loss`; `aggregate` is the sin
 token losses become a scalar, and no loss overrides it. `required_inputs` says which optional
 tensors a configuration needs.
 
-Shapes: B sequences, T response positions, K reference Top-K anchors per position.
+Shapes: B sequences, T response positions, K reference Top-K anchors per position (SimKO's
+policy_topk_logp: the policy's own Top-K per position, also [B, T, K]).
 """
 
 from __future__ import annotations
