@@ -99,8 +99,8 @@ class ClaimsPlan:
     tune: dict = field(default_factory=dict)  # optimizer -> the Setting hyper-parameters are tuned on
     tune_seeds: int = 2
     seeds: int = 5
-    spec: CoupledSpec = field(default_factory=lambda: CoupledSpec(n_train=16, n_heldout=192, n_val=64))
-    run: RunConfig = field(default_factory=lambda: RunConfig(steps=100, eval_every=5, optimizer="adam", lr=0.05))
+    spec: CoupledSpec = field(default_factory=lambda: CoupledSpec(n_train=8, n_heldout=144, n_val=48))
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=60, eval_every=4, optimizer="adam", lr=0.05))
     n_correct_per_leaves: float = 0.05  # m = this share of b^D leaves (50 of 1000 at b=10, D=3)
     tol: float = 0.01  # non-inferiority margin of claim 3
     alpha: float = 0.05
@@ -115,9 +115,22 @@ class ClaimsPlan:
                                    n_correct=m, seed=self.spec.seed + seed)
 
 
+def half_fraction(levels: dict) -> tuple:
+    """The 2^(4-1) fractional factorial of four two-level factors: the 8 of 16 combinations with an
+    even number of factors at their second level (defining relation I = ABCD). Every level of every
+    factor appears in 4 settings and every pair of levels of two factors in 2 (main effects are not
+    aliased with each other or with two-factor interactions); the all-first-levels default is in it."""
+    names = list(levels)
+    out = []
+    for combo in itertools.product((0, 1), repeat=len(names)):
+        if sum(combo) % 2 == 0:
+            out.append({n: levels[n][c] for n, c in zip(names, combo)})
+    return tuple(out)
+
+
 def full_plan() -> ClaimsPlan:
-    settings = tuple(Setting(b, d, ep, pk, opt) for (b, d) in ((10, 3), (32, 2)) for ep in (1, 4)
-                     for pk in (0.75, 0.0) for opt in ("adam", "sgd"))
+    levels = {"size": ((10, 3), (32, 2)), "epochs": (1, 4), "peaked_frac": (0.75, 0.0), "optimizer": ("adam", "sgd")}
+    settings = tuple(Setting(*c["size"], c["epochs"], c["peaked_frac"], c["optimizer"]) for c in half_fraction(levels))
     tune = {opt: Setting(10, 3, 1, 0.75, opt) for opt in ("adam", "sgd")}
     return ClaimsPlan(settings=settings, tune=tune)
 
@@ -206,9 +219,9 @@ def test_measures(plan: ClaimsPlan, setting: Setting, seed: int, params: list) -
 
 
 class ValRows(tuple):
-    """Rows {hparams, seed, step, val/...}: the only table `select` is given. Any other key is refused."""
+    """Rows {arm, hparams, seed, step, val/...}: the only table `select` is given. Any other key is refused."""
 
-    ALLOWED = ("hparams", "seed", "step")
+    ALLOWED = ("arm", "hparams", "seed", "step")
 
     def __new__(cls, rows):
         rows = tuple(dict(r) for r in rows)
@@ -378,7 +391,7 @@ def run_jobs(plan: ClaimsPlan, jobs: list, workers: int, label: str) -> list:
 
 
 def _val_rows(results: list, setting: Setting, arm: str) -> ValRows:
-    return ValRows({"hparams": r["job"].hparams, "seed": r["job"].seed, **v}
+    return ValRows({"arm": arm, "hparams": r["job"].hparams, "seed": r["job"].seed, **v}
                    for r in results if r["job"].setting == setting and r["job"].arm == arm for v in r["val"])
 
 
