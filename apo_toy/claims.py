@@ -557,12 +557,12 @@ def main_study(out_dir, quick: bool = False, workers: int = 2, command: str = ""
 
     out_dir = Path(out_dir)
     plan = quick_plan() if quick else full_plan()
-    res = run_claims(plan, workers)
-    try:
+    try:  # the commit the code ran at: read before the (long) run
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
+    res = run_claims(plan, workers)
     res["provenance"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "commit": commit, "workers": workers, "quick": quick}
     out_dir.mkdir(parents=True, exist_ok=True)
