@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-
 from apo_toy import claims
 from apo_toy.claims import RULES, Setting, quick_plan
 
