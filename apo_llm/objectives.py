@@ -492,6 +492,112 @@ POLICY_TERMS: dict[str, PolicyTerm] = {
     "kl_cov": PolicyTerm(kl_cov_term, defining_coef="kl_cov_coef", batch_coupled=True),
 }
 
+# --------------------------------------------------------------------------------------------
+# Controls (mechanism separation)
+# --------------------------------------------------------------------------------------------
+# Two losses that each keep one of APO's mechanisms and drop the other, so that a claims study can
+# ask which mechanism an effect of APO comes from (docs/method.md section 4).
+
+
+def _rectified_clip_silenced(cfg: LossConfig, rho: Tensor, neg: Tensor) -> Tensor:
+    """Negative tokens where APO's rectified surrogate max(-A rho, -A clip(rho, ...)) is flat:
+    rho < 1 - eps_low, or rho > clip_c under dual-clip (A < 0 only; the upper bound never binds)."""
+    rho = rho.detach()
+    cut = rho < 1.0 - cfg.eps_low
+    if cfg.clip_c is not None:
+        cut = cut | (rho > cfg.clip_c)
+    return neg & cut
+
+
+def apo_silence_term(
+    cfg: LossConfig, ratio: Tensor, adv: Tensor, *, anchor_logp: Tensor, anchor_ref_logp: Tensor,
+    anchor_is_sampled: Tensor, anchor_old_logp: Optional[Tensor] = None, **_: Tensor,
+) -> tuple[Tensor, dict]:
+    """Control "silence only": APO's push and APO's clip decision, without APO's pull.
+
+        A >= 0:  GRPO.
+        A < 0, rectified: loss = -A lambda w             where APO's r_APO = lambda w - beta r_anchor
+                                                          lies in its clip window,
+                          loss = -A lambda w (detached)  where APO's rectified clip silences the token
+                                                          (r_APO < 1 - eps_low, or r_APO > clip_c).
+        A < 0, push_only: loss = lambda max(-A w, -A clip(w, ...)) (+ dual-clip): APO minus its pull.
+
+    r_anchor follows cfg.apo_anchor_norm exactly as in `apo_term`, so the silenced tokens are
+    the very tokens APO silences at the same theta; their gradient is zero here as there. The pull
+    -A beta r_anchor is absent everywhere: if this arm does what APO does, APO's effect is its
+    silencing, not its support-coverage pull.
+    """
+    neg = adv < 0
+    grpo_loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    if cfg.apo_clip == "push_only":
+        push = cfg.apo_lambda * clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, None)
+        if cfg.clip_c is not None:
+            push = torch.minimum(push, -adv * cfg.clip_c)
+        return torch.where(neg, push, grpo_loss), {"rho": ratio, "rho_dual": torch.where(neg, cfg.apo_lambda * ratio,
+                                                                                           ratio)}
+    in_set = _anchor_set(cfg, anchor_is_sampled)
+    anc = anchor_ratio_reading(cfg.apo_anchor_norm, anchor_logp, anchor_ref_logp, anchor_old_logp, in_set)
+    r_anchor = anc["r_anchor"].detach()  # only decides which tokens are silenced
+    rho_apo = cfg.apo_lambda * ratio.detach() - cfg.apo_beta * r_anchor
+    silenced = _rectified_clip_silenced(cfg, rho_apo, neg)
+    push = -adv * cfg.apo_lambda * torch.where(silenced, ratio.detach(), ratio)
+    # APO's diagnostics with rho = APO's r_APO on A < 0 (so apo/neg_clipped_frac is the silenced
+    # share) and zero anchor parts (so apo/pull and apo/pull_force_share are 0: there is no pull)
+    zero = torch.zeros_like(r_anchor)
+    aux = {"rho": torch.where(neg, rho_apo, ratio), "r_anchor": r_anchor, "z_ref": anc["z_ref"], "pull": zero,
+           "anchor_parts": torch.zeros_like(anc["parts"]), "anchor_pi": anc["pi_s"],
+           "pull_capped": torch.zeros_like(neg), "manifold": anc["p"].sum(-1)}
+    return torch.where(neg, push, grpo_loss), aux
+
+
+def apo_antisharp_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor,
+                       **_: Tensor) -> tuple[Tensor, dict]:
+    """Control "anti-sharpening without support": APO's rectified ratio with the pull aimed at every
+    non-sampled token instead of the reference Top-K.
+
+        r_anti = (1 - pi_theta(y_t)) / (1 - pi_old(y_t))     (1 at theta_old; 0 if pi_old(y_t) = 1)
+        A >= 0:  GRPO.
+        A < 0, rectified: loss = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)),
+                          rho = lambda w - beta r_anti                          (+ dual-clip)
+        A < 0, push_only: loss = lambda max(-A w, -A clip(w, ...)) + A beta min(r_anti, cap)
+
+    The mass on all non-sampled tokens, 1 - pi_theta(y_t), is exact from the sampled token's
+    log-probability alone (computed as -expm1(log pi)), and normalised by its behaviour-policy
+    value as APO's "old_mass" reading normalises M_S: at theta_old the pull is
+    beta |A| grad log(1 - pi(y_t)), the old_mass reading's beta |A| grad log M_S with S replaced by
+    "everything but y_t". The other readings are not computable from these inputs (1 - pi_ref(y_t)
+    and the per-token old ratios need the full vocabulary), so apo_anchor_norm is ignored.
+    Since grad (1 - pi(y)) = -grad pi(y), this pull is an extra push on y_t whose freed mass goes
+    to the other tokens in proportion to pi (no support information): if this arm does what APO
+    does, APO's effect is generic anti-sharpening, not support coverage.
+    """
+    neg = adv < 0
+    rest = -torch.expm1(logp.clamp(max=0.0))  # [B, T] 1 - pi_theta(y_t), exact near pi -> 1
+    rest_old = -torch.expm1(old_logp.detach().clamp(max=0.0))
+    r_anti = _safe_div(rest, rest_old)
+    grpo_loss = clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+    if cfg.apo_clip == "rectified":
+        rho = cfg.apo_lambda * ratio - cfg.apo_beta * r_anti
+        neg_loss = clipped_surrogate(rho, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c)
+        aux_rho = torch.where(neg, rho, ratio)
+    else:
+        cap = cfg.pull_cap
+        push = cfg.apo_lambda * clipped_surrogate(ratio, adv, cfg.eps_low, cfg.eps_high, None)
+        if cfg.clip_c is not None:
+            push = torch.minimum(push, -adv * cfg.clip_c)
+        neg_loss = push + adv * cfg.apo_beta * (r_anti if math.isinf(cap) else r_anti.clamp(max=cap))
+        aux_rho = ratio
+    aux = {"rho": aux_rho}
+    if cfg.apo_clip == "push_only":
+        aux["rho_dual"] = torch.where(neg, cfg.apo_lambda * ratio, ratio)  # the dual cap binds on lambda w
+    return torch.where(neg, neg_loss, grpo_loss), aux
+
+
+POLICY_TERMS.update({
+    "apo_silence": PolicyTerm(apo_silence_term, needs_anchors=True, apo_ratio=True),
+    "apo_antisharp": PolicyTerm(apo_antisharp_term),
+})
+
 # Field defaults that depend on the loss name; "_defaults" fills what a preset leaves open.
 LOSS_PRESETS: dict[str, dict] = {
     "_defaults": {"eps_low": 0.2, "eps_high": 0.2, "cov_frac": 2e-4},

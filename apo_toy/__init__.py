@@ -28,7 +28,8 @@ Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final
 `exact_update` / `sampled_update` / `exact_loss` / `sampled_loss` (apo_toy.dynamics), `npg_update`
 (natural-PG yardstick, not a loss). CLI: `python -m apo_toy.run --preset rsc --out runs/rsc`.
 The frontier study (iso-pass@1 gain over GRPO's own trajectory): apo_toy/frontier.py, figures:
-apo_toy/plots.py.
+apo_toy/plots.py. The claims study (validation-selected arms, verdicts per setting):
+apo_toy/claims.py, `python -m apo_toy.run --preset claims --out DIR`.
 
 Importing apo_toy never imports transformers, peft or datasets.
 """

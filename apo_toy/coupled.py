@@ -42,6 +42,9 @@ class CoupledSpec:
 
     n_train: int = field(default=32, metadata={"help": "training prompts (the only ones the loss sees)"})
     n_heldout: int = field(default=64, metadata={"help": "held-out prompts (measured, never trained on)"})
+    n_val: int = field(default=0, metadata={
+        "help": "0: one held-out set; > 0: the first n_val held-out prompts are the validation split "
+                "(selection reads it) and the other n_heldout - n_val the test split (reports read it)"})
     branching: int = field(default=10, metadata={"help": "b, children per node"})
     depth: int = field(default=3, metadata={"help": "D, tokens per response"})
     top_k: int = field(default=8, metadata={"help": "K, safe manifold size per node"})
@@ -65,12 +68,15 @@ class CoupledSpec:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"CoupledSpec.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("n_train", "n_heldout", "branching", "depth", "top_k", "vocab", "n_correct", "rank", "seed"):
+        for name in ("n_train", "n_heldout", "n_val", "branching", "depth", "top_k", "vocab", "n_correct", "rank",
+                     "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 bad(name, "must be an integer")
         if self.n_train < 1 or self.n_heldout < 1:
             bad("n_train" if self.n_train < 1 else "n_heldout", "need at least one prompt")
+        if not (self.n_val == 0 or 1 <= self.n_val < self.n_heldout):
+            bad("n_val", f"must be 0 (no split) or lie in 1..n_heldout-1={self.n_heldout - 1} (both splits non-empty)")
         if not 2 <= self.branching <= 32:
             bad("branching", "must lie in 2..32")
         if not 1 <= self.depth <= 8 or self.branching**self.depth > MAX_LEAVES:
@@ -98,7 +104,11 @@ class CoupledSpec:
 
 @dataclass
 class CoupledSuite:
-    """Training and held-out prompt trees over one vocabulary; each part is an ordinary `Suite`."""
+    """Training and held-out prompt trees over one vocabulary; each part is an ordinary `Suite`.
+
+    With `spec.n_val > 0` the held-out prompts are also split into two disjoint parts, "val"
+    (validation: what selection reads) and "test" (what reports read), in `splits`.
+    """
 
     train: Suite
     heldout: Suite
@@ -106,15 +116,18 @@ class CoupledSuite:
     context: dict  # part -> [P, N, r] fixed feature h(p, s) of every internal node
     quality: Tensor  # [V] latent token quality (what the rewards are made of)
     spec: CoupledSpec
+    splits: dict = field(default_factory=dict)  # "val" / "test" -> Suite (empty without n_val)
 
     @property
     def depth(self) -> int:
         return self.train.depth
 
     def part(self, name: str) -> Suite:
-        if name not in ("train", "heldout"):
-            raise ValueError(f"part: {name!r} is not 'train' or 'heldout'")
-        return getattr(self, name)
+        if name in ("train", "heldout"):
+            return getattr(self, name)
+        if name in self.splits:
+            return self.splits[name]
+        raise ValueError(f"part: {name!r} is not one of {['train', 'heldout', *self.splits]}")
 
 
 def node_depths(branching: int, depth: int) -> Tensor:
@@ -222,4 +235,10 @@ def build_coupled_suite(spec: Optional[CoupledSpec] = None, **overrides) -> Coup
         parts[name] = Suite(torch.from_numpy(z), torch.from_numpy(_rewards(rng, spec, tok, quality)), top_k=spec.top_k)
         tokens[name] = torch.from_numpy(tok)
         context[name] = torch.from_numpy(ctx)
-    return CoupledSuite(parts["train"], parts["heldout"], tokens, context, torch.from_numpy(quality), spec)
+    splits = {}
+    if spec.n_val:  # held-out prompts are i.i.d.: the first n_val validate, the rest test
+        for name, sl in (("val", slice(0, spec.n_val)), ("test", slice(spec.n_val, None))):
+            h = parts["heldout"]
+            splits[name] = Suite(h.ref_logits[sl], h.rewards[sl], top_k=spec.top_k)
+            tokens[name], context[name] = tokens["heldout"][sl], context["heldout"][sl]
+    return CoupledSuite(parts["train"], parts["heldout"], tokens, context, torch.from_numpy(quality), spec, splits)

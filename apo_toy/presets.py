@@ -151,8 +151,12 @@ def measure_policy(suite: AnySuite, policy, budget: int = DEFAULT_BUDGET) -> dic
 
 def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
                  init_logits: Optional[torch.Tensor] = None,
-                 on_step: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], Union[torch.Tensor, dict]]:
+                 on_step: Optional[Callable[[dict], None]] = None,
+                 measure_fn: Optional[Callable] = None) -> tuple[list[dict], Union[torch.Tensor, dict]]:
     """Train one method on one suite from init_logits (default: the reference). Rows per measured step.
+
+    `measure_fn(policy) -> dict` replaces the default measures (`measure_policy`) of each measured
+    step (the claims study measures its validation split only, apo_toy/claims.py).
 
     Returns the rows and the final logits: a [P, N, b] tensor (tabular) or {"train": ..., "heldout": ...}
     (coupled; only the training prompts are trained on).
@@ -173,7 +177,7 @@ def train_method(suite: AnySuite, method: Method, cfg: RunConfig, seed: int = 0,
 
     def record(step: int, train: dict) -> None:
         row = {"method": method.name, "seed": seed, "step": step, "mode": cfg.mode}
-        row.update(measure_policy(suite, policy, cfg.budget))
+        row.update(measure_fn(policy) if measure_fn else measure_policy(suite, policy, cfg.budget))
         row.update({k: v for k, v in train.items()})
         rows.append(row)
         if on_step:

@@ -4,6 +4,7 @@
                           [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X] [--spec FIELD=VALUE ...]
                           [--quick]
     python -m apo_toy.run --replot runs/rsc      # tables and figures again from metrics.jsonl
+    python -m apo_toy.run --preset claims --out runs/claims [--quick] [--workers 2]   # apo_toy/claims.py
 
 --quick: 2 seeds, 20 steps, 8 training / 8 held-out prompts on coupled presets (a smoke run, not a result).
 The `frontier` preset also writes frontier.md, frontier.json and frontier.png (apo_toy/frontier.py).
@@ -26,6 +27,15 @@ from pathlib import Path
 from .coupled import CoupledSpec
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
+
+def _claims_study(*args, **kw) -> int:
+    from .claims import main_study
+
+    return main_study(*args, **kw)
+
+
+# studies with their own protocol and outputs (not a Preset's methods x seeds table)
+STUDIES = {"claims": _claims_study}
 
 
 def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
@@ -119,7 +129,7 @@ def parse_spec(spec, items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)}")
+    ap.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS) + sorted(STUDIES)}")
     ap.add_argument("--out", default=None, help="output directory")
     ap.add_argument("--replot", default=None, metavar="DIR",
                     help="rewrite tables and figures of DIR from its metrics.jsonl and summary.json (no training)")
@@ -132,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     ap.add_argument("--spec", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="override fields of the preset's suite spec, e.g. kappa=1.0 peaked_frac=0")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="claims study: worker processes (one torch thread each)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
@@ -139,6 +151,12 @@ def main(argv=None) -> int:
         return replot(Path(args.replot))
     if not args.preset or not args.out:
         ap.error("--preset and --out are required (or --replot DIR)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out}: exists and is not a directory", file=sys.stderr)
+        return 2
+    if args.preset in STUDIES:
+        return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
+                                    command="python -m apo_toy.run " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
         if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):
