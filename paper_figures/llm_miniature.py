@@ -69,8 +69,8 @@ def _arms() -> dict[str, dict]:
     for prefix, reading in READINGS.items():
         for beta in BETAS:
             arms[f"{prefix}_b{beta:g}"] = {"loss": {"name": "apo", "apo_anchor_norm": reading, "apo_beta": beta}}
-    if SILENCE_LOSS in POLICY_TERMS:
-        arms[SILENCE_LOSS] = {"loss": {"name": SILENCE_LOSS}}
+    if SILENCE_LOSS in POLICY_TERMS:  # silences exactly the tokens reading A at beta 0.1 silences, no pull
+        arms[SILENCE_LOSS] = {"loss": {"name": SILENCE_LOSS, "apo_anchor_norm": "ref", "apo_beta": 0.1}}
     arms["psr"] = {"loss": {"name": "grpo"}, "train": {"advantage": "psr"}}
     arms["nsr"] = {"loss": {"name": "grpo"}, "train": {"advantage": "nsr"}}
     return arms
