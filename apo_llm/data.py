@@ -12,6 +12,7 @@ The hub loaders (`datasets.load_dataset`) need network access; the row parsers t
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -227,12 +228,46 @@ def _solution_steps(start: int, events: list, gains_first: bool) -> tuple[list[s
     return steps, acc
 
 
+# Split -> name of its random stream. The tiny model's SFT early stop reads "sft_validation", which
+# keeps the stream once called "validation" (so cached tiny builds stay what they were); the RL
+# validation split, which selects stopping steps and arms, has a stream of its own.
+_STREAMS = {"sft_validation": "validation", "validation": "rl-validation"}
+# What the validation split is disjoint from, by construction (a drawn problem whose question occurs
+# in one of these pools is skipped): the training pools of seeds 0 .. VALIDATION_TRAIN_SEEDS - 1 at
+# the trainer's default size (and so every smaller pool: a pool is a prefix of its stream), the
+# test split at its default size, and the SFT's held-out problems. test_hard (4 events) never
+# overlaps a 1-3 event problem.
+VALIDATION_TRAIN_SEEDS, TRAIN_POOL, HELD_OUT_POOL = 10, 2000, 500
+
+
 def synthetic_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
-    """n synthetic word problems; deterministic in (seed, split); splits use different streams."""
+    """n synthetic word problems; deterministic in (seed, split); splits use different streams.
+    Split "validation" is drawn like "test" but skips any question of `_validation_excluded(seed)`."""
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
-    rng = random.Random(f"apo-synthetic-{seed}-{split}")  # str seeds hash deterministically (sha512)
-    return [_synthetic_one(rng, i, split) for i in range(n)]
+    # str seeds hash deterministically (sha512)
+    rng = random.Random(f"apo-synthetic-{seed}-{_STREAMS.get(split, split)}")
+    if split != "validation":
+        return [_synthetic_one(rng, i, split) for i in range(n)]
+    excluded, out = _validation_excluded(seed), []
+    while len(out) < n:
+        p = _synthetic_one(rng, len(out), split)
+        if p.question not in excluded:
+            excluded.add(p.question)  # no repeated question inside the split either
+            out.append(p)
+    return out
+
+
+def _validation_excluded(seed: int) -> set[str]:
+    """Questions the validation split of `seed` must not contain (a fresh set: the caller adds to it)."""
+    return set(_excluded_pools(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _excluded_pools(seed: int) -> frozenset[str]:
+    pools = [synthetic_problems(TRAIN_POOL, s, "train") for s in range(VALIDATION_TRAIN_SEEDS)]
+    pools += [synthetic_problems(HELD_OUT_POOL, seed, "test"), synthetic_problems(HELD_OUT_POOL, seed, "sft_validation")]
+    return frozenset(p.question for pool in pools for p in pool)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
     spec.target_pass1 (checked every spec.eval_every steps after spec.min_steps) or spec.max_steps."""
     rng = random.Random(spec.seed)
     pairs = _encode_pairs(tokenizer, synthetic_problems(spec.n_train, spec.seed, "train"))
-    held_out = synthetic_problems(spec.eval_problems, spec.seed, "validation")
+    held_out = synthetic_problems(spec.eval_problems, spec.seed, "sft_validation")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     model.train()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_llm import data
-from apo_llm.data import HARD_EVENTS, PROMPT_SUFFIX, RowError, gsm8k_row, load_problems, math_row, synthetic_problems
+from apo_llm.data import (HARD_EVENTS, HELD_OUT_POOL, PROMPT_SUFFIX, TRAIN_POOL, VALIDATION_TRAIN_SEEDS, RowError,
+                           gsm8k_row, load_problems, math_row, synthetic_problems)
 from apo_llm.rewards import gsm8k_strict
 
 
@@ -178,7 +180,7 @@ def _answer_from_story(question: str) -> int:
     return total
 
 
-@pytest.mark.parametrize("split", ["train", "test_hard"])
+@pytest.mark.parametrize("split", ["train", "validation", "test_hard"])
 def test_synthetic_problems_are_consistent(split):
     problems = synthetic_problems(400, seed=1, split=split)
     orders = set()
@@ -222,3 +224,38 @@ def test_synthetic_any_seed_solutions_score_one(seed):
     for p in synthetic_problems(5, seed, "train"):
         assert int(p.gold) == _answer_from_story(p.question)
         assert gsm8k_strict(p.solution, p.gold) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_validation_split_is_disjoint_from_train_and_test(seed):
+    """Selection reads validation, reports read test: no question may be in two of them, nor in a
+    training pool the trainer draws (seeds 0 .. VALIDATION_TRAIN_SEEDS - 1, up to TRAIN_POOL problems)."""
+    val = [p.question for p in synthetic_problems(HELD_OUT_POOL, seed, "validation")]
+    assert len(set(val)) == len(val), "a validation question repeats"
+    test = {p.question for p in synthetic_problems(HELD_OUT_POOL, seed, "test")}
+    hard = {p.question for p in synthetic_problems(100, seed, "test_hard")}
+    sft = {p.question for p in synthetic_problems(HELD_OUT_POOL, seed, "sft_validation")}
+    assert not set(val) & (test | hard | sft)
+    for s in range(VALIDATION_TRAIN_SEEDS):
+        assert not set(val) & {p.question for p in synthetic_problems(TRAIN_POOL, s, "train")}, s
+    # the exclusion is real: without it the stream would have drawn questions it now skips
+    # (test and train share a few questions by chance: the pools overlap unless excluded)
+    overlap = sum(len({p.question for p in synthetic_problems(TRAIN_POOL, s, "train")} & test)
+                  for s in range(VALIDATION_TRAIN_SEEDS))
+    assert overlap > 0, "no chance overlap between train and test: the test above could not fail"
+
+
+def test_validation_split_is_deterministic_and_distributed_like_test():
+    a, b = synthetic_problems(60, 0, "validation"), synthetic_problems(60, 0, "validation")
+    assert a == b and a[:20] == synthetic_problems(20, 0, "validation")  # a smaller split is a prefix
+    assert [p.id for p in a] == [f"synthetic-validation-{i}" for i in range(60)]
+    loaded, _ = load_problems("synthetic", "validation", limit=60)
+    assert loaded == a
+
+    def events(ps):
+        return Counter(len(_EVENT.findall(p.question)) for p in ps)
+
+    val, test = events(synthetic_problems(400, 0, "validation")), events(synthetic_problems(400, 0, "test"))
+    assert set(val) == set(test) == {1, 2, 3}  # 1-3 events like test (test_hard has 4)
+    for e in (1, 2, 3):  # shares within sampling noise of the same distribution (1/2, 1/3, 1/6)
+        assert abs(val[e] - test[e]) / 400 < 0.1, (e, val, test)
