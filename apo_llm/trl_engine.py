@@ -199,6 +199,34 @@ class APOGRPOTrainer(GRPOTrainer):
         return out
 
     @torch.no_grad()
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, **extra):
+        """TRL's old-policy pass (and vLLM's sampling correction) through our chunked head.
+
+        TRL's own pass projects with its fused head under autocast, ours in the head's dtype (float32
+        with model.lm_head_fp32): under bf16 they differ by up to ~0.04 nats, so w = pi_theta / pi_old
+        would start an update away from 1. Through the training forward's own function, w = 1 there.
+        input_ids, attention_mask [B, P + C]; returns (log-probs [B, C] (0 past each end), entropies or None, None).
+        """
+        if any(v is not None and v is not False for v in extra.values()):  # images, MoE aux loss: TRL's pass
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, **extra)
+        n_prompt = input_ids.shape[1] - logits_to_keep
+        batch = {"prompt_ids": input_ids[:, :n_prompt], "completion_ids": input_ids[:, n_prompt:],
+                 "prompt_mask": attention_mask[:, :n_prompt], "completion_mask": attention_mask[:, n_prompt:]}
+        logp = input_ids.new_zeros(input_ids.shape[0], logits_to_keep, dtype=torch.float32)
+        ent = torch.zeros_like(logp) if compute_entropy else None
+        step = batch_size or input_ids.shape[0]
+        for s in range(0, input_ids.shape[0], step):
+            rows = slice(s, s + step)
+            st, t = self._token_stats(model, batch, rows, want_entropy=compute_entropy)
+            logp[rows, :t] = st.logp.float()
+            if compute_entropy:
+                ent[rows, :t] = st.entropy.float()
+        return logp, ent, None
+
+    @torch.no_grad()
     def _anchor_old_pass(self, batch: dict) -> torch.Tensor:
         """log pi_old at the reference Top-K ids, [B, T, K] (-inf past each completion's end)."""
         B = batch["completion_ids"].shape[0]
@@ -288,8 +316,9 @@ class APOGRPOTrainer(GRPOTrainer):
         temperature = self.run_cfg.rollout.temperature
 
         def to_logits(x: torch.Tensor) -> torch.Tensor:
-            # entered on every call, also when a checkpointed chunk is recomputed in backward
-            with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            # entered on every call, also when a checkpointed chunk is recomputed in backward; no
+            # autocast, so that the head runs in its own dtype (float32 under model.lm_head_fp32)
+            with torch.autocast(x.device.type, enabled=False), maybe_gather_lm_head_ctx(head.weight, head.bias):
                 w, b = _full(head.weight), _full(head.bias)
                 z = F.linear(x.to(w.dtype), w, b)
             return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
