@@ -314,12 +314,16 @@ class APOGRPOTrainer(GRPOTrainer):
 
         head = self._lm(model).get_output_embeddings()
         temperature = self.run_cfg.rollout.temperature
+        # FSDP2: gathered once per pass, not per chunk: full_tensor() is a collective, and ranks with
+        # different token counts run different numbers of chunks (the frozen head needs no gradient)
+        sharded = hasattr(head.weight, "full_tensor")
+        w_full, b_full = (_full(head.weight), _full(head.bias)) if sharded else (None, None)
 
         def to_logits(x: torch.Tensor) -> torch.Tensor:
             # entered on every call, also when a checkpointed chunk is recomputed in backward; no
             # autocast, so that the head runs in its own dtype (float32 under model.lm_head_fp32)
             with torch.autocast(x.device.type, enabled=False), maybe_gather_lm_head_ctx(head.weight, head.bias):
-                w, b = _full(head.weight), _full(head.bias)
+                w, b = (w_full, b_full) if sharded else (head.weight, head.bias)
                 z = F.linear(x.to(w.dtype), w, b)
             return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
 
@@ -426,8 +430,36 @@ def _resume_arg(cfg: RunConfig):
     return spec
 
 
-def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
-    """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
+def shard_fsdp2(model) -> None:
+    """FSDP2 without accelerate: fully_shard each decoder layer, then the causal LM (embeddings, norm, head),
+    as accelerate's FSDP2 TRANSFORMER_BASED_WRAP does, and mark the model prepared so accelerate
+    leaves it alone (on CPU it would wrap it in DDP). For CPU tests (gloo); on GPUs use the
+    accelerate config configs/accelerate/fsdp_8gpu.yaml. docs/trainer_engines.md says what differs."""
+    from torch.distributed.fsdp import fully_shard
+
+    lm = unwrap_causal_lm(model)
+    for layer in getattr(lm, lm.base_model_prefix).layers:
+        fully_shard(layer)
+    fully_shard(lm)  # the transformers model, not the peft wrapper: generate() calls it directly
+    for m in (model, lm):  # transformers' generate then runs synced (ranks finish at different lengths)
+        m._is_fsdp_managed_module = True
+    model._is_accelerate_prepared = True
+
+
+def adapter_state_for_saving(model) -> Optional[dict]:
+    """The LoRA state dict as plain tensors when the parameters are FSDP2 DTensors (a collective: every
+    process calls it), else None (save_pretrained reads the model itself)."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    from peft import get_peft_model_state_dict
+
+    return {k: _full(v).detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:
+    """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer.
+
+    fsdp2: shard the model with `shard_fsdp2` before TRL sees it (several processes, CPU tests)."""
     from accelerate import PartialState
 
     from apo_llm.config import save_resolved
@@ -446,6 +478,8 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     # starts from the same LoRA initialisation; gradient checkpointing is GRPOConfig's
     base, tokenizer, model_path = load_base(cfg, None)
     model = add_lora(cfg, base)
+    if fsdp2:
+        shard_fsdp2(model)
     set_vllm_stops(args, base)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:
@@ -465,8 +499,10 @@ def train_trl(cfg: RunConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
                "run_dir": str(cfg.run_dir), "world_size": world_size(), "train_metrics": result.metrics, "eval": []}
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = adapter_state_for_saving(policy)  # on every process (FSDP2 gathers)
     if trainer.is_world_process_zero():
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(cfg.run_dir / "adapter")
+        policy.save_pretrained(cfg.run_dir / "adapter", state_dict=adapter)
         trainer.processing_class.save_pretrained(cfg.run_dir / "adapter")
         if cfg.logging.plots:
             from apo_llm.plots import plot_run
