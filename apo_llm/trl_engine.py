@@ -161,6 +161,26 @@ def _full(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
 
 
+def _full_head(head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) of the frozen output layer as plain full tensors, gathered once per pass.
+
+    FSDP2 shards them as DTensors (full_tensor()), ZeRO-3 partitions them to 0 elements
+    (GatheredParameters, copied out). Gathering is a collective: once per pass, every rank calls it
+    the same number of times whatever its chunk count, and a chunk recomputed in backward reads the
+    copy (re-entering ZeRO-3's gather there handed it an empty weight). The head is frozen under
+    LoRA, so the copy needs no gradient. Unsharded heads are used as they are.
+    """
+    w, b = head.weight, head.bias
+    if hasattr(w, "full_tensor"):
+        return _full(w).detach(), _full(b).detach() if b is not None else None
+    if hasattr(w, "ds_id"):  # DeepSpeed ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (w, b) if p is not None], modifier_rank=None):
+            return w.detach().clone(), b.detach().clone() if b is not None else None
+    return w, b
+
+
 class APOGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages, reference pass and loss are the project's (objectives.py)."""
 
@@ -310,20 +330,13 @@ class APOGRPOTrainer(GRPOTrainer):
 
     def _head_fn(self, model):
         """Chunk [n, H] -> logits [n, V] / temperature, float32 (the head weight gathered under ZeRO-3/FSDP)."""
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
         head = self._lm(model).get_output_embeddings()
         temperature = self.run_cfg.rollout.temperature
-        # FSDP2: gathered once per pass, not per chunk: full_tensor() is a collective, and ranks with
-        # different token counts run different numbers of chunks (the frozen head needs no gradient)
-        sharded = hasattr(head.weight, "full_tensor")
-        w_full, b_full = (_full(head.weight), _full(head.bias)) if sharded else (None, None)
+        w, b = _full_head(head)
 
         def to_logits(x: torch.Tensor) -> torch.Tensor:
-            # entered on every call, also when a checkpointed chunk is recomputed in backward; no
-            # autocast, so that the head runs in its own dtype (float32 under model.lm_head_fp32)
-            with torch.autocast(x.device.type, enabled=False), maybe_gather_lm_head_ctx(head.weight, head.bias):
-                w, b = (w_full, b_full) if sharded else (head.weight, head.bias)
+            # no autocast: the head runs in its own dtype (float32 under model.lm_head_fp32)
+            with torch.autocast(x.device.type, enabled=False):
                 z = F.linear(x.to(w.dtype), w, b)
             return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
 
@@ -447,13 +460,21 @@ def shard_fsdp2(model) -> None:
 
 
 def adapter_state_for_saving(model) -> Optional[dict]:
-    """The LoRA state dict as plain tensors when the parameters are FSDP2 DTensors (a collective: every
-    process calls it), else None (save_pretrained reads the model itself)."""
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return None
+    """The LoRA state dict as plain full tensors when the parameters are sharded (FSDP2 DTensors,
+    ZeRO-3 partitions; a collective: every process calls it), else None (save_pretrained reads the
+    model itself; under ZeRO-3 it would write 0-element tensors)."""
     from peft import get_peft_model_state_dict
 
-    return {k: _full(v).detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    params = list(model.parameters())
+    if any(hasattr(p, "full_tensor") for p in params):
+        return {k: _full(v).detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    lora = [p for p in params if p.requires_grad]
+    if any(hasattr(p, "ds_id") for p in lora):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(lora):
+            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return None
 
 
 def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:

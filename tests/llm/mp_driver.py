@@ -6,7 +6,9 @@
                     generating, saving its LoRA weights after every step.
 
 Both use plain SGD instead of AdamW, so that equal weights mean equal gradients. MP_FSDP2=1 (dump)
-shards the model with trl_engine.shard_fsdp2; dump writes what wraps the model to wrap_r<rank>.json.
+shards the model with trl_engine.shard_fsdp2; MP_ZERO=2|3 (dump) runs it under DeepSpeed ZeRO-2/3 (the
+config `accelerate launch` would pass, given to GRPOConfig); dump writes what wraps the model to
+wrap_r<rank>.json.
 
 Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/llm/mp_driver.py --config-args...
 """
@@ -26,15 +28,21 @@ from apo_llm import train as train_mod
 
 MODE, DIR = os.environ["MP_MODE"], Path(os.environ["MP_DIR"])
 FSDP2 = os.environ.get("MP_FSDP2") == "1"
+ZERO = int(os.environ.get("MP_ZERO", "0")) if MODE == "dump" else 0
 PAD_VALUE = {"prompt_ids": 0, "prompt_mask": 0, "completion_ids": 0, "completion_mask": 0, "ref_logp": 0.0,
              "anchor_ids": 0, "anchor_ref_logp": float("-inf"), "anchor_is_sampled": False}
 
 
 def lora_state(trainer) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3 partitions: gather (a collective; every rank saves)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().cpu().clone() for n, p in named}
     # full_tensor(): FSDP2 shards (a collective; every rank saves)
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in named}
 
 
 def wrap_report(trainer) -> dict:
@@ -108,6 +116,24 @@ def patched_generate(original):
     return run
 
 
+def use_deepspeed(stage: int) -> None:
+    """GRPOConfig(deepspeed=...) with ZeRO `stage`, batch sizes from TRL ("auto"); deepspeed's own
+    process group first (accelerate launch does this; ZeRO-3 partitions already while loading)."""
+    import deepspeed
+    import trl
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True}  # plain SGD (see build_with_dump)
+
+    class WithDeepSpeed(trl.GRPOConfig):  # te.grpo_config imports trl.GRPOConfig when called
+        def __init__(self, *args, **kw):
+            super().__init__(*args, deepspeed=ds, **kw)
+
+    trl.GRPOConfig = WithDeepSpeed
+
+
 def main() -> None:
     build = te.build_trainer
 
@@ -120,6 +146,8 @@ def main() -> None:
         return trainer
 
     te.build_trainer = build_with_dump
+    if ZERO:
+        use_deepspeed(ZERO)
     te.APOGRPOTrainer._generate_and_score_completions = patched_generate(
         te.APOGRPOTrainer._generate_and_score_completions)
     train_mod.main(sys.argv[1:])
