@@ -161,6 +161,26 @@ def _full(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
 
 
+def _full_head(head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) of the frozen output layer as plain full tensors, gathered once per pass.
+
+    FSDP2 shards them as DTensors (full_tensor()), ZeRO-3 partitions them to 0 elements
+    (GatheredParameters, copied out). Gathering is a collective: once per pass, every rank calls it
+    the same number of times whatever its chunk count, and a chunk recomputed in backward reads the
+    copy (re-entering ZeRO-3's gather there handed it an empty weight). The head is frozen under
+    LoRA, so the copy needs no gradient. Unsharded heads are used as they are.
+    """
+    w, b = head.weight, head.bias
+    if hasattr(w, "full_tensor"):
+        return _full(w).detach(), _full(b).detach() if b is not None else None
+    if hasattr(w, "ds_id"):  # DeepSpeed ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (w, b) if p is not None], modifier_rank=None):
+            return w.detach().clone(), b.detach().clone() if b is not None else None
+    return w, b
+
+
 class APOGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages, reference pass and loss are the project's (objectives.py)."""
 
@@ -197,6 +217,34 @@ class APOGRPOTrainer(GRPOTrainer):
             # forward's own gather, detached (pi_old = pi_theta).
             out["anchor_old_logp"] = self._anchor_old_pass(out)
         return out
+
+    @torch.no_grad()
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, **extra):
+        """TRL's old-policy pass (and vLLM's sampling correction) through our chunked head.
+
+        TRL's own pass projects with its fused head under autocast, ours in the head's dtype (float32
+        with model.lm_head_fp32): under bf16 they differ by up to ~0.04 nats, so w = pi_theta / pi_old
+        would start an update away from 1. Through the training forward's own function, w = 1 there.
+        input_ids, attention_mask [B, P + C]; returns (log-probs [B, C] (0 past each end), entropies or None, None).
+        """
+        if any(v is not None and v is not False for v in extra.values()):  # images, MoE aux loss: TRL's pass
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, **extra)
+        n_prompt = input_ids.shape[1] - logits_to_keep
+        batch = {"prompt_ids": input_ids[:, :n_prompt], "completion_ids": input_ids[:, n_prompt:],
+                 "prompt_mask": attention_mask[:, :n_prompt], "completion_mask": attention_mask[:, n_prompt:]}
+        logp = input_ids.new_zeros(input_ids.shape[0], logits_to_keep, dtype=torch.float32)
+        ent = torch.zeros_like(logp) if compute_entropy else None
+        step = batch_size or input_ids.shape[0]
+        for s in range(0, input_ids.shape[0], step):
+            rows = slice(s, s + step)
+            st, t = self._token_stats(model, batch, rows, want_entropy=compute_entropy)
+            logp[rows, :t] = st.logp.float()
+            if compute_entropy:
+                ent[rows, :t] = st.entropy.float()
+        return logp, ent, None
 
     @torch.no_grad()
     def _anchor_old_pass(self, batch: dict) -> torch.Tensor:
@@ -282,15 +330,13 @@ class APOGRPOTrainer(GRPOTrainer):
 
     def _head_fn(self, model):
         """Chunk [n, H] -> logits [n, V] / temperature, float32 (the head weight gathered under ZeRO-3/FSDP)."""
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
         head = self._lm(model).get_output_embeddings()
         temperature = self.run_cfg.rollout.temperature
+        w, b = _full_head(head)
 
         def to_logits(x: torch.Tensor) -> torch.Tensor:
-            # entered on every call, also when a checkpointed chunk is recomputed in backward
-            with maybe_gather_lm_head_ctx(head.weight, head.bias):
-                w, b = _full(head.weight), _full(head.bias)
+            # no autocast: the head runs in its own dtype (float32 under model.lm_head_fp32)
+            with torch.autocast(x.device.type, enabled=False):
                 z = F.linear(x.to(w.dtype), w, b)
             return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
 
@@ -397,8 +443,44 @@ def _resume_arg(cfg: RunConfig):
     return spec
 
 
-def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
-    """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer."""
+def shard_fsdp2(model) -> None:
+    """FSDP2 without accelerate: fully_shard each decoder layer, then the causal LM (embeddings, norm, head),
+    as accelerate's FSDP2 TRANSFORMER_BASED_WRAP does, and mark the model prepared so accelerate
+    leaves it alone (on CPU it would wrap it in DDP). For CPU tests (gloo); on GPUs use the
+    accelerate config configs/accelerate/fsdp_8gpu.yaml. docs/trainer_engines.md says what differs."""
+    from torch.distributed.fsdp import fully_shard
+
+    lm = unwrap_causal_lm(model)
+    for layer in getattr(lm, lm.base_model_prefix).layers:
+        fully_shard(layer)
+    fully_shard(lm)  # the transformers model, not the peft wrapper: generate() calls it directly
+    for m in (model, lm):  # transformers' generate then runs synced (ranks finish at different lengths)
+        m._is_fsdp_managed_module = True
+    model._is_accelerate_prepared = True
+
+
+def adapter_state_for_saving(model) -> Optional[dict]:
+    """The LoRA state dict as plain full tensors when the parameters are sharded (FSDP2 DTensors,
+    ZeRO-3 partitions; a collective: every process calls it), else None (save_pretrained reads the
+    model itself; under ZeRO-3 it would write 0-element tensors)."""
+    from peft import get_peft_model_state_dict
+
+    params = list(model.parameters())
+    if any(hasattr(p, "full_tensor") for p in params):
+        return {k: _full(v).detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    lora = [p for p in params if p.requires_grad]
+    if any(hasattr(p, "ds_id") for p in lora):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(lora):
+            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return None
+
+
+def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:
+    """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer.
+
+    fsdp2: shard the model with `shard_fsdp2` before TRL sees it (several processes, CPU tests)."""
     from accelerate import PartialState
 
     from apo_llm.config import save_resolved
@@ -417,6 +499,8 @@ def build_trainer(cfg: RunConfig) -> APOGRPOTrainer:
     # starts from the same LoRA initialisation; gradient checkpointing is GRPOConfig's
     base, tokenizer, model_path = load_base(cfg, None)
     model = add_lora(cfg, base)
+    if fsdp2:
+        shard_fsdp2(model)
     set_vllm_stops(args, base)
     dataset = build_dataset(cfg, tokenizer, problems)
     if args.process_index == 0:
@@ -436,8 +520,10 @@ def train_trl(cfg: RunConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
                "run_dir": str(cfg.run_dir), "world_size": world_size(), "train_metrics": result.metrics, "eval": []}
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = adapter_state_for_saving(policy)  # on every process (FSDP2 gathers)
     if trainer.is_world_process_zero():
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(cfg.run_dir / "adapter")
+        policy.save_pretrained(cfg.run_dir / "adapter", state_dict=adapter)
         trainer.processing_class.save_pretrained(cfg.run_dir / "adapter")
         if cfg.logging.plots:
             from apo_llm.plots import plot_run

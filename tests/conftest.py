@@ -103,6 +103,7 @@ SLOW_MODULES = frozenset({
     "test_train", "test_train_e2e", "test_checkpoint", "test_evaluate", "test_topk_coverage",
     "test_tiny", "test_modeling", "test_rollout", "test_failures", "test_trl_engine",
     "test_multiprocess", "test_toy_run", "test_toy_claims", "test_notebooks", "test_paper_figures",
+    "test_qwen_tokenizer", "test_precision",
 })
 # Any test that asks for one of these fixtures builds a model, whatever file it is in.
 MODEL_FIXTURES = frozenset({"tiny_model_dir", "random_tiny_model_dir"})
@@ -156,7 +157,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 # Optional module -> the pyproject extra that installs it (for the skip message).
-EXTRAS = {"tensorboard": "tensorboard", "jupyterlab": "notebooks", "trl": "trl", "vllm": "vllm"}
+EXTRAS = {"tensorboard": "tensorboard", "jupyterlab": "notebooks", "trl": "trl", "vllm": "vllm",
+          "qwen_tokenizer": "qwen", "deepspeed": "deepspeed"}
 
 
 def _importable(module: str) -> bool:

