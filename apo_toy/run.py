@@ -139,6 +139,24 @@ def main(argv=None) -> int:
         return replot(Path(args.replot))
     if not args.preset or not args.out:
         ap.error("--preset and --out are required (or --replot DIR)")
+    for name in ("seeds", "steps"):  # 0 would silently mean "the preset's"
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"error: --{name}: must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found out before training, not after
+        print(f"error: --out: {args.out!r} is an existing file, not a directory", file=sys.stderr)
+        return 2
+    from apo_llm.runlock import RunLock, RunLockedError  # standard library only
+
+    try:
+        with RunLock(Path(args.out), "--out: the output directory"):
+            return _run(args)
+    except RunLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
         if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):
