@@ -121,14 +121,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     Only the holder of the run directory's lock calls this (it also removes others' temporaries)."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:06d}"
-    _writing(root, lambda: root.mkdir(parents=True, exist_ok=True))
-    tmp = Path(_writing(root, lambda: tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root)))
+    writing(root, lambda: root.mkdir(parents=True, exist_ok=True))
+    tmp = Path(writing(root, lambda: tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root)))
     try:
-        _writing(final / "adapter", lambda: model.save_pretrained(tmp / "adapter"))
+        writing(final / "adapter", lambda: model.save_pretrained(tmp / "adapter"))
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
                           ("trainer_state.pt", {**state, "step": step, "rng": rng_state()})):
-            _writing(final / name, lambda: torch.save(obj, tmp / name))
-        _writing(final / MANIFEST, lambda: seal_checkpoint(tmp, step))
+            writing(final / name, lambda: _torch_save(obj, tmp / name))
+        writing(final / MANIFEST, lambda: seal_checkpoint(tmp, step))
         if final.exists():  # re-saving the same step (e.g. after a resume): swap atomically
             old = root / f".old-step-{step:06d}-{os.getpid()}"
             os.replace(final, old)
@@ -152,7 +152,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
-def _writing(path: Path, write: Callable):
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a failed write surfaces as the OSError itself (ENOSPC, EFBIG),
+    where a path argument gives torch's "unexpected pos" RuntimeError and hides it."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def writing(path: Path, write: Callable):
     """write(); any failure becomes a one-line CheckpointError naming `path` and the OS's reason."""
     try:
         return write()
@@ -166,6 +173,9 @@ def _os_reason(e: BaseException, path: Path) -> str:
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
+        code = re.search(r"os error (\d+)", str(seen))  # safetensors: "I/O error: ... (os error 28)"
+        if code:
+            return os.strerror(int(code.group(1)))
         seen = seen.__cause__ or seen.__context__
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:

@@ -50,7 +50,7 @@ import torch
 from apo_llm.checkpoint import (
     NATIVE, NO_RESUME, Layout, changed_inputs, checkpoint_root, checkpoint_step, file_fingerprint, latest_checkpoint,
     load_checkpoint, problems_fingerprint, read_trainer_state, resolve_resume, save_checkpoint, unused_path,
-    weights_fingerprint,
+    weights_fingerprint, writing,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import (TINY_MODEL, RunConfig, fill_loss_norm_len, load_config, resume_differences,
@@ -956,8 +956,8 @@ def _finish(s: Setup, state: dict, evaluator: _Evaluator, last_ckpt) -> dict:
             evaluator(state["step"])
             summary["eval"] = state["eval_history"]
         check_weights(s.policy, state["step"], last_ckpt)
-        s.policy.save_pretrained(run_dir / "adapter")
-        s.tokenizer.save_pretrained(run_dir / "adapter")
+        writing(run_dir / "adapter", lambda: s.policy.save_pretrained(run_dir / "adapter"))  # disk full: one line
+        writing(run_dir / "adapter", lambda: s.tokenizer.save_pretrained(run_dir / "adapter"))
         if cfg.logging.plots:
             from apo_llm.plots import plot_run
 
