@@ -102,14 +102,6 @@ def list_checkpoints(run_dir: str | Path, layout: Layout = NATIVE) -> list[Path]
     return [p for step, p in sorted(found) if step >= 0]
 
 
-def any_checkpoint_dirs(run_dir: str | Path, layout: Layout = NATIVE) -> bool:
-    """Whether the run directory holds checkpoint directories, complete or not (or set aside as invalid)."""
-    root = checkpoint_root(run_dir, layout)
-    return root.is_dir() and any(p.is_dir() and (p.name.startswith(layout.prefix) or
-                                                 p.name.startswith("invalid-" + layout.prefix))
-                                 for p in root.iterdir())
-
-
 def latest_checkpoint(run_dir: str | Path, layout: Layout = NATIVE) -> Optional[Path]:
     ckpts = list_checkpoints(run_dir, layout)
     return ckpts[-1] if ckpts else None

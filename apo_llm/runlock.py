@@ -72,6 +72,12 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self) -> None:  # a lock object dropped without release() (a library caller)
+        try:
+            self.release()
+        except Exception:
+            pass
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
