@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         writing(final / "adapter", lambda: model.save_pretrained(tmp / "adapter"))
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
                           ("trainer_state.pt", {**state, "step": step, "rng": rng_state()})):
-            writing(final / name, lambda: _torch_save(obj, tmp / name))
+            writing(final / name, lambda: save_torch(obj, tmp / name))
         writing(final / MANIFEST, lambda: seal_checkpoint(tmp, step))
         if final.exists():  # re-saving the same step (e.g. after a resume): swap atomically
             old = root / f".old-step-{step:06d}-{os.getpid()}"
@@ -144,7 +144,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
-def _torch_save(obj, path: Path) -> None:
+def save_torch(obj, path: Path) -> None:
     """torch.save through a Python file: a failed write surfaces as the OSError itself (ENOSPC, EFBIG),
     where a path argument gives torch's "unexpected pos" RuntimeError and hides it."""
     with open(path, "wb") as fh:

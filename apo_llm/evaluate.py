@@ -512,7 +512,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.out)
     from apo_llm.runlock import RunLock
 
-    with RunLock(out_dir, "out: the output directory"):  # one writer per --out (apo_llm/runlock.py)
+    with RunLock(out_dir, "out: the output directory", "out"):  # one writer per --out (apo_llm/runlock.py)
         if cfg.summary_only:
             return write_summary(out_dir, cfg, None, None)
         return _sample_and_summarize(cfg, out_dir, labels, adapter_specs)

@@ -35,8 +35,8 @@ def lock_path(run_dir: str | Path) -> Path:
 class RunLock:
     """Context manager (or acquire()/release()) for the exclusive lock of one run directory."""
 
-    def __init__(self, run_dir: str | Path, what: str = "run directory"):
-        self.run_dir, self.what = Path(run_dir), what
+    def __init__(self, run_dir: str | Path, what: str = "run directory", place: str = "output directory"):
+        self.run_dir, self.what, self.place = Path(run_dir), what, place  # names for the two errors
         self.path = lock_path(run_dir)
         self._fd: Optional[int] = None
 
@@ -45,11 +45,15 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock or raise RunLockedError naming the holder; creates the parent directory only."""
+        """Take the lock or raise RunLockedError naming the holder; creates the parent directory only.
+        A lock file that cannot be created is a UserError naming `place` (an unusable output dir)."""
         if self._fd is not None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.place}: cannot create the lock file {self.path} ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -287,7 +287,7 @@ def run_coverage(cfg: CoverageConfig) -> dict:
     cfg.validate()
     from apo_llm.runlock import RunLock
 
-    with RunLock(Path(cfg.out), "out: the output directory"):  # one writer per --out (apo_llm/runlock.py)
+    with RunLock(Path(cfg.out), "out: the output directory", "out"):  # one writer per --out (apo_llm/runlock.py)
         return _run_coverage_locked(cfg)
 
 

@@ -700,7 +700,7 @@ class Setup:
 
 def take_run_lock(cfg: RunConfig) -> RunLock:
     """The run directory's lock (apo_llm.runlock), before anything in it is written or renamed."""
-    return RunLock(cfg.run_dir, "logging.run_name: the run directory").acquire()
+    return RunLock(cfg.run_dir, "logging.run_name: the run directory", "logging.output_dir").acquire()
 
 
 def setup(cfg: RunConfig) -> Setup:

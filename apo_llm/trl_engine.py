@@ -44,7 +44,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from apo_llm.checkpoint import TRL, checkpoint_step, latest_checkpoint, read_trainer_state, seal_checkpoint
+from apo_llm.checkpoint import (
+    TRL, checkpoint_step, latest_checkpoint, read_trainer_state, save_torch, seal_checkpoint, writing,
+)
 from apo_llm.cli import UserError
 from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
 from apo_llm.modeling import (
@@ -181,6 +183,11 @@ class APOGRPOTrainer(GRPOTrainer):
         self.loss_cfg = run_cfg.loss
         self._gathered_rewards: Optional[torch.Tensor] = None
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint save; a failed write (disk full) is one line naming the folder."""
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        writing(folder, lambda: super(APOGRPOTrainer, self)._save_checkpoint(model, trial))
 
     # ---- generation batch: our advantages + the reference pass -------------------------------
 
@@ -426,9 +433,10 @@ class RunGuard(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             metrics = Path(args.output_dir) / "metrics.jsonl"
             lines = sum(1 for _ in metrics.open()) if metrics.exists() else 0
-            torch.save({"config": self.cfg.to_dict(), "inputs": self.inputs, "metrics_lines": lines,
-                        "step": state.global_step // self.cfg.train.ppo_epochs}, ckpt / TRL.state_file)
-            seal_checkpoint(ckpt, state.global_step)
+            apo_state = {"config": self.cfg.to_dict(), "inputs": self.inputs, "metrics_lines": lines,
+                         "step": state.global_step // self.cfg.train.ppo_epochs}
+            writing(ckpt / TRL.state_file, lambda: save_torch(apo_state, ckpt / TRL.state_file))  # disk full:
+            writing(ckpt / "manifest.json", lambda: seal_checkpoint(ckpt, state.global_step))  # one line
         self.accelerator.wait_for_everyone()
         return control
 

@@ -146,12 +146,13 @@ def main(argv=None) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found out before training, not after
         print(f"error: --out: {args.out!r} is an existing file, not a directory", file=sys.stderr)
         return 2
-    from apo_llm.runlock import RunLock, RunLockedError  # standard library only
+    from apo_llm.cli import UserError  # both standard library only
+    from apo_llm.runlock import RunLock
 
     try:
-        with RunLock(Path(args.out), "--out: the output directory"):
+        with RunLock(Path(args.out), "--out: the output directory", "--out"):
             return _run(args)
-    except RunLockedError as e:
+    except UserError as e:  # RunLockedError, or a lock file that cannot be created
         print(f"error: {e}", file=sys.stderr)
         return 2
 

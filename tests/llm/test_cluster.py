@@ -294,13 +294,15 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "file_size_limit"])
+@pytest.mark.parametrize("how", ["tmpfs", "file_size_limit", "trl_tmpfs"])
 def test_a_failed_checkpoint_write_is_one_line_naming_the_file(char, tmp_path, how):
-    """Disk full (a 300 kB tmpfs: needs root to mount) or a write past RLIMIT_FSIZE (anyone): the
-    file being written and the OS's reason, exit 2, no traceback."""
+    """Disk full (a 300 kB tmpfs: needs root to mount; also inside transformers' checkpoint saving,
+    TRL engine) or a write past RLIMIT_FSIZE (anyone): the file or folder being written and the
+    OS's reason, exit 2, no traceback."""
     out = tmp_path / "out"
     out.mkdir()
-    if how == "tmpfs":
+    tmpfs = how.endswith("tmpfs")
+    if tmpfs:
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(out)],
                                  capture_output=True)
         if mounted.returncode != 0:
@@ -308,13 +310,13 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_file(char, tmp_path, h
     try:
         r = subprocess.run([sys.executable, "-m", "apo_llm.train", "--model.name_or_path", str(char),
                             "--logging.output_dir", str(out), "--logging.run_name", "full", *SMALL,
-                            "--train.steps", "2", "--checkpoint.every", "1"], capture_output=True, text=True,
-                           env=_env(), cwd=REPO, timeout=600,
-                           preexec_fn=_limit_file_size if how == "file_size_limit" else None)
-        reason = os.strerror(28) if how == "tmpfs" else os.strerror(27)  # ENOSPC / EFBIG
+                            "--train.steps", "2", "--checkpoint.every", "1", *(TRL if how.startswith("trl") else [])],
+                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600,
+                           preexec_fn=None if tmpfs else _limit_file_size)
+        reason = os.strerror(28) if tmpfs else os.strerror(27)  # ENOSPC / EFBIG
         _assert_one_line(r, "checkpoint: cannot write", str(out / "full"), reason)
     finally:
-        if how == "tmpfs":
+        if tmpfs:
             subprocess.run(["umount", str(out)], capture_output=True)
 
 
