@@ -9,6 +9,7 @@ reach a step have a generous hang guard; nothing here asserts a wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -38,9 +39,20 @@ def char(tmp_path_factory) -> Path:
     return build_char_llama(tmp_path_factory.mktemp("cluster") / "char", seed=3)
 
 
-def _start(args, log: Path, module: str = "apo_llm.train") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"), env=_env(), cwd=REPO)
+@contextlib.contextmanager
+def _job(cmd: list, log: Path, env: dict | None = None):
+    """A background job; killed on the way out if a failed assertion left it running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env or _env(), cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(args, log: Path):
+    return _job([sys.executable, "-m", "apo_llm.train", *map(str, args)], log)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -104,10 +116,10 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
 def test_sigterm_saves_the_last_step_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path,
                                                                             uninterrupted):
     args, run, log = _tiny_args(tiny_model_dir, tmp_path, "pre"), tmp_path / "pre", tmp_path / "pre.log"
-    proc = _start(args, log)
-    _wait_rows(run, 2, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    last = _stopped(proc, log, 128 + signal.SIGTERM)
+    with _start(args, log) as proc:
+        _wait_rows(run, 2, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        last = _stopped(proc, log, 128 + signal.SIGTERM)
     k = len(_rows(run))
     assert 2 <= k < EXACT_STEPS
     ckpt = run / "checkpoints" / f"step-{k:06d}"
@@ -126,10 +138,10 @@ def test_sigterm_saves_the_last_step_and_resume_equals_an_uninterrupted_run(tiny
 def test_a_job_killed_before_its_first_checkpoint_requeues_with_the_same_command(tiny_model_dir, tmp_path,
                                                                                  uninterrupted):
     args, run, log = _tiny_args(tiny_model_dir, tmp_path, "early"), tmp_path / "early", tmp_path / "early.log"
-    proc = _start(args, log)
-    _wait_rows(run, 1, proc, log)
-    proc.kill()  # SIGKILL: no handler, no checkpoint; the kernel releases the lock
-    proc.wait(timeout=60)
+    with _start(args, log) as proc:
+        _wait_rows(run, 1, proc, log)
+        proc.kill()  # SIGKILL: no handler, no checkpoint; the kernel releases the lock
+        proc.wait(timeout=60)
     assert not list(run.glob("checkpoints/step-*"))
     r = _run("apo_llm.train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -142,13 +154,13 @@ def test_a_second_job_on_the_run_dir_exits_2_and_sigint_stops_the_first(char, tm
     args = ["--model.name_or_path", char, "--logging.output_dir", tmp_path, "--logging.run_name", "busy",
             "--train.steps", "100000", "--checkpoint.every", "100000", *SMALL, "--resume", "auto"]
     run, log = tmp_path / "busy", tmp_path / "busy.log"
-    proc = _start(args, log)
-    _wait_rows(run, 1, proc, log)
-    r = _run("apo_llm.train", *args)
-    last = _assert_one_line(r, "logging.run_name", str(run), "in use by another job", f"pid {proc.pid}")
-    assert proc.poll() is None, "the first job must be untouched"
-    proc.send_signal(signal.SIGINT)
-    last = _stopped(proc, log, 128 + signal.SIGINT)
+    with _start(args, log) as proc:
+        _wait_rows(run, 1, proc, log)
+        r = _run("apo_llm.train", *args, "--train.steps", "2")  # (today's code would run it beside the first)
+        _assert_one_line(r, "logging.run_name", str(run), "in use by another job", f"pid {proc.pid}")
+        assert proc.poll() is None, "the first job must be untouched"
+        proc.send_signal(signal.SIGINT)
+        last = _stopped(proc, log, 128 + signal.SIGINT)
     k = len(_rows(run))
     assert last.startswith("preempted by SIGINT") and f"step-{k:06d}" in last, last
     assert [x["step"] for x in _rows(run)] == list(range(1, k + 1))  # each step once: no second writer
@@ -165,10 +177,10 @@ def test_trl_engine_preempts_resumes_and_falls_back_like_the_native_one(char, tm
     args = ["--model.name_or_path", char, "--logging.output_dir", tmp_path, "--logging.run_name", "trl",
             "--train.steps", steps, "--checkpoint.every", "1", *SMALL, *TRL, "--resume", "auto"]
     run, log = tmp_path / "trl", tmp_path / "trl.log"
-    proc = _start(args, log)
-    _wait_rows(run, 3, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    last = _stopped(proc, log, 128 + signal.SIGTERM)
+    with _start(args, log) as proc:
+        _wait_rows(run, 3, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        last = _stopped(proc, log, 128 + signal.SIGTERM)
     k = len(_rows(run))
     assert 3 <= k < steps
     assert last.startswith("preempted by SIGTERM: saved checkpoint") and f"checkpoint-{k}" in last, last
@@ -353,11 +365,10 @@ def test_torchrun_a_locked_run_dir_stops_every_rank_and_sigterm_stops_them_toget
     assert not run.exists()
 
     log = tmp_path / "mp.log"
-    proc = subprocess.Popen(_torchrun_cmd(args), stdout=subprocess.DEVNULL, stderr=log.open("w"), env=_mp_env(),
-                            cwd=REPO)
-    _wait_rows(run, 2, proc, log)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-    proc.wait(timeout=600)
+    with _job(_torchrun_cmd(args), log, _mp_env()) as proc:
+        _wait_rows(run, 2, proc, log)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+        proc.wait(timeout=600)
     err = log.read_text()
     k = len(_rows(run))
     assert [x["step"] for x in _rows(run)] == list(range(1, k + 1))
