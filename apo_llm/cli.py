@@ -18,6 +18,11 @@ from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
+# The lowest sampling temperature any command accepts: logits / T with |logits| ~ 1e2 stays far
+# from float32 overflow, and generation at this T is already greedy in effect. 1e-40 passed `> 0`
+# and produced inf - inf = NaN in the softmax only after the model had loaded.
+MIN_TEMPERATURE = 1e-3
+
 
 class UserError(ValueError):
     """A user-fixable error; str(e) is one line naming the culprit (file or config field)."""
@@ -113,8 +118,16 @@ def parse_ks(spec: str | Sequence[int]) -> list[int]:
     return sorted(set(ks))
 
 
+def check_out_dir(out: str) -> None:
+    """--out must be a directory (or not exist yet): checked before any compute."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"out: {out!r} is an existing file, not a directory")
+
+
 def check_shared_fields(cfg) -> None:
-    """The checks the evaluator and the Top-K coverage configs share (limit, threads, chat_template)."""
+    """The checks the evaluator and the Top-K coverage configs share (limit, threads, chat_template, out)."""
+    check_out_dir(cfg.out)
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"limit: must be >= 1 when given, got {cfg.limit}")
     if cfg.threads < 0:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from apo_llm.cli import MIN_TEMPERATURE
 from apo_llm.objectives import LossConfig
 
 TINY_MODEL = "tiny"  # model.name_or_path value meaning: build/load apo_llm.tiny.ensure_tiny_model()
@@ -149,7 +150,10 @@ class LoggingSection:
 class CheckpointSection:
     every: int = _f(10, "save a checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints kept on disk")
-    resume: Optional[str] = _f(None, "None | auto (latest in the run dir) | path to a checkpoint")
+    resume: Optional[str] = _f(None, "None | auto (the newest intact checkpoint in the run dir; none yet: start "
+                                     "afresh) | path to a checkpoint")
+    allow_changed_inputs: bool = _f(False, "resume even though the data file(s) or the base model's weights differ "
+                                           "from the checkpoint's fingerprints (refused otherwise)")
 
 
 @dataclass
@@ -327,7 +331,8 @@ def _validate_inputs(cfg: RunConfig, need) -> None:
     need(d.synthetic_n is None or d.synthetic_n >= 1, "data.synthetic_n", "must be >= 1 or None")
     need(r.num_generations >= 2, "rollout.num_generations", "group size G must be >= 2")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(r.temperature > 0, "rollout.temperature", "must be > 0")
+    need(r.temperature >= MIN_TEMPERATURE, "rollout.temperature",
+         f"must be >= {MIN_TEMPERATURE:g} (below it logits / temperature overflow and sampling is not finite)")
     need(0.0 < r.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
     need(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
@@ -368,7 +373,8 @@ def _validate_loop(cfg: RunConfig, need) -> None:
     need(len(ks) >= 1 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks), "eval.k",
          "must be a list of integers >= 1")
     need(e.num_samples >= max(ks), "eval.num_samples", f"must be >= max(eval.k) = {max(ks)}")
-    need(e.temperature is None or e.temperature > 0, "eval.temperature", "must be > 0")
+    need(e.temperature is None or e.temperature >= MIN_TEMPERATURE, "eval.temperature",
+         f"must be >= {MIN_TEMPERATURE:g} (below it sampling is not finite)")
     need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(c.every >= 0, "checkpoint.every", "must be >= 0")
     need(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -547,7 +553,8 @@ def loss_reading(cfg: RunConfig) -> dict:
 # from the checkpoint's config is refused (a resumed run keeps the settings it was started with).
 APPLIED_ON_RESUME = frozenset({
     "train.steps", "train.stop_at_step", "train.num_threads", "train.max_consecutive_nonfinite",
-    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "logging.progress", "logging.plots",
+    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.allow_changed_inputs",
+    "logging.progress", "logging.plots",
     "logging.tensorboard", "logging.overwrite", "eval.every", "model.device"})
 
 

@@ -36,6 +36,10 @@ HUB_IDS = {  # source -> (hub id, config name)
     "math500": ("HuggingFaceH4/MATH-500", None),
 }
 SOURCES = ("gsm8k", "math", "math500", "synthetic", "jsonl", "parquet")
+# The splits each named source has (a local file's split is only a label): a typo is refused, never
+# turned into a made-up split (the synthetic generator would draw any name's own problems).
+KNOWN_SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",),
+                "synthetic": ("train", "validation", "test", "test_hard")}
 FILE_SOURCES = ("jsonl", "parquet")
 DATASET_NAMES = ("gsm8k", "math500", "math", "synthetic")  # the named (not file) sources
 
@@ -49,6 +53,7 @@ class Problem:
     prompt: str  # question + " " + instruction suffix
     gold: str  # short reference answer (a number for GSM8K, LaTeX for MATH)
     solution: str | None = None  # reference worked solution, when the source has one
+    line: int | None = None  # 1-based line (jsonl) / row (parquet) of a local file, for messages
 
 
 @dataclass
@@ -115,9 +120,20 @@ def _text(row: dict, key: str) -> str:
     return value
 
 
+def _encodable(*texts: str | None) -> None:
+    """Text a tokenizer can take: JSON accepts lone surrogates ("\\ud800"), UTF-8 and tokenizers do not."""
+    for t in texts:
+        if t is not None:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError("unencodable_text") from None
+
+
 def gsm8k_row(row: dict, index: int, split: str) -> Problem:
     """openai/gsm8k row {question, answer} -> Problem (gold from '#### N')."""
     question, answer = _text(row, "question"), _text(row, "answer")
+    _encodable(question, answer)
     return Problem(f"gsm8k-{split}-{index}", question, make_prompt(question, "gsm8k"), gsm8k_gold(answer), answer)
 
 
@@ -125,6 +141,7 @@ def math_row(row: dict, index: int, split: str, source: str = "math") -> Problem
     """MATH row {problem, solution[, answer]} -> Problem; gold = `answer` field (MATH-500) else the
     content of the solution's last \\boxed{} / \\fbox{}."""
     question, solution = _text(row, "problem"), _text(row, "solution")
+    _encodable(question, solution, row.get("answer") if isinstance(row.get("answer"), str) else None)
     gold = row.get("answer") if isinstance(row.get("answer"), str) and row["answer"].strip() else last_boxed(solution)
     if gold is None or not gold.strip():
         raise RowError("no_boxed_in_solution")
@@ -163,6 +180,7 @@ def local_row(row: dict, index: int, split: str) -> tuple[str, str, str | None]:
         gold = str(gold)
     if not isinstance(gold, str) or not gold.strip():
         raise RowError("missing_answer_or_gold")
+    _encodable(question, gold, solution)
     return question, gold.strip(), solution
 
 
@@ -307,7 +325,12 @@ def _load_hub(source: str, split: str):
     from datasets import load_dataset  # lazy: heavy import, and needs the hub (or its cache)
 
     hub_id, config = HUB_IDS[source]
-    return load_dataset(hub_id, config, split=split)
+    try:
+        return load_dataset(hub_id, config, split=split)
+    except (OSError, ValueError) as e:  # offline and not cached, or unreachable (datasets raises OSError kinds)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(f"source: cannot load {hub_id!r} split {split!r} ({type(e).__name__}: {first}); "
+                         f"offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) it must be in the datasets cache") from None
 
 
 NUMERIC_REWARDS = ("gsm8k_strict", "gsm8k_flexible", "synthetic")  # rewards that compare numbers
@@ -340,7 +363,7 @@ def _local_problems(source: str, path: str, split: str, stats: DataStats, reward
         except RowError as e:
             stats.skip(e.reason, n)
             continue
-        problems.append(Problem(f"{stem}-{n - 1}", q, make_prompt(q, style), g, sol))
+        problems.append(Problem(f"{stem}-{n - 1}", q, make_prompt(q, style), g, sol, line=n))
     return problems
 
 
@@ -362,6 +385,8 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
         raise ValueError(f"limit: must be >= 1 or None, got {limit}")
     if prompt_style is not None and prompt_style not in PROMPT_SUFFIX:
         raise ValueError(f"prompt_style: expected one of {tuple(PROMPT_SUFFIX)} or None, got {prompt_style!r}")
+    if source in KNOWN_SPLITS and split not in KNOWN_SPLITS[source]:
+        raise ValueError(f"split: {source} has the splits {', '.join(KNOWN_SPLITS[source])}, got {split!r}")
     stats = DataStats(source, split, prompt_style="math" if source in ("math", "math500") else "gsm8k")
     problems: list[Problem] = []
     if source == "synthetic":
@@ -373,8 +398,6 @@ def load_problems(source: str, split: str = "train", *, path: str | None = None,
             raise ValueError(f"path: source={source!r} needs path= to a local file")
         problems = _local_problems(source, path, split, stats, reward, prompt_style)
     else:
-        if source == "math500" and split != "test":
-            raise ValueError(f"split: HuggingFaceH4/MATH-500 has only a 'test' split, got {split!r}")
         for i, row in enumerate(_load_hub(source, split)):
             stats.rows += 1
             try:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from apo_llm.data import load_eval_problems, parse_dataset
-from apo_llm.cli import build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
+from apo_llm.cli import MIN_TEMPERATURE, build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import load_base_model
 from apo_llm.prompts import format_prompts
@@ -100,8 +100,9 @@ class EvalConfig:
             raise ValueError(f"n: need at least one sample per problem, got {self.n}")
         if max(ks) > self.n:
             raise ValueError(f"k: pass@{max(ks)} needs n >= {max(ks)} samples per problem, but n={self.n}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0 (greedy pass@1 is always run separately), got {self.temperature}")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature: must be >= {MIN_TEMPERATURE:g} (below it sampling is not finite; greedy "
+                             f"pass@1 is always run separately), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must lie in (0, 1], got {self.top_p}")
         for name in ("max_new_tokens", "batch_size"):
@@ -509,8 +510,15 @@ def run_eval(cfg: EvalConfig) -> dict:
         check_model_spec(cfg.model)
     labels = ([] if cfg.no_base else [BASE_LABEL]) + adapter_labels(cfg.adapters, cfg.labels)
     out_dir = Path(cfg.out)
-    if cfg.summary_only:
-        return write_summary(out_dir, cfg, None, None)
+    from apo_llm.runlock import RunLock
+
+    with RunLock(out_dir, "out: the output directory", "out"):  # one writer per --out (apo_llm/runlock.py)
+        if cfg.summary_only:
+            return write_summary(out_dir, cfg, None, None)
+        return _sample_and_summarize(cfg, out_dir, labels, adapter_specs)
+
+
+def _sample_and_summarize(cfg: EvalConfig, out_dir: Path, labels: list, adapter_specs: list) -> dict:
 
     problems, stats = load_eval_problems(cfg.dataset, cfg.split, cfg.limit, cfg.reward)
     from apo_llm.rewards import REWARD_FNS, default_reward_for

@@ -285,6 +285,13 @@ def tokenize_examples(tokenizer: Any, problems: Sequence[Any], chat_template: st
 def run_coverage(cfg: CoverageConfig) -> dict:
     """Load model and problems, count Top-K hits, write topk_coverage.{json,md,png}."""
     cfg.validate()
+    from apo_llm.runlock import RunLock
+
+    with RunLock(Path(cfg.out), "out: the output directory", "out"):  # one writer per --out (apo_llm/runlock.py)
+        return _run_coverage_locked(cfg)
+
+
+def _run_coverage_locked(cfg: CoverageConfig) -> dict:
     ks, edges = parse_ks(cfg.k), parse_buckets(cfg.buckets)
     check_model_spec(cfg.model)
     problems, _ = load_eval_problems(cfg.dataset, cfg.split, cfg.limit, prompt_style=cfg.prompt_style)

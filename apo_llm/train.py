@@ -21,6 +21,10 @@ and the synthetic arithmetic task on CPU in a few minutes.
 
 Reliability: paths, the run directory, the checkpoint to resume (manifest-verified, with fallback)
 and the data are validated before the model loads, and user errors exit with one line (code 2).
+The run directory is locked for the life of the run (apo_llm.runlock); SIGTERM / SIGINT finish the
+step, checkpoint it and exit 143 / 130 (apo_llm.preemption); a resume on changed data or base
+weights is refused (input fingerprints in every checkpoint); prompts that leave no room for
+rollout.max_new_tokens in the context window are skipped and counted.
 Rewards that are NaN count as 0; a non-finite weight rolls the step back; weights are checked
 before every checkpoint. Seeds are applied after the model is built or loaded.
 """
@@ -44,8 +48,9 @@ import numpy as np
 import torch
 
 from apo_llm.checkpoint import (
-    NO_RESUME, checkpoint_root, latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint,
-    unused_path,
+    NATIVE, NO_RESUME, Layout, changed_inputs, checkpoint_root, checkpoint_step, file_fingerprint, latest_checkpoint,
+    load_checkpoint, problems_fingerprint, read_trainer_state, resolve_resume, save_checkpoint, unused_path,
+    weights_fingerprint, writing,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
 from apo_llm.config import (TINY_MODEL, RunConfig, fill_loss_norm_len, load_config, resume_differences,
@@ -58,8 +63,10 @@ from apo_llm.modeling import (
 )
 from apo_llm.objectives import metrics_to_floats, group_advantages, kl_estimate, policy_loss
 from apo_llm.passes import RolloutPasses, loss_inputs
+from apo_llm.preemption import Preemption, resume_command
 from apo_llm.prompts import format_for_run
 from apo_llm.rollout import Completions, generate_completions
+from apo_llm.runlock import RunLock
 
 log = logging.getLogger("apo_llm.train")
 
@@ -182,21 +189,134 @@ def load_data(cfg: RunConfig):
     return train, evals, reward
 
 
-def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
-    """The verified checkpoint to resume from (or None), after refusing to mix two runs.
+# --------------------------------------------------------------------------------------------
+# Inputs a resume must find unchanged; the context window
+# --------------------------------------------------------------------------------------------
+
+
+def _local_model_dir(model_path: str) -> Optional[Path]:
+    """The folder holding the weights: a local path, or a hub id's snapshot in the local cache."""
+    if Path(model_path).expanduser().is_dir():
+        return Path(model_path).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): nothing to fingerprint here
+        return None
+
+
+def run_inputs(cfg: RunConfig, model_path: str, train_problems: list) -> dict:
+    """Fingerprints of what the run trains on, saved in every checkpoint (checkpoint.py)."""
+    d, out = cfg.data, {}
+    if d.source in FILE_SOURCES:
+        out["data.path"] = file_fingerprint(d.path)
+    else:  # hub datasets and the synthetic generator: the problems as loaded
+        out["data.source"] = problems_fingerprint(train_problems)
+    if d.eval_path:
+        out["data.eval_path"] = file_fingerprint(d.eval_path)
+    for key, where in (("model.name_or_path", model_path), ("lora.adapter_path", cfg.lora.adapter_path)):
+        folder = _local_model_dir(where) if where else None
+        fp = weights_fingerprint(folder) if folder else None
+        if fp:
+            out[key] = fp
+    return out
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    if "sha256" in new and "file" in new:
+        return (f"{new['file']} (size {old.get('size')} -> {new['size']} bytes, sha256 "
+                f"{str(old.get('sha256'))[:12]} -> {new['sha256'][:12]})")
+    if "problems" in new:
+        return f"the loaded problems ({old.get('problems')} -> {new['problems']}, sha256 differs)"
+    files = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "weight files " + ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+
+
+def check_inputs(cfg: RunConfig, resume_from: Optional[Path], inputs: dict, layout: Layout = NATIVE) -> None:
+    """Refuse to resume on other data or other base weights (unless checkpoint.allow_changed_inputs)."""
+    if resume_from is None:
+        return
+    changed = changed_inputs(read_trainer_state(resume_from, layout).get("inputs"), inputs)
+    if not changed:
+        return
+    what = "; ".join(f"{k}: {_describe_change(old, new)}" for k, (old, new) in changed.items())
+    if cfg.checkpoint.allow_changed_inputs:
+        log.warning(f"resume: inputs changed since {resume_from} ({what}); continuing "
+                    f"(checkpoint.allow_changed_inputs)")
+        return
+    raise UserError(f"{what}: differs from what checkpoint {resume_from} was trained on; a resume needs the same "
+                    f"inputs (pass --checkpoint.allow_changed_inputs true to continue anyway)")
+
+
+def context_window(cfg: RunConfig, model_path: str) -> Optional[int]:
+    """max_position_embeddings from the model's config.json (no weights loaded), or None if unknown."""
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # unreadable or not cached: load_base names the model
+        return None
+    c = getattr(c, "text_config", None) or c
+    n = getattr(c, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_window(cfg: RunConfig, window: Optional[int], model_path: str) -> None:
+    """Completions that cannot fit the context window are refused before the model loads."""
+    if window is None:
+        return
+    for key, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value is not None and value >= window:
+            raise UserError(f"{key}={value}: must be below the context window of {model_path} "
+                            f"(max_position_embeddings={window}), which also holds the prompt")
+
+
+def drop_long_prompts(cfg: RunConfig, tokenizer, problems: list, window: Optional[int], max_new_tokens: int,
+                      field_name: str) -> list:
+    """The problems whose formatted prompt leaves max_new_tokens of room in the window; the others are
+    skipped and counted with their line numbers (or ids)."""
+    if window is None or not problems:
+        return problems
+    room = window - max_new_tokens
+    prompts = format_for_run(cfg, tokenizer, [p.prompt for p in problems])
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    keep = [p for p, n in zip(problems, lengths) if n <= room]
+    long = [p for p, n in zip(problems, lengths) if n > room]
+    if long:
+        where = [f"line {p.line}" if p.line is not None else p.id for p in long]
+        log.warning(f"{field_name}: skipped {len(long)} of {len(problems)} prompts longer than {room} tokens (context "
+                    f"window {window} - {max_new_tokens} new tokens): {', '.join(where[:5])}"
+                    + (", ..." if len(where) > 5 else ""))
+    if not keep:
+        raise UserError(f"{field_name}: every prompt is longer than {room} tokens (context window {window} - "
+                        f"{max_new_tokens} new tokens); lower rollout.max_new_tokens or use a longer-context model")
+    return keep
+
+
+def prepare_run_dir(cfg: RunConfig, layout: Layout = NATIVE) -> Optional[Path]:
+    """The verified checkpoint to resume from (or None), after refusing to mix two runs; both engines.
 
     A run directory that already holds a run is only reused by a resume of it, or with
-    logging.overwrite (the old run is moved aside by start_run_dir). A resume whose settings
-    differ from the checkpoint's config applies the loop settings (config.APPLIED_ON_RESUME) and
-    refuses the rest.
+    logging.overwrite (the old run is moved aside by start_run_dir). `--resume auto` without any
+    checkpoint yet starts afresh, saying so (a requeued job that was stopped before its first
+    checkpoint; its partial run is moved aside). A resume whose settings differ from the
+    checkpoint's config applies the loop settings (config.APPLIED_ON_RESUME) and refuses the rest.
+    Call it holding the run lock: the fallback renames corrupt checkpoints.
     """
     run_dir = cfg.run_dir
     refuse_overwrite_with_resume(cfg)
-    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # CheckpointError names the bad file
-    ours = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_root(run_dir).resolve()
-    refuse_mixing_runs(cfg, ours)
+    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir, layout)  # CheckpointError names the bad file
+    ours = (resume_from is not None
+            and Path(resume_from).resolve().parent == checkpoint_root(run_dir, layout).resolve())
+    if requeued_afresh(cfg, resume_from):
+        log.warning(f"resume auto: no checkpoint in {run_dir} yet: starting afresh"
+                    + (" (the partial run there is moved aside)" if holds_run(run_dir) else ""))
+    else:
+        refuse_mixing_runs(cfg, ours)
     if resume_from is not None:
-        saved = read_trainer_state(resume_from).get("config")
+        saved = read_trainer_state(resume_from, layout).get("config")
         applied, refused = resume_differences(saved or {}, cfg)
         if refused:
             key, (old, new) = next(iter(refused.items()))
@@ -211,6 +331,11 @@ def prepare_run_dir(cfg: RunConfig) -> Optional[Path]:
 
 def resuming(cfg: RunConfig) -> bool:
     return cfg.checkpoint.resume not in NO_RESUME
+
+
+def requeued_afresh(cfg: RunConfig, resume_from: Optional[Path]) -> bool:
+    """`--resume auto` and no checkpoint at all: the same command starts the run (requeue semantics)."""
+    return cfg.checkpoint.resume == "auto" and resume_from is None
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -232,13 +357,14 @@ def refuse_mixing_runs(cfg: RunConfig, resumes_this_run: bool) -> None:
                           "--logging.overwrite true to move it aside")
 
 
-def start_run_dir(cfg: RunConfig) -> None:
-    """Create the run directory; with logging.overwrite move an existing run to <name>.old-<time> first."""
+def start_run_dir(cfg: RunConfig, aside: Optional[bool] = None) -> None:
+    """Create the run directory; with logging.overwrite (or `aside`: a requeue that starts afresh)
+    move an existing run to <name>.old-<time> first."""
     run_dir = cfg.run_dir
-    if cfg.logging.overwrite and holds_run(run_dir):
-        aside = unused_path(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        os.replace(run_dir, aside)
-        log.warning(f"logging.overwrite: moved the previous run {run_dir} to {aside}")
+    if (cfg.logging.overwrite if aside is None else aside) and holds_run(run_dir):
+        aside_dir = unused_path(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(run_dir, aside_dir)
+        log.warning(f"moved the previous run {run_dir} aside to {aside_dir}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -568,26 +694,52 @@ class Setup:
     eval_problems: list
     reward_name: str
     resume_from: Optional[Path]
+    inputs: dict = None  # input fingerprints, saved in every checkpoint
+    lock: Optional[RunLock] = None  # held until train() ends
+
+
+def take_run_lock(cfg: RunConfig) -> RunLock:
+    """The run directory's lock (apo_llm.runlock), before anything in it is written or renamed."""
+    return RunLock(cfg.run_dir, "logging.run_name: the run directory", "logging.output_dir").acquire()
 
 
 def setup(cfg: RunConfig) -> Setup:
     """Model, data, optimizer, scheduler and accelerator, after everything a user can get wrong
-    (paths, the run directory: never mix two runs, the checkpoint to resume, the data files) is
-    checked, before the model loads. Writes config.yaml and run_info.json."""
-    from accelerate import Accelerator
-
+    (paths, the run directory: locked, never mix two runs, the checkpoint to resume, the data files,
+    the context window) is checked, before the model loads. Writes config.yaml and run_info.json."""
     refuse_several_processes(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     fill_loss_norm_len(cfg)
     check_paths(cfg)
     quiet_progress_unless_tty()
+    lock = take_run_lock(cfg)
+    try:
+        return _setup_locked(cfg, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup_locked(cfg: RunConfig, lock: RunLock) -> Setup:
+    from accelerate import Accelerator
+
     resume_from = prepare_run_dir(cfg)
     train_problems, eval_problems, reward_name = load_data(cfg)
+    model_path = resolve_model_path(cfg)
+    window = context_window(cfg, model_path)
+    check_window(cfg, window, model_path)
     accelerator = Accelerator(cpu=(cfg.model.device == "cpu"))
     device = torch.device(cfg.model.device) if cfg.model.device else accelerator.device
     base, tokenizer, model_path = load_base(cfg, str(device), gradient_checkpointing=cfg.model.gradient_checkpointing)
-    start_run_dir(cfg)  # only now: a failed start leaves no empty run directory behind
+    inputs = run_inputs(cfg, model_path, train_problems)
+    check_inputs(cfg, resume_from, inputs)
+    train_problems = drop_long_prompts(cfg, tokenizer, train_problems, window, cfg.rollout.max_new_tokens,
+                                       "data.path" if cfg.data.source in FILE_SOURCES else "data.source")
+    eval_problems = drop_long_prompts(cfg, tokenizer, eval_problems, window,
+                                      cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, "data.eval_source")
+    start_run_dir(cfg, aside=cfg.logging.overwrite or requeued_afresh(cfg, resume_from))  # only now: a failed
+    # start leaves no empty run directory behind
     model = add_lora(cfg, base)
     save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name,
                                      "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -595,7 +747,7 @@ def setup(cfg: RunConfig) -> Setup:
     optimizer, scheduler = make_optimizer(cfg, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return Setup(cfg, model, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, accelerator, device,
-                 train_problems, eval_problems, reward_name, resume_from)
+                 train_problems, eval_problems, reward_name, resume_from, inputs, lock)
 
 
 def load_base(cfg: RunConfig, device: Optional[str], *, gradient_checkpointing: bool = False):
@@ -677,14 +829,25 @@ def _start_state(s: Setup) -> tuple[dict, PromptSampler]:
         sampler.position = state["data_position"]
         log.info(f"resumed from {s.resume_from} at step {state['step']}")
     state["config"] = s.cfg.to_dict()  # saved in every checkpoint: a resume compares its settings with it
+    state["inputs"] = s.inputs or {}  # and its inputs (data files, base weights)
     return state, sampler
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns a summary dict (also written to summary.json)."""
+    """Run (or resume) training; returns a summary dict (also written to summary.json).
+    SIGTERM / SIGINT: the step under way is finished and checkpointed, then SystemExit(128 + signum)."""
+    with Preemption() as stop:
+        s = setup(cfg)
+        try:
+            return _train(s, stop)
+        finally:
+            s.lock.release()
+
+
+def _train(s: Setup, stop: Preemption) -> dict:
     from tqdm.auto import tqdm
 
-    s = setup(cfg)
+    cfg = s.cfg
     state, sampler = _start_state(s)
     keep = state["metrics_lines"] if s.resume_from else None  # resume: drop lines written after the checkpoint
     mlog = MetricsLog(cfg.run_dir, cfg.logging.tensorboard, keep_lines=keep)
@@ -697,7 +860,7 @@ def train(cfg: RunConfig) -> dict:
     say = (tqdm.write if tty else log.info) if cfg.logging.progress else (lambda _: None)
     last_ckpt = latest_checkpoint(cfg.run_dir)
     try:
-        while state["step"] < cfg.train.steps:
+        while state["step"] < cfg.train.steps and not stop.requested:
             step = state["step"] + 1
             t_step = time.perf_counter()
             m = rl_step(s, [s.train_problems[i] for i in sampler.take(cfg.train.prompts_per_step)])
@@ -717,10 +880,28 @@ def train(cfg: RunConfig) -> dict:
             if cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= step < cfg.train.steps:
                 log.info(f"stopping after step {step} (train.stop_at_step); resume with --resume auto")
                 break
+        if stop.requested:
+            _preempted(s, state, mlog, last_ckpt, stop)
     finally:
         bar.close()
         mlog.close()
     return _finish(s, state, evaluator, last_ckpt)
+
+
+def _preempted(s: Setup, state: dict, mlog, last_ckpt: Optional[Path], stop: Preemption) -> None:
+    """Checkpoint the last completed step if it is newer than the newest checkpoint, one line, exit."""
+    cfg, step = s.cfg, state["step"]
+    if step > (checkpoint_step(last_ckpt) if last_ckpt else 0):
+        check_weights(s.policy, step, last_ckpt)
+        state["metrics_lines"] = mlog.lines
+        last_ckpt = save_checkpoint(cfg.run_dir, step, s.policy, s.optimizer, s.scheduler, state,
+                                    keep_last=cfg.checkpoint.keep_last)
+        what = f"saved checkpoint {last_ckpt} (step {step} of {cfg.train.steps})"
+    elif last_ckpt is not None:
+        what = f"step {step} of {cfg.train.steps} is already checkpointed at {last_ckpt}"
+    else:
+        what = "no step completed, nothing saved"
+    stop.exit(what, resume_command())
 
 
 class _Evaluator:
@@ -775,8 +956,8 @@ def _finish(s: Setup, state: dict, evaluator: _Evaluator, last_ckpt) -> dict:
             evaluator(state["step"])
             summary["eval"] = state["eval_history"]
         check_weights(s.policy, state["step"], last_ckpt)
-        s.policy.save_pretrained(run_dir / "adapter")
-        s.tokenizer.save_pretrained(run_dir / "adapter")
+        writing(run_dir / "adapter", lambda: s.policy.save_pretrained(run_dir / "adapter"))  # disk full: one line
+        writing(run_dir / "adapter", lambda: s.tokenizer.save_pretrained(run_dir / "adapter"))
         if cfg.logging.plots:
             from apo_llm.plots import plot_run
 

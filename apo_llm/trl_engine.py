@@ -20,6 +20,15 @@ to it only what APO needs (docs/trainer_engines.md has the field-by-field mappin
 The training forward goes through the wrapped model (DDP / DeepSpeed / FSDP) so that gradients
 sync: a forward hook keeps the backbone's last hidden state and our chunked head turns it into
 log-probs, so no [B, L, V] float32 logits tensor exists (apo_llm/modeling.py, chunked_token_stats).
+
+A run has the native engine's guarantees, from the same code: rank 0 takes the run-directory lock
+(apo_llm.runlock) and resolves the checkpoint to resume (checkpoint.resolve_resume with the TRL
+layout: manifest-verified, falling back to the newest intact one; train.prepare_run_dir: changed
+settings refused, loop settings applied), then tells every rank; every checkpoint-N gets a
+manifest, a COMPLETE marker and apo_state.pt (config, metrics offset, input fingerprints) from
+`RunGuard`; metrics.jsonl is cut back to the checkpoint on resume; SIGTERM / SIGINT on any rank
+stop all ranks after the same RL step (one all-reduce of the flag per optimizer step), which is
+checkpointed before exit 143 / 130 (apo_llm.preemption).
 """
 
 from __future__ import annotations
@@ -35,12 +44,17 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from apo_llm.checkpoint import (
+    TRL, checkpoint_step, latest_checkpoint, read_trainer_state, save_torch, seal_checkpoint, writing,
+)
+from apo_llm.cli import UserError
 from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
 from apo_llm.modeling import (
     chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.passes import loss_inputs
+from apo_llm.preemption import Preemption, resume_command
 
 log = logging.getLogger("apo_llm.trl_engine")
 
@@ -189,6 +203,11 @@ class APOGRPOTrainer(GRPOTrainer):
         self.loss_cfg = run_cfg.loss
         self._gathered_rewards: Optional[torch.Tensor] = None
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint save; a failed write (disk full) is one line naming the folder."""
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        writing(folder, lambda: super(APOGRPOTrainer, self)._save_checkpoint(model, trial))
 
     # ---- generation batch: our advantages + the reference pass -------------------------------
 
@@ -430,17 +449,90 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _resume_arg(cfg: RunConfig):
-    from apo_llm.train import resuming
+class RunGuard(TrainerCallback):
+    """Checkpoints the native engine can trust, and preemption that stops every rank together.
 
-    spec = cfg.checkpoint.resume
-    if not resuming(cfg):
-        return None
-    if spec == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
+    on_save: (after every rank wrote its part) rank 0 adds apo_state.pt, manifest.json and COMPLETE
+    to checkpoint-N. on_step_end: the SIGTERM / SIGINT flag, OR-reduced over ranks; at the end of an
+    RL step (ppo_epochs optimizer steps) a raised flag saves that step, unless already saved, and stops.
+    """
 
-        return get_last_checkpoint(str(cfg.run_dir)) if cfg.run_dir.is_dir() else None
-    return spec
+    def __init__(self, cfg: RunConfig, stop: Preemption, inputs: dict):
+        self.cfg, self.stop, self.inputs = cfg, stop, inputs
+        self.accelerator = None  # set once the trainer exists
+        self.preempted = False
+
+    def _flag_on_any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._flag_on_any_rank() and state.global_step % self.cfg.train.ppo_epochs == 0:
+            self.preempted = True
+            control.should_save = True  # no second save when this step was saved already: see on_save
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            metrics = Path(args.output_dir) / "metrics.jsonl"
+            lines = sum(1 for _ in metrics.open()) if metrics.exists() else 0
+            apo_state = {"config": self.cfg.to_dict(), "inputs": self.inputs, "metrics_lines": lines,
+                         "step": state.global_step // self.cfg.train.ppo_epochs}
+            writing(ckpt / TRL.state_file, lambda: save_torch(apo_state, ckpt / TRL.state_file))  # disk full:
+            writing(ckpt / "manifest.json", lambda: seal_checkpoint(ckpt, state.global_step))  # one line
+        self.accelerator.wait_for_everyone()
+        return control
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank (as is with one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _on_main(state, fn):
+    """fn() on rank 0, its result on every rank; its error raised on every rank (no rank left waiting)."""
+    out, err = None, None
+    if state.is_main_process:
+        try:
+            out = fn()
+        except BaseException as e:  # noqa: B036 - the other ranks must hear of any failure
+            err = e
+    shared = _broadcast((out, None if err is None else str(err)))
+    if err is not None:
+        raise err
+    if shared[1] is not None:
+        raise UserError(shared[1])
+    return shared[0]
+
+
+def _claim_run_dir(cfg: RunConfig, state):
+    """Rank 0: check the paths, take the lock, resolve the checkpoint (train.prepare_run_dir).
+    Returns (lock on rank 0 / None, checkpoint to resume or None on every rank)."""
+    from apo_llm.train import check_paths, prepare_run_dir, take_run_lock
+
+    holder = {}
+
+    def claim():
+        check_paths(cfg)
+        holder["lock"] = take_run_lock(cfg)
+        try:
+            resume = prepare_run_dir(cfg, TRL)
+        except BaseException:
+            holder.pop("lock").release()
+            raise
+        return str(resume) if resume else None
+
+    resume = _on_main(state, claim)
+    return holder.get("lock"), Path(resume) if resume else None
 
 
 def shard_fsdp2(model) -> None:
@@ -479,45 +571,95 @@ def adapter_state_for_saving(model) -> Optional[dict]:
 
 def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:
     """Model + LoRA + data + reward as the native trainer builds them, inside APOGRPOTrainer.
+    The trainer carries `run_lock` (rank 0), `resume_from` and `guard` (RunGuard) for train_trl.
 
     fsdp2: shard the model with `shard_fsdp2` before TRL sees it (several processes, CPU tests)."""
     from accelerate import PartialState
 
     from apo_llm.config import save_resolved
     from apo_llm.train import (
-        add_lora, load_base, load_data, refuse_mixing_runs, refuse_overwrite_with_resume, start_run_dir,
+        MetricsLog, add_lora, check_inputs, check_window, context_window, drop_long_prompts, load_base, load_data,
+        requeued_afresh, resolve_model_path, run_inputs, start_run_dir,
     )
 
     args = grpo_config(cfg, world_size())
-    # the native engine's run-dir guard (never mix two runs), checked by every process before any writes
-    refuse_overwrite_with_resume(cfg)
-    resume = _resume_arg(cfg)
-    refuse_mixing_runs(cfg, resume is not None and Path(resume).resolve().parent == cfg.run_dir.resolve())
-    PartialState().wait_for_everyone()
-    problems, _, reward_name = load_data(cfg)  # data errors before the model loads
-    # as the native trainer (train.load_base / add_lora): seeded after the build, so every process
-    # starts from the same LoRA initialisation; gradient checkpointing is GRPOConfig's
-    base, tokenizer, model_path = load_base(cfg, None)
-    model = add_lora(cfg, base)
-    if fsdp2:
-        shard_fsdp2(model)
-    set_vllm_stops(args, base)
-    dataset = build_dataset(cfg, tokenizer, problems)
-    if args.process_index == 0:
-        start_run_dir(cfg)  # with logging.overwrite, moves the previous run aside first
-        save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name, "engine": "trl",
-                                         "world_size": world_size()})
-    return APOGRPOTrainer(cfg, model=model, args=args, reward_funcs=[make_reward_func(reward_name)],
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[JsonlMetrics(cfg.run_dir)])
+    state = PartialState()
+    lock, resume = _claim_run_dir(cfg, state)  # the native engine's run-dir guard, on rank 0 before any write
+    try:
+        problems, _, reward_name = load_data(cfg)  # data errors before the model loads
+        window = context_window(cfg, resolve_model_path(cfg))
+        check_window(cfg, window, cfg.model.name_or_path)
+        # as the native trainer (train.load_base / add_lora): seeded after the build, so every process
+        # starts from the same LoRA initialisation; gradient checkpointing is GRPOConfig's
+        base, tokenizer, model_path = load_base(cfg, None)
+
+        def inputs_checked():
+            inputs = run_inputs(cfg, model_path, problems)
+            check_inputs(cfg, resume, inputs, TRL)
+            return inputs
+
+        inputs = _on_main(state, inputs_checked)
+        problems = drop_long_prompts(cfg, tokenizer, problems, window, cfg.rollout.max_new_tokens, "data")
+        model = add_lora(cfg, base)
+        if fsdp2:
+            shard_fsdp2(model)
+        set_vllm_stops(args, base)
+        dataset = build_dataset(cfg, tokenizer, problems)
+        if args.process_index == 0:
+            start_run_dir(cfg, aside=cfg.logging.overwrite or requeued_afresh(cfg, resume))
+            save_resolved(cfg, cfg.run_dir, {"model_path": model_path, "reward": reward_name, "engine": "trl",
+                                             "world_size": world_size(), "resumed_from": str(resume) if resume else None})
+            keep = read_trainer_state(resume, TRL)["metrics_lines"] if resume else None
+            MetricsLog(cfg.run_dir, False, keep_lines=keep).close()  # resume: drop rows after the checkpoint
+        state.wait_for_everyone()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    guard = RunGuard(cfg, Preemption(), inputs)
+    trainer = APOGRPOTrainer(cfg, model=model, args=args, reward_funcs=[make_reward_func(reward_name)],
+                             train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[JsonlMetrics(cfg.run_dir), guard])
+    guard.accelerator = trainer.accelerator
+    trainer.run_lock, trainer.resume_from, trainer.guard = lock, resume, guard
+    return trainer
 
 
 def train_trl(cfg: RunConfig) -> dict:
-    """Run `cfg` with the TRL engine; returns the summary (also summary.json), written by the main process."""
+    """Run `cfg` with the TRL engine; returns the summary (also summary.json), written by the main process.
+    SIGTERM / SIGINT: the RL step under way is finished and checkpointed, then SystemExit(128 + signum)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     fill_loss_norm_len(cfg)
-    trainer = build_trainer(cfg)
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    with Preemption() as stop:
+        trainer = build_trainer(cfg)
+        trainer.guard.stop = stop
+        try:
+            result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
+            if trainer.guard.preempted:
+                _preempted(cfg, trainer, stop)
+            return _finish(cfg, trainer, result)
+        finally:
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
+
+
+def _preempted(cfg: RunConfig, trainer, stop: Preemption) -> None:
+    """Every rank stopped after the same step (RunGuard); rank 0 says what was saved; all exit 128 + signum."""
+    step = trainer.state.global_step // cfg.train.ppo_epochs
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        ckpt = latest_checkpoint(cfg.run_dir, TRL)
+        if ckpt is not None and checkpoint_step(ckpt) == trainer.state.global_step:
+            what = f"saved checkpoint {ckpt} (step {step} of {cfg.train.steps})"
+        else:
+            what = f"no checkpoint of step {step} (newest: {ckpt})"
+        if stop.requested:
+            stop.exit(what, resume_command())
+    raise SystemExit(stop.exit_code if stop.requested else 128 + 15)  # a rank the signal did not reach
+
+
+def _finish(cfg: RunConfig, trainer, result) -> dict:
     summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
                "run_dir": str(cfg.run_dir), "world_size": world_size(), "train_metrics": result.metrics, "eval": []}
     policy = trainer.accelerator.unwrap_model(trainer.model)

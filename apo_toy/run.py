@@ -147,16 +147,33 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # recorded in the study's output
     if args.replot:
         return replot(Path(args.replot))
     if not args.preset or not args.out:
         ap.error("--preset and --out are required (or --replot DIR)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out}: exists and is not a directory", file=sys.stderr)
+    for name in ("seeds", "steps"):  # 0 would silently mean "the preset's"
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"error: --{name}: must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found out before training, not after
+        print(f"error: --out: {args.out!r} is an existing file, not a directory", file=sys.stderr)
         return 2
+    from apo_llm.cli import UserError  # both standard library only
+    from apo_llm.runlock import RunLock
+
+    try:
+        with RunLock(Path(args.out), "--out: the output directory", "--out"):
+            return _run(args)
+    except UserError as e:  # RunLockedError, or a lock file that cannot be created
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.preset in STUDIES:
         return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
-                                    command="python -m apo_toy.run " + " ".join(argv if argv is not None else sys.argv[1:]))
+                                    command="python -m apo_toy.run " + " ".join(args.argv))
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
         if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):

@@ -117,7 +117,7 @@ KILL_SCRIPT = textwrap.dedent("""
     real_save = torch.save
     def dying_save(obj, f, *a, **k):
         real_save(obj, f, *a, **k)
-        if str(f).endswith({victim!r}):  # the file is on disk, the checkpoint is not finished
+        if str(getattr(f, "name", f)).endswith({victim!r}):  # written (f: a path or an open file), not finished
             os.kill(os.getpid(), signal.SIGKILL)
     ck.torch.save = dying_save
     ck.save_checkpoint(run, 2, model, opt, sched, {{"data_position": 16}})
