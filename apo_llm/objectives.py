@@ -119,16 +119,19 @@ class LossConfig:
         "help": "simko: advantage scale on wrong tokens that are the policy's top-1 candidate"})
     simko_entropy_quantile: Optional[float] = field(default=0.8, metadata={
         "help": "simko: act where H_t exceeds this quantile of its sequence's entropies (None: every token)"})
-    dppo_delta_low: float = field(default=0.2, metadata={
-        "help": "dppo_tv / dppo_kl: divergence threshold on A <= 0 tokens (TV: probability drop; KL: binary KL)"})
-    dppo_delta_high: float = field(default=0.2, metadata={
-        "help": "dppo_tv / dppo_kl: divergence threshold on A > 0 tokens"})
+    dppo_delta_low: Optional[float] = field(default=None, metadata={
+        "help": "dppo_tv / dppo_kl: divergence threshold on A <= 0 tokens (TV: probability drop; KL: binary KL); "
+                "default 0.15 (dppo_tv) / 0.05 (dppo_kl)"})
+    dppo_delta_high: Optional[float] = field(default=None, metadata={
+        "help": "dppo_tv / dppo_kl: divergence threshold on A > 0 tokens; default 0.15 (dppo_tv) / 0.05 (dppo_kl)"})
     dppo_trunc: float = field(default=20.0, metadata={"help": "dppo: cap c of the detached weight min(w, c)"})
     top_entropy_quantile: float = field(default=1.0, metadata={
-        "help": "keep the policy term (and entropy bonus) on the top rho of the call's tokens by entropy; 1: all"})
-    loss_agg: str = field(
-        default="token-mean",
-        metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"},
+        "help": "keep the policy term (and entropy bonus) on the top rho of the call's tokens by entropy; "
+                "1: all; 0: only the highest-entropy token(s), as TRL"})
+    loss_agg: Optional[str] = field(
+        default=None,
+        metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (default token-mean; "
+                          "seq-mean-token-mean for gspo, gspo_token, gmpo, sapo, their papers' per-sequence mean)"},
     )
     loss_norm_len: Optional[int] = field(
         default=None,
@@ -205,8 +208,8 @@ class LossConfig:
             bad("simko_alpha", "must lie in [0, 1]")
         if self.simko_entropy_quantile is not None and not 0.0 <= real("simko_entropy_quantile") < 1.0:
             bad("simko_entropy_quantile", "must lie in [0, 1) (None: every token)")
-        if not 0.0 < real("top_entropy_quantile") <= 1.0:
-            bad("top_entropy_quantile", "must lie in (0, 1] (1: every token)")
+        if not 0.0 <= real("top_entropy_quantile") <= 1.0:
+            bad("top_entropy_quantile", "must lie in [0, 1] (1: every token; 0: the highest-entropy token)")
 
     def _notes(self) -> list[str]:
         notes = []
@@ -554,16 +557,28 @@ def _masked_seq_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (torch.where(mask, x, torch.zeros_like(x)).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
 
 
-def cispo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+def _floored_logp(logp: Tensor, old_logp: Tensor) -> Tensor:
+    """log pi_theta(y_t) for the terms linear in it (CISPO, GPG, DPPO), finite where it is -inf.
+
+    A response token with pi_theta(y_t) = 0 would make A log pi = inf (NaN at A = 0) and poison the
+    scalar loss. There it takes the value log pi_old - 20, the floor the log-ratio clamp already puts
+    under w in every ratio term, and no gradient (the ratio terms are flat there too); every finite
+    log pi keeps its value and its exact gradient."""
+    return torch.where(torch.isneginf(logp), (old_logp - LOG_RATIO_CLAMP).detach(), logp)
+
+
+def cispo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor,
+               **_: Tensor) -> tuple[Tensor, dict]:
     """CISPO (MiniMax-M1, arXiv 2506.13585): a clipped, detached importance weight times A log pi.
 
         loss_t = -sg(min(w_t, eps_max)) A log pi_theta(y_t)
 
     Every token keeps its gradient (nothing is flat, unlike the PPO clip); the weight only scales
     it. Upper cap only, as TRL's cispo (epsilon_high = eps_max, 5.0 recommended there, after ScaleRL,
-    arXiv 2510.13786); verl's cispo clips the weight two-sided to [1 - eps_low, 1 + eps_high]."""
+    arXiv 2510.13786); verl's cispo clips the weight two-sided to [1 - eps_low, 1 + eps_high].
+    log pi = -inf: see `_floored_logp`."""
     weight = ratio.clamp(max=cfg.cispo_eps_max).detach()
-    return -weight * adv * logp, {"rho": ratio}
+    return -weight * adv * _floored_logp(logp, old_logp), {"rho": ratio}
 
 
 def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
@@ -579,8 +594,9 @@ def gspo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_
         s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp((1/|y_i|) sum_t log w_it)
         loss_t = max(-A s_i, -A clip(s_i, 1 - eps_low, 1 + eps_high))   on every token of y_i
 
-    The paper's objective is per sequence with A_i; with the seq-mean-token-mean aggregation (the
-    paper's) the token losses average back to it. Needs each sequence whole in one call."""
+    The paper's objective is per sequence with A_i; under seq-mean-token-mean (the paper's, this
+    name's preset) the token losses average back to it (token-mean would weight sequence i by |y_i|).
+    Needs each sequence whole in one call."""
     s = _sequence_log_ratio(logp, old_logp, mask).exp().expand_as(ratio)  # [B, T]
     return clipped_surrogate(s, adv, cfg.eps_low, cfg.eps_high, cfg.clip_c), {"rho": s}
 
@@ -616,8 +632,11 @@ def gmpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_
         l_it = sgn(A_i) min(sgn(A_i) log w_it, sgn(A_i) clip(log w_it, -eps_low, eps_high))
         loss_i = -A_i exp((1/|y_i|) sum_t l_it)        (placed on every token of y_i)
 
-    The paper's range is (e^-0.4, e^0.4): eps_low = eps_high = 0.4 (preset). With seq-mean-token-mean
-    the token losses average to verl's per-sequence mean."""
+    The paper's range is (e^-0.4, e^0.4): eps_low = eps_high = 0.4 (preset). Under seq-mean-token-mean
+    (preset) the token losses average to verl's and TRL's per-sequence mean. With top_entropy_quantile
+    the mean over t still runs over every token; the selection then zeroes the unselected tokens'
+    copies of loss_i, so sequence i counts n_sel_i / |y_i| of loss_i (TRL's GMPOTrainer instead
+    takes the mean over the selected tokens and counts loss_i fully; docs/objectives.md)."""
     a_seq = _masked_seq_mean(adv, mask)  # [B, 1] A_i
     sgn = torch.sign(a_seq)
     lr = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -628,13 +647,16 @@ def gmpo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_
     return (-a_seq * geo).expand_as(ratio), {"rho": 1.0 + lr.detach()}
 
 
-def gpg_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, **_: Tensor) -> tuple[Tensor, dict]:
+def gpg_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, old_logp: Tensor,
+             **_: Tensor) -> tuple[Tensor, dict]:
     """GPG (Chu et al. 2025, arXiv 2504.02546): the plain policy gradient, no ratio, no clip.
 
         loss_t = -A log pi_theta(y_t)
 
-    On-policy by construction: with several epochs nothing corrects for pi_theta != pi_old."""
-    return -adv * logp, {"rho": ratio}
+    On-policy by construction: with several epochs nothing corrects for pi_theta != pi_old. This is
+    GPG's loss only; the paper's advantage (group-mean-centred, no std, times a batch factor) is
+    not an estimator here (docs/objectives.md). log pi = -inf: see `_floored_logp`."""
+    return -adv * _floored_logp(logp, old_logp), {"rho": ratio}
 
 
 def _dppo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, logp: Tensor, old_logp: Tensor, div: str
@@ -648,8 +670,10 @@ def _dppo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, logp: Tensor, old_lo
              M_t = [D <= delta_high or p <= p_old] if A > 0 else [D <= delta_low or p >= p_old]
 
     p = pi_theta(y_t), p_old = pi_old(y_t); a token is masked only when it has moved too far in
-    its advantage's direction. Thresholds default to 0.2 (TRL's experimental DPPO trainer's
-    default; the paper's tuned values were not recovered), c = 20 (verl's clip_ratio_c there)."""
+    its advantage's direction. Thresholds default to delta = 0.15 for TV and 0.05 for KL (presets):
+    the values the paper recommends as quoted by TRL's experimental DPPO config (TRL releases after
+    1.16; 1.16 has no DPPO) and set by verl's DPPO example recipe; c = 20 (verl's clip_ratio_c
+    there). log pi = -inf: see `_floored_logp` (the mask still reads p = 0)."""
     p, p_old = logp.detach().exp(), old_logp.exp()
     pos = adv > 0
     if div == "tv":
@@ -659,7 +683,7 @@ def _dppo_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, logp: Tensor, old_lo
         d = p_old * (old_logp - logp.detach()) + q_old * (q_old.log() - q.log())
         keep = torch.where(pos, (d <= cfg.dppo_delta_high) | (p <= p_old), (d <= cfg.dppo_delta_low) | (p >= p_old))
     weight = ratio.clamp(max=cfg.dppo_trunc).detach()
-    loss = torch.where(keep, -adv * weight * logp, torch.zeros_like(logp))
+    loss = torch.where(keep, -adv * weight * _floored_logp(logp, old_logp), torch.zeros_like(logp))
     return loss, {"rho": ratio, "dppo_masked": ~keep}
 
 
@@ -705,8 +729,8 @@ def simko_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, mas
     gamma~ equals w_t in value (so the clip decision is GRPO's) but spreads alpha I_t of the correct
     token's gradient over the policy's own Top-K candidates: grad = w_t ((1 - alpha I_t) grad log pi(y_t)
     + (alpha I_t / K) sum_k grad log pi(k)). Defaults K = 3, alpha = 0.01, lambda = 1.1, tau = 0.8
-    (the authors' scripts). policy_topk_logp: log pi_theta at its own Top-K ids [B, T, K], with grad,
-    sorted (column 0 is the top-1); y_t is the top-1 where log pi(y_t) >= that column."""
+    (the authors' scripts). policy_topk_logp: log pi_theta at its own Top-K ids [B, T, K] (K = simko_k,
+    or fewer where the vocabulary is smaller, as in the toy's trees; more is refused), with grad, in any order; y_t is the top-1 where log pi(y_t) >= the largest of them."""
     h = entropy.detach()
     if cfg.simko_entropy_quantile is None:
         sel = mask
@@ -715,7 +739,7 @@ def simko_term(cfg: LossConfig, ratio: Tensor, adv: Tensor, *, logp: Tensor, mas
     alpha = cfg.simko_alpha * sel.to(ratio.dtype)  # [B, T] alpha I_t
     spread = (policy_topk_logp - policy_topk_logp.detach()).exp().mean(-1)  # [B, T] value 1, grad mean_k grad log pi(k)
     gamma = (1.0 - alpha) * ratio + alpha * ratio.detach() * spread
-    top1 = logp.detach() >= policy_topk_logp[..., 0].detach()
+    top1 = logp.detach() >= policy_topk_logp.detach().amax(-1)  # the max, so the column order is free
     pos = adv > 0
     a_t = torch.where(~pos & sel & top1 & (adv < 0), cfg.simko_lambda * adv, adv)
     rho = torch.where(pos, gamma, ratio)
@@ -853,12 +877,21 @@ POLICY_TERMS.update({
 
 # Field defaults that depend on the loss name; "_defaults" fills what a preset leaves open.
 LOSS_PRESETS: dict[str, dict] = {
-    "_defaults": {"eps_low": 0.2, "eps_high": 0.2, "cov_frac": 2e-4},
+    # dppo_delta_*: the TV value for every name; only dppo_tv / dppo_kl read them
+    "_defaults": {"eps_low": 0.2, "eps_high": 0.2, "cov_frac": 2e-4, "loss_agg": "token-mean",
+                  "dppo_delta_low": 0.15, "dppo_delta_high": 0.15},
     "dapo": {"eps_low": 0.2, "eps_high": 0.28},
     "kl_cov": {"cov_frac": 2e-3},
-    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},  # the GSPO paper's clip range
-    "gspo_token": {"eps_low": 3e-4, "eps_high": 4e-4},
-    "gmpo": {"eps_low": 0.4, "eps_high": 0.4},  # log-space range (e^-0.4, e^0.4), the GMPO paper's
+    # sequence-level objectives: their papers (and verl, TRL) average per sequence, so the default
+    # aggregation is the per-sequence mean, not the length-weighted token-mean
+    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4, "loss_agg": "seq-mean-token-mean"},  # the GSPO paper's clip
+    "gspo_token": {"eps_low": 3e-4, "eps_high": 4e-4, "loss_agg": "seq-mean-token-mean"},
+    "gmpo": {"eps_low": 0.4, "eps_high": 0.4,  # log-space range (e^-0.4, e^0.4), the GMPO paper's
+             "loss_agg": "seq-mean-token-mean"},
+    "sapo": {"loss_agg": "seq-mean-token-mean"},  # TRL's sapo and verl's sapo: per-sequence mean
+    # DPPO's recommended budgets: 0.15 for the binary TV, 0.05 for the binary KL (docs/objectives.md)
+    "dppo_tv": {"dppo_delta_low": 0.15, "dppo_delta_high": 0.15},
+    "dppo_kl": {"dppo_delta_low": 0.05, "dppo_delta_high": 0.05},
 }
 
 
@@ -971,8 +1004,8 @@ def policy_loss(
     Per token: loss_t = policy_term_t [+ kl_coef * kl_t on the term's KL scope] [- ent_coef * H_t],
     then `aggregate`. Tensors: logp, old_logp, mask, ref_logp, kl_full, entropy [B, T];
     advantages [B] or [B, T]; anchor_* [B, T, K] (anchor_old_logp: log pi_old at the anchors, for
-    apo_anchor_norm old_mass / old_token); policy_topk_logp [B, T, K] (log pi_theta at its own Top-K
-    ids, sorted, with grad: SimKO); weights [B]. `global_tokens` / `global_seqs` are the
+    apo_anchor_norm old_mass / old_token); policy_topk_logp [B, T, K <= simko_k] (log pi_theta at its own
+    Top-K ids, any order, with grad: SimKO); weights [B]. `global_tokens` / `global_seqs` are the
     counts of the whole batch when this call sees one micro-batch of it. `generator` drives the
     random token choice of clip_cov. `required_inputs(cfg)` lists the optional tensors needed.
     `diagnostics=False` returns only {"loss"} (same loss and gradient): the diagnostics cost about
@@ -1178,6 +1211,9 @@ def _check_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, ref_logp, a
         x = policy_topk_logp
         if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != bt or x.shape[2] < 1:
             raise ValueError(f"policy_topk_logp: expected shape [B, T, K]=[{bt[0]}, {bt[1]}, K>=1], got {_shape(x)}")
+        if x.shape[2] > cfg.simko_k:  # the mean runs over the config's K; fewer only from a smaller vocabulary
+            raise ValueError(f"policy_topk_logp: expected K = simko_k = {cfg.simko_k} candidates (fewer only when "
+                             f"the vocabulary is smaller), got K = {x.shape[2]}")
 
     m = mask.bool()
     out: dict[str, Tensor] = {"mask": m}

@@ -43,7 +43,7 @@ BAD_CONFIGS = [
     ("cov_ub", math.inf), ("kl_cov_coef", -1.0), ("eps_low", True),
     ("cispo_eps_max", 0.0), ("cispo_eps_max", math.inf), ("sapo_tau_pos", 0.0), ("sapo_tau_neg", -1.0),
     ("simko_k", 0), ("simko_k", 2.5), ("simko_alpha", 1.5), ("simko_alpha", -0.1), ("simko_lambda", 0.0),
-    ("simko_entropy_quantile", 1.0), ("simko_entropy_quantile", -0.1), ("top_entropy_quantile", 0.0),
+    ("simko_entropy_quantile", 1.0), ("simko_entropy_quantile", -0.1), ("top_entropy_quantile", -0.1),
     ("top_entropy_quantile", 1.5), ("top_entropy_quantile", math.nan), ("dppo_delta_low", 0.0),
     ("dppo_delta_high", math.inf), ("dppo_trunc", -1.0),
 ]

@@ -115,7 +115,7 @@ def test_gspo_token_differs_from_gspo_for_per_token_advantages():
 @given(seed=st.integers(0, 2**31), tp=st.floats(0.2, 3.0), tn=st.floats(0.2, 3.0))
 def test_sapo_gradient_closed_form(seed, tp, tn):
     x = _batch(seed, drift=1.0, adv_per_token=True)
-    cfg = LossConfig(name="sapo", sapo_tau_pos=tp, sapo_tau_neg=tn)
+    cfg = LossConfig(name="sapo", sapo_tau_pos=tp, sapo_tau_neg=tn, loss_agg="token-mean")  # closed form per N
     loss, _ = policy_loss(cfg, **{k: x[k] for k in ("logp", "old_logp", "advantages", "mask")})
     a = x["advantages"]
     w = (x["logp"] - x["old_logp"]).detach().exp()
@@ -231,8 +231,8 @@ def test_top_entropy_quantile_selects_for_any_term(seed, rho, ent, name):
     thr = np.quantile(h[x["mask"].numpy()], 1 - rho)
     sel = x["mask"] & torch.from_numpy(h >= thr)
     n = float(x["mask"].sum())
-    full_cfg = LossConfig(name=name)
-    sel_cfg = LossConfig(name=name, top_entropy_quantile=rho, ent_coef=ent)
+    full_cfg = LossConfig(name=name, loss_agg="token-mean")  # the masked-batch twin needs one normaliser N
+    sel_cfg = LossConfig(name=name, top_entropy_quantile=rho, ent_coef=ent, loss_agg="token-mean")
     loss, m = policy_loss(sel_cfg, **kw)
     masked = dict(kw, mask=sel)  # per-token terms: the plain term on the selected tokens only
     plain, _ = policy_loss(full_cfg, **masked, global_tokens=n)
@@ -293,7 +293,7 @@ def test_peer_flags_and_presets():
 
 @pytest.mark.parametrize("value, why", [
     (None, "required"), (torch.zeros(4, 5), "expected shape"), (torch.zeros(4, 6, 3), "expected shape"),
-    (torch.zeros(4, 5, 0), "expected shape"),
+    (torch.zeros(4, 5, 0), "expected shape"), (torch.zeros(4, 5, 5), "expected K = simko_k = 3"),
 ])
 def test_policy_topk_bad_input_is_named(value, why):
     x = _batch(0)
@@ -334,3 +334,134 @@ def test_dppo_gradient_closed_form(seed, dlo, dhi, c, div):
     want = torch.from_numpy(np.where(x["mask"].numpy() & keep, -a * w / n, 0.0))
     torch.testing.assert_close(_grad(loss, x["logp"]), want, rtol=1e-10, atol=1e-12)
     assert m["dppo/masked_frac"] == pytest.approx(float((x["mask"].numpy() & ~keep).sum()) / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults by name, non-finite log-probs, SimKO's candidate order, the top-entropy edge cases
+# --------------------------------------------------------------------------------------------
+
+
+def test_sequence_level_names_default_to_the_per_sequence_mean():
+    """gspo, gspo_token, gmpo, sapo default to seq-mean-token-mean (their papers, verl, TRL);
+    everything else to token-mean; an explicit loss_agg always wins."""
+    for name in ("gspo", "gspo_token", "gmpo", "sapo"):
+        assert LossConfig(name=name).loss_agg == "seq-mean-token-mean"
+        assert LossConfig(name=name, loss_agg="token-mean").loss_agg == "token-mean"
+    for name in ("grpo", "dapo", "apo", "cispo", "gpg", "dppo_tv", "dppo_kl", "simko"):
+        assert LossConfig(name=name).loss_agg == "token-mean"
+    # the default gspo / gmpo loss is the per-sequence mean of the plainly written loops
+    x = _batch(5, drift=0.8, adv_per_token=True)
+    x["advantages"] = x["advantages"][:, 0].contiguous()  # one A per sequence (gspo's setting)
+    base = {k: x[k] for k in ("logp", "old_logp", "advantages", "mask")}
+    a_bt = _adv_bt(x)
+    for name, plain, (lo, hi) in (("gspo", _gspo_plain, (0.05, 0.05)), ("gmpo", _gmpo_plain, (0.4, 0.4))):
+        loss, _ = policy_loss(LossConfig(name=name, eps_low=lo, eps_high=hi), **base)
+        adv = x["advantages"] if name == "gspo" else a_bt
+        want = plain(x["logp"], x["old_logp"], adv, x["mask"], lo, hi)
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dppo_default_thresholds_follow_the_divergence():
+    """0.15 for the binary TV, 0.05 for the binary KL; explicit values win."""
+    tv, kl = LossConfig(name="dppo_tv"), LossConfig(name="dppo_kl")
+    assert (tv.dppo_delta_low, tv.dppo_delta_high) == (0.15, 0.15)
+    assert (kl.dppo_delta_low, kl.dppo_delta_high) == (0.05, 0.05)
+    assert LossConfig(name="dppo_kl", dppo_delta_high=0.2).dppo_delta_high == 0.2
+    # the default KL budget binds: a token whose binary KL lies between 0.05 and 0.2 moved with A
+    logp = torch.tensor([[math.log(0.75)]], dtype=F64)
+    old = torch.tensor([[math.log(0.5)]], dtype=F64)  # binary KL(0.5 || 0.75) = 0.1438
+    _, m = policy_loss(kl, logp, old, torch.ones(1, dtype=F64), torch.ones(1, 1, dtype=torch.bool))
+    assert m["dppo/masked_frac"] == 1.0
+    _, m = policy_loss(LossConfig(name="dppo_kl", dppo_delta_high=0.2), logp, old, torch.ones(1, dtype=F64),
+                       torch.ones(1, 1, dtype=torch.bool))
+    assert m["dppo/masked_frac"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["cispo", "gpg", "dppo_tv", "dppo_kl"])
+def test_log_linear_terms_stay_finite_at_a_zero_probability_token(name):
+    """log pi = -inf on a response token (A of both signs and 0): finite loss and gradient; the
+    token counts with log pi_old - 20 and no gradient; every other token keeps its closed-form
+    gradient -A sg(weight) M / N (the same batch without the -inf tokens, global count N)."""
+    x = _batch(9, B=4, T=5, drift=0.3, adv_per_token=True)
+    x["mask"][:] = True
+    adv = x["advantages"].clone()
+    adv[0, :] = torch.tensor([1.0, 0.0, -1.0, 0.5, -0.5], dtype=F64)
+    dead = torch.zeros_like(x["mask"])
+    dead[0, :3] = True  # pi_theta(y_t) = 0 at A = 1, 0, -1
+    logp = torch.where(dead, torch.tensor(-math.inf, dtype=F64), x["logp"].detach()).requires_grad_()
+    cfg = LossConfig(name=name)
+    loss, m = policy_loss(cfg, logp, x["old_logp"], adv, x["mask"])
+    g = _grad(loss, logp)
+    assert math.isfinite(float(loss.detach())) and math.isfinite(m["loss"]) and torch.isfinite(g).all()
+    assert (g[dead] == 0).all()
+    n = float(x["mask"].sum())
+    # the other tokens: as a batch without the dead ones, normalised by the same N
+    live, _ = policy_loss(cfg, x["logp"], x["old_logp"], adv, x["mask"] & ~dead, global_tokens=n)
+    torch.testing.assert_close(g[~dead], _grad(live, x["logp"])[~dead], rtol=1e-12, atol=1e-12)
+    # the dead tokens' value: -A sg(weight) (log pi_old - 20) M, weight = min(e^-20, cap)
+    w = math.exp(-20.0)
+    old = x["old_logp"][dead]
+    a = adv[dead]
+    if name == "gpg":
+        dead_val = -a * (old - 20.0)
+    elif name == "cispo":
+        dead_val = -min(w, cfg.cispo_eps_max) * a * (old - 20.0)
+    else:  # p = 0: kept when A > 0 (moved against A), masked when A < 0; A = 0 gives 0 either way
+        dead_val = torch.where(a > 0, -a * w * (old - 20.0), torch.zeros_like(a))
+    torch.testing.assert_close(loss.detach(), live.detach() + dead_val.sum() / n, rtol=1e-12, atol=1e-12)
+
+
+def test_simko_policy_topk_in_any_column_order():
+    """The top-1 test reads the largest candidate, not column 0: permuting the K columns changes
+    neither the loss nor the gradient (permuted with them)."""
+    x = _batch(4, drift=0.2, adv_per_token=True)
+    x["advantages"] = -x["advantages"].abs()  # wrong tokens: the top-1 penalty applies
+    lp = x["logp"].detach()[..., None]
+    g = torch.Generator().manual_seed(1)
+    is_top1 = torch.rand(lp.shape[:2], generator=g) < 0.5
+    # sorted candidates: y_t is the top-1 on is_top1, else the second (a larger candidate above it)
+    topk = torch.cat([torch.where(is_top1[..., None], lp, lp + 0.3), torch.where(is_top1[..., None], lp - 0.2, lp),
+                      lp - 0.4], dim=-1)
+    cfg = LossConfig(name="simko", simko_entropy_quantile=None, simko_lambda=1.5)
+    perm = torch.tensor([2, 0, 1])
+    out = []
+    for t in (topk, topk[..., perm]):
+        t = t.clone().requires_grad_()
+        loss, m = policy_loss(cfg, **dict(x, policy_topk_logp=t))
+        out.append((loss, _grad(loss, x["logp"]), m["simko/top1_penalised_frac"]))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-12, atol=1e-12)
+    n_neg = float((x["mask"] & (x["advantages"] < 0)).sum())
+    assert out[0][2] == out[1][2] == pytest.approx(float((is_top1 & x["mask"] & (x["advantages"] < 0)).sum()) / n_neg)
+
+
+def test_top_entropy_quantile_zero_keeps_only_the_highest_entropy_token():
+    """rho = 0 (TRL: "masks all but the highest entropy token"): the quantile at 1 is the maximum,
+    so only the token(s) at the call's maximum entropy keep the policy term."""
+    x = _batch(2, drift=0.3, adv_per_token=True)
+    base = {k: x[k] for k in ("logp", "old_logp", "advantages", "mask", "entropy")}
+    h = torch.where(x["mask"], x["entropy"], -math.inf)
+    top = x["mask"] & (x["entropy"] == h.max())
+    assert int(top.sum()) == 1
+    loss, m = policy_loss(LossConfig(name="gpg", top_entropy_quantile=0.0), **base)
+    n = float(x["mask"].sum())
+    want = torch.where(top, -_adv_bt(x) / n, 0.0)
+    torch.testing.assert_close(_grad(loss, x["logp"]), want, rtol=1e-12, atol=1e-12)
+    assert m["entropy_select/frac"] == pytest.approx(1.0 / n)
+
+
+def test_top_entropy_quantile_with_gmpo_masks_the_term_not_the_ratio():
+    """The selection zeroes the unselected tokens' copies of GMPO's sequence loss; the geometric
+    mean still runs over every token: loss = mean_i (n_sel_i / |y_i|) loss_i (docs/objectives.md)."""
+    x = _batch(6, drift=0.8, adv_per_token=True)
+    base = {k: x[k] for k in ("logp", "old_logp", "advantages", "mask", "entropy")}
+    rho = 0.4
+    h = x["entropy"].numpy()
+    sel = x["mask"] & torch.from_numpy(h >= np.quantile(h[x["mask"].numpy()], 1 - rho))
+    loss, _ = policy_loss(LossConfig(name="gmpo", top_entropy_quantile=rho), **base)
+    share = sel.sum(-1).to(F64) / x["mask"].sum(-1).to(F64)
+    per_seq = [_gmpo_plain(x["logp"][i:i + 1], x["old_logp"][i:i + 1], x["advantages"][i:i + 1],
+                           x["mask"][i:i + 1], 0.4, 0.4) for i in range(x["logp"].shape[0])]
+    want = (share * torch.stack(per_seq)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(loss, x["logp"]), _grad(want, x["logp"]), rtol=1e-12, atol=1e-12)
