@@ -380,17 +380,18 @@ def markdown(res: dict, sz: Sizes) -> str:
 
 
 def _style(arm: str) -> dict:
-    """Colour from style.color (one per method family); the APO readings and KL strengths by line style."""
-    from . import style
+    """Colour and line style from apo_toy.palette (a colour per family, a stroke per variant)."""
+    from apo_toy import palette
 
-    ls = {"apo_old_mass": "--", "apo_old_token": ":", "grpo_kl_0.1": "--", "nsr": "--"}.get(arm, "-")
-    col = style.OKABE_ITO["green"] if arm in ("psr", "nsr") else style.color(arm)
-    return {"color": col, "ls": ls}
+    st = palette.style(arm)
+    return {"color": st["color"], "ls": st["linestyle"]}
 
 
 def _marker(arm: str) -> str:
-    """Frontier markers: the arms that share a colour (APO readings, KL strengths, psr/nsr) differ here."""
-    return {"apo_old_mass": "s", "apo_old_token": "^", "grpo_kl_0.1": "D", "nsr": "v"}.get(arm, "o")
+    """Frontier markers (apo_toy.palette): the arms that share a colour differ here."""
+    from apo_toy import palette
+
+    return palette.style(arm)["marker"]
 
 
 def figures(out_dir: Path, res: dict) -> list[Path]:
@@ -581,4 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
     sys.exit(main())
