@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -193,6 +195,7 @@ print("smallest gaining pi_k:", d0["pi"][1:].min())
 # Solution 3: absolute error ~ eta^2
 e = [np.abs(T.squeeze_profile(x)["measured"] - T.squeeze_profile(x)["first_order"]).max() for x in (0.02, 0.01)]
 assert 3.5 < e[0] / e[1] < 4.5, e
+print("solutions checked")
 
 # %% [markdown]
 # ## Closing checks

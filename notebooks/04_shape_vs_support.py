@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,8 +38,9 @@
 # | $k_2 = \tfrac12\delta^2$ | $\pi\odot(\log\pi - \log\rho - \mathrm{KL}(\pi\Vert\rho))$ | reverse KL (shape) |
 # | $k_3 = e^{\delta} - 1 - \delta$ | $\pi - \rho$ | **forward** KL (mass-covering pull) |
 #
-# For $k_3$: $\nabla_z k_3 = (1 - e^\delta)\nabla_z\log\pi(y)$, and $\sum_y \pi(y)(1-\rho(y)/\pi(y))(e_y - \pi)
-# = \pi - \rho$.
+# For $k_3$, $\nabla_z k_3 = (1 - e^\delta)\nabla_z\log\pi(y)$ and $\nabla_z \log\pi(y) = e_y - \pi$, so
+#
+# $$\mathbb E_{y\sim\pi}[\nabla_z k_3] = \sum_y \pi(y)\Bigl(1-\frac{\rho(y)}{\pi(y)}\Bigr)(e_y - \pi) = \pi - \rho .$$
 #
 # **The sharpening conflict.** Let token 0 be correct and already sharpened, $\pi_0 > \rho_0$. The reward
 # gradient on $z_0$ is $\pi_0(1-p) > 0$. The reverse-KL descent direction on $z_0$ is
