@@ -68,9 +68,9 @@ runs = study("adam", seeds=3, steps=80)
 # %% [markdown]
 # ## Claim 1: the selection rule, applied alike to every arm, decides what the comparison means
 #
-# Left: each arm's validation path (mean over seeds; one line per setting, a marker per checkpoint), the
-# line base + $\tau$ and the checkpoints the validation rule picked. Right: the per-seed test differences and the
-# verdict under each rule.
+# Left: each arm's validation path (mean over seeds; one line per setting, a marker per checkpoint from
+# step 0 at the lower left) and the line base + $\tau$ (the printout below lists the checkpoints each rule
+# picked per seed). Right: the per-seed test differences and the verdict under each rule.
 
 # %%
 def plot_verdict(min_gain=0.05, optimizer="adam"):
