@@ -123,7 +123,7 @@ def plot_silence(drift=1.0):
     ax.text(0.105, 0.85, "paper's beta", fontsize=7, color=palette.COLORS["grey"])
     ax.set(xlabel=r"$\beta$", ylabel="share of A<0 tokens with zero gradient", ylim=(-0.03, 1.03),
            title=f"Rectified APO goes silent past beta = {BETA_STAR:.2f}; push_only never does")
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(0.0, 0.6))
     plt.show()
     return s
 

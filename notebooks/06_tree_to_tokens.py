@@ -209,12 +209,14 @@ ev = run_eval(EvalConfig(model=str(model_dir), adapters=[str(run_dir)], labels=[
 ks = ev["ks"]
 looks = palette.styles(list(ev["models"]))
 fig, ax = plt.subplots(figsize=(6, 3.8))
-for lab, e in ev["models"].items():
-    ax.errorbar(ks, [e["pass@k"][str(k)]["mean"] for k in ks], yerr=[e["pass@k"][str(k)]["se"] or 0 for k in ks],
-                color=looks[lab]["color"], marker=looks[lab]["marker"], capsize=3, label=lab)
+for j, (lab, e) in enumerate(ev["models"].items()):  # models side by side (x nudged) so equal curves stay visible
+    ax.errorbar(np.array(ks) * 1.06 ** j, [e["pass@k"][str(k)]["mean"] for k in ks],
+                yerr=[e["pass@k"][str(k)]["se"] or 0 for k in ks], color=looks[lab]["color"],
+                ls=looks[lab]["linestyle"], marker=looks[lab]["marker"], capsize=3, label=lab)
 ax.set(xscale="log", xlabel="k", ylabel="pass@k (unbiased), $\\pm$1 s.e. over problems",
        title="Base vs the 2-step APO adapter: within noise on 4 problems")
 ax.set_xticks(ks, [str(k) for k in ks])
+ax.minorticks_off()
 ax.legend()
 plt.show()
 

@@ -68,8 +68,8 @@ runs = study("adam", seeds=3, steps=80)
 # %% [markdown]
 # ## Claim 1: the selection rule, applied alike to every arm, decides what the comparison means
 #
-# Left: each arm's validation path (mean over seeds; one line per setting, a marker per checkpoint from
-# step 0 at the lower left) and the line base + $\tau$ (the printout below lists the checkpoints each rule
+# Left: each arm's validation path (mean over seeds; one line per setting, a marker per checkpoint, all
+# starting at the base, the black star) and the line base + $\tau$ (the printout below lists the checkpoints each rule
 # picked per seed). Right: the per-seed test differences and the verdict under each rule.
 
 # %%
@@ -84,12 +84,15 @@ def plot_verdict(min_gain=0.05, optimizer="adam"):
             lk = looks[f"{m}@{st}"]
             a1.plot(v1, vk, color=lk["color"], ls=lk["linestyle"], marker=lk["marker"], ms=4,
                     label=f"{style.label(m)}, {T.VERDICT_GRID[m][0]} = {st}")
-    base1 = np.mean([T.pass_at(c["val_p"][0], 1) for c in r[ARMS[0]][next(iter(r[ARMS[0]]))]])
+    first = r[ARMS[0]][next(iter(r[ARMS[0]]))]  # step 0 of every run is the base model
+    base1 = np.mean([T.pass_at(c["val_p"][0], 1) for c in first])
+    a1.plot(base1, np.mean([T.pass_at(c["val_p"][0], 64) for c in first]), "*", ms=14, color="k", zorder=5,
+            label="base (step 0 of every path)")
     a1.axvline(base1 + min_gain, color="k", ls=":", lw=1)
     a1.text(base1 + min_gain, a1.get_ylim()[0], r" base + $\tau$ (seed mean)", fontsize=8, va="bottom")
     a1.set(xlabel="validation pass@1", ylabel="validation pass@64",
            title="Validation paths: every checkpoint of every setting")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     verdicts = {rule: T.verdict(r, rule, 64, min_gain) for rule in ("last", "validation")}
     for i, (rule, v) in enumerate(verdicts.items()):
         a2.scatter(np.full(len(v["diff"]), i) + np.linspace(-0.08, 0.08, len(v["diff"])), v["diff"],
