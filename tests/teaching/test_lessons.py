@@ -4,9 +4,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from apo_toy import palette
 from apo_toy import teaching as T
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The lessons run single-threaded (small tensors; CI has 2 shared cores): so do their data here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_lesson2_contraction_is_visible():
