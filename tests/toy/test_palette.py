@@ -22,11 +22,9 @@ def _figure_arm_lists() -> dict[str, list[str]]:
     lists["sim.quick_frontier"] = _names(sim.QUICK_FRONTIER_ARMS)
     lists["sim.ablation"] = ["base", "grpo", "apo", "apo_push_only", "apo_inclusive", "apo@K=2", "apo@K=4"]
     lists["llm_miniature"] = _names(llm_miniature.ARMS)
-    try:
-        from notebooks import lessons
-    except ImportError:  # the course's helper module (notebooks/lessons.py)
-        return lists
-    lists.update({f"lesson {k}": _names(v) for k, v in lessons.FIGURE_ARMS.items()})
+    from apo_toy import teaching
+
+    lists.update({f"lesson {k}": _names(v) for k, v in teaching.FIGURE_ARMS.items()})
     return lists
 
 
