@@ -19,7 +19,7 @@ from apo_llm.objectives import LossConfig, anchor_ratio, policy_loss
 
 from .coupled import CoupledSpec, build_coupled_suite
 from .dynamics import exact_batch, exact_loss, exact_update
-from .measures import per_prompt_success
+from .measures import PASS_KS, per_prompt_success
 from .methods import get_method
 from .node import squeeze_step
 from .presets import RSC_RUN, RunConfig, _optimizer, get_preset, make_policy, run
@@ -125,8 +125,6 @@ def crossover(steps: int = 150, arms: Sequence[str] = ("grpo", "apo_old_token"),
     spec = dataclasses.replace(pre.spec, n_train=n_train, n_heldout=n_heldout)
     cfg = dataclasses.replace(pre.cfg, steps=steps, eval_every=steps)
     table = run(spec, list(arms), cfg, seeds=seeds, preset="rsc")
-    from .measures import PASS_KS
-
     ks = np.array(PASS_KS)
     fin = table.final()
 
