@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast notebooks clean
+.PHONY: setup demo test test-fast notebooks notebooks-html clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,12 @@ $(VENV)/.notebooks: $(VENV)/.installed
 
 notebooks: $(VENV)/.notebooks
 	HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter lab notebooks/
+
+# Every lesson executed (headless, widgets at their defaults) and rendered to HTML for reading
+# without Jupyter: runs/notebooks_html/<lesson>.html
+notebooks-html: $(VENV)/.notebooks
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(VENV)/bin/jupyter nbconvert --to html --execute \
+		--ExecutePreprocessor.timeout=600 --output-dir runs/notebooks_html notebooks/[0-9][0-9]_*.ipynb
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

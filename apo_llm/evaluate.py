@@ -406,10 +406,7 @@ def markdown_deltas(deltas: dict, ks: Sequence[int]) -> str:
 
 def plot_pass_at_k(summary: dict, ks: Sequence[int], path: str | Path, title: str = "") -> None:
     """pass@k against k on a log2 axis, one curve per model, error bars = 1 SE across problems."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's: a notebook keeps its inline plots
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, e in summary.items():
@@ -553,6 +550,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
     from apo_llm.cli import run_or_exit
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
 
     run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2

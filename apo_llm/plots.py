@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from apo_toy import palette
+
 # (title, metric key, y-scale) per panel, in reading order; panels whose metric is absent are left out.
 # "eval" stands for every eval/pass@k key found (one panel, they share the [0, 1] scale).
 PANELS = [
@@ -76,12 +78,19 @@ def _panels(steps: list[dict], evals: list[dict]) -> list[tuple[str, list[str], 
     return out
 
 
+def _method_of(run_dir: Path) -> str:
+    """The run's loss name from its config.yaml (for its palette colour); 'grpo' when absent."""
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        return str(((yaml.safe_load(cfg.read_text()) or {}).get("loss") or {}).get("name") or "grpo")
+    return "grpo"
+
+
 def plot_run(run_dir: str | Path, window: int = 0) -> list[Path]:
     """Write curves.png into run_dir; returns the written paths. window 0: about a tenth of the steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's (library code never sets it)
 
     run_dir = Path(run_dir)
     steps, evals = read_metrics(run_dir / "metrics.jsonl")
@@ -89,15 +98,19 @@ def plot_run(run_dir: str | Path, window: int = 0) -> list[Path]:
     if not panels:
         return []
     window = window or max(3, len(steps) // 10)
+    method = _method_of(run_dir)
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 2.9 * rows), squeeze=False)
     for ax, (title, keys, scale, src) in zip(axes.flat, panels):
-        for i, k in enumerate(keys):
+        # the run's method colour (apo_toy.palette); the pass@k curves as variants of it, k by stroke
+        looks = palette.styles(f"{method}@{k.removeprefix('eval/')}" for k in keys)
+        for k, look in zip(keys, looks.values()):
             xs, ys = _series(src, k)
-            color = f"C{i}"
+            color = look["color"]
             if src is evals:  # a few points: markers, no smoothing
-                ax.plot(xs, ys, marker="o", ms=4, color=color, label=k.removeprefix("eval/"))
+                ax.plot(xs, ys, marker=look["marker"], ls=look["linestyle"], ms=4, color=color,
+                        label=k.removeprefix("eval/"))
             else:
                 ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8, label="per step")
                 ax.plot(xs, smooth(ys, window), color=color, lw=1.8, label=f"mean of {window} steps")
@@ -119,5 +132,8 @@ def plot_run(run_dir: str | Path, window: int = 0) -> list[Path]:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
     for p in plot_run(sys.argv[1] if len(sys.argv) > 1 else "."):
         print(p)

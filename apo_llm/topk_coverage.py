@@ -219,10 +219,7 @@ def markdown_table(report: dict) -> str:
 
 def plot_coverage(report: dict, path: str | Path, title: str = "") -> None:
     """Coverage against K (log2 axis): all tokens, each position bucket, and the paper's points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's: a notebook keeps its inline plots
 
     ks = report["ks"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -324,6 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
     from apo_llm.cli import run_or_exit
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
 
     run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2

@@ -1,4 +1,4 @@
-"""One decision node: the single-step dynamics that notebook 01 and the squeezing figure show.
+"""One decision node: the single-step dynamics that lesson 01 and the squeezing figure show.
 
 docs/theory.md section 2: one descent step on log pi_ybar moves log pi_k by eta (pi_k - ||pi||^2 + pi_ybar)
 to first order, so only tokens above ||pi||^2 - pi_ybar gain (negative squeezing).

@@ -8,49 +8,34 @@ labels inside the panels (numbers go to table.md / frontier.md).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from . import palette
 from .measures import PASS_KS
 from .presets import Table
 
 CURVE_KEYS = ("pass@1", "pass@256", "coverage", "manifold_mass", "entropy")
 NULL = "grpo"
-# one fixed colour per method family (the part of the name before "@"), so every figure agrees;
-# the three APO readings get clearly different hues (blue / cyan / red)
-FAMILY_COLORS = {
-    "grpo": "#000000", "grpo@lr": "#ff7f0e", "dr_grpo": "#c49c94", "dapo": "#ffbb78", "grpo_kl": "#2ca02c",
-    "grpo_kl_full": "#98df8a", "kl_on_wrong": "#bcbd22", "topk_kl_on_wrong": "#9467bd", "entropy": "#8c564b",
-    "apo": "#1f77b4", "apo_old_mass": "#17becf", "apo_old_token": "#d62728", "apo_push_only": "#aec7e8",
-    "apo_inclusive": "#c5b0d5", "psr": "#7f7f7f", "nsr": "#c7c7c7", "w_reinforce": "#dbdb8d", "passk": "#e377c2",
-    "clip_cov": "#ff9896", "kl_cov": "#f7b6d2", "npg": "#555555",
-}
-# the TRL / verl peers and SimKO (apo_toy/methods.py)
-FAMILY_COLORS.update({"cispo": "#e6550d", "gspo": "#31a354", "gspo_token": "#74c476", "sapo": "#756bb1",
-                      "gmpo": "#636363", "gpg": "#fd8d3c", "dppo_tv": "#3182bd", "dppo_kl": "#9ecae1", "simko": "#de2d26", "simko_token": "#fc9272"})
+# every arm's colour / line style / marker: apo_toy/palette.py (one palette for every figure)
 
 
 def _plt():
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's (library code never sets it)
 
     return plt
 
 
 def family(method: str) -> str:
-    """'apo_old_mass@beta=0.1' -> 'apo_old_mass'; 'grpo@lr_x0.5' -> 'grpo@lr' (GRPO at a lower lr)."""
-    return "grpo@lr" if method.startswith("grpo@lr") else method.split("@")[0].split(" ")[0]
+    """'apo_old_mass@beta=0.1' -> 'apo_old_mass'; 'grpo@lr_x0.5' -> 'grpo_low_lr' (apo_toy.palette)."""
+    return palette.family(method)
 
 
 def color(method: str) -> str:
-    """The family's fixed colour (dark grey for names outside FAMILY_COLORS)."""
-    return FAMILY_COLORS.get(family(method), "#444444")
+    """The family's fixed colour (apo_toy.palette)."""
+    return palette.color(method)
 
 
 def steps_matrix(runs: Table, method: str, key: str, seeds: list) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +48,17 @@ def steps_matrix(runs: Table, method: str, key: str, seeds: list) -> tuple[np.nd
     return steps, vals
 
 
-def _band(ax, x, vals, c, label=None, lw=1.4, z=2):
+def _look(st: dict, n_points: int) -> dict:
+    """matplotlib kwargs of a palette look; markers thinned to about 8 per curve."""
+    return {"color": st["color"], "ls": st["linestyle"], "marker": st["marker"], "ms": 4,
+            "markevery": max(1, n_points // 8)}
+
+
+def _band(ax, x, vals, st, label=None, lw=1.4, z=2):
     mean, sd = np.nanmean(vals, 0), np.nanstd(vals, 0)
-    ax.plot(x, mean, color=c, lw=lw, label=label, zorder=z)
+    ax.plot(x, mean, **_look(st, len(x)), lw=lw, label=label, zorder=z)
     if vals.shape[0] > 1:
-        ax.fill_between(x, mean - sd, mean + sd, color=c, alpha=0.15, lw=0, zorder=z - 1)
+        ax.fill_between(x, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0, zorder=z - 1)
 
 
 def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence[str]] = None) -> Path:
@@ -78,6 +69,7 @@ def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence
     methods = list(methods or runs.unique("method"))
     seeds = runs.unique("seed")
     has_null = NULL in methods
+    looks = palette.styles(["base"] + methods)
     fig, axes = plt.subplots(2 if has_null else 1, len(CURVE_KEYS), figsize=(4 * len(CURVE_KEYS), 7 if has_null else 3.8),
                              squeeze=False)
     for j, key in enumerate(CURVE_KEYS):
@@ -85,8 +77,8 @@ def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence
         for m in methods:
             steps, v = steps_matrix(runs, m, key, seeds)
             is_null = m == NULL
-            ax.plot(steps, np.nanmean(v, 0), color=color(m), lw=2.6 if is_null else 1.3, zorder=5 if is_null else 2,
-                    label=m)
+            ax.plot(steps, np.nanmean(v, 0), **_look(looks[m], len(steps)), lw=2.6 if is_null else 1.3,
+                    zorder=5 if is_null else 2, label=m)
         if len(base):
             ax.axhline(np.nanmean(base.column(key)), color="grey", ls="--", lw=1, label="base (reference)")
         ax.set_title(key)
@@ -99,7 +91,7 @@ def plot_curves(table: Table, out: Path, preset: str, methods: Optional[Sequence
                 steps, v = steps_matrix(runs, m, key, seeds)
                 common = np.intersect1d(steps, s0)
                 d = v[:, np.searchsorted(steps, common)] - v0[:, np.searchsorted(s0, common)]  # [seeds, S] same seed
-                _band(ax2, common, d, color(m))
+                _band(ax2, common, d, looks[m])
             ax2.axhline(0.0, color="#000000", lw=1.2)
             ax2.set_title(f"{key} minus GRPO (same seed)")
             ax2.set_xlabel("step")
@@ -129,11 +121,12 @@ def plot_pass_at_k(table: Table, out: Path, preset: str, methods: Optional[Seque
         return np.array([[by[s].get(f"pass@{k}", np.nan) if s in by else np.nan for k in ks] for s in seeds])
 
     has_null = NULL in methods
+    looks = palette.styles(["base"] + methods)
     fig, axes = plt.subplots(1, 2 if has_null else 1, figsize=(12 if has_null else 6.5, 4.5), squeeze=False)
     ax = axes[0, 0]
     for m in methods:
-        ax.plot(ks, np.nanmean(mat(fin.where(method=m)), 0), color=color(m), lw=2.6 if m == NULL else 1.3,
-                marker="o", ms=3, zorder=5 if m == NULL else 2, label=m)
+        ax.plot(ks, np.nanmean(mat(fin.where(method=m)), 0), **_look(looks[m], len(ks)), lw=2.6 if m == NULL else 1.3,
+                zorder=5 if m == NULL else 2, label=m)
     if len(base):
         ax.plot(ks, np.nanmean(mat(base), 0), color="grey", ls="--", marker="s", ms=3, label="base (reference)")
     ax.set_xscale("log", base=2)
@@ -143,7 +136,7 @@ def plot_pass_at_k(table: Table, out: Path, preset: str, methods: Optional[Seque
         ref = mat(fin.where(method=NULL))
         for m in methods:
             if m != NULL:
-                _band(ax2, ks, mat(fin.where(method=m)) - ref, color(m))
+                _band(ax2, ks, mat(fin.where(method=m)) - ref, looks[m])
         if len(base):
             ax2.plot(ks, np.nanmean(mat(base) - ref, 0), color="grey", ls="--", marker="s", ms=3)
         ax2.axhline(0.0, color="#000000", lw=1.2)

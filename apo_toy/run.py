@@ -216,4 +216,7 @@ def replot(out: Path) -> int:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
     sys.exit(main())

@@ -57,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import llm, sim, style
 
     torch.set_num_threads(max(args.threads, 1))
+    import matplotlib
+
+    matplotlib.use("Agg")  # this entry point writes files only
     style.setup()
     sz = sim.QUICK if args.quick else sim.FULL
     out = args.out

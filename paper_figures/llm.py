@@ -140,8 +140,8 @@ def fig_eval(out: Path, eval_dirs: Sequence[Path]) -> tuple[list[Path], dict]:
             mean = [entry["pass@k"][str(k)]["mean"] for k in ks]
             se = [entry["pass@k"][str(k)]["se"] or 0.0 for k in ks]
             name = lab if len(eval_dirs) == 1 else f"{d.name}/{lab}"
-            ax.errorbar(ks, mean, yerr=se, color=style.color(lab), ls=style.linestyle(style.family(lab)),
-                        marker="o", ms=4, capsize=3, label=f"{name} ({entry['problems']} problems, n={entry['n']})")
+            ax.errorbar(ks, mean, yerr=se, color=style.color(lab), ls=style.linestyle(lab), marker=style.marker(lab),
+                        ms=4, capsize=3, label=f"{name} ({entry['problems']} problems, n={entry['n']})")
             info[name] = dict(zip([f"pass@{k}" for k in ks], mean))
     ks = sorted(all_ks)
     ax.set_xscale("log", base=2)

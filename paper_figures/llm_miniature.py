@@ -572,29 +572,20 @@ def markdown(res: dict, sz: Sizes) -> str:
 # Figures
 # --------------------------------------------------------------------------------------------
 
-# colours: one per family (style.color where it has one); APO's readings by colour, beta by line style
-_BETA_LS = {f"{b:g}": ls for b, ls in zip(BETAS, (":", "--", "-"))}
-
 
 def _style(arm: str) -> dict:
-    from . import style
+    """Colour and line style from apo_toy.palette (a colour per family, a stroke per variant)."""
+    from apo_toy import palette
 
-    fam, _, beta = arm.partition("_b")
-    if fam in READINGS:
-        col = {"apo_ref": style.OKABE_ITO["blue"], "apo_old_mass": style.OKABE_ITO["sky"],
-               "apo_old_token": style.OKABE_ITO["purple"]}[fam]
-        return {"color": col, "ls": _BETA_LS.get(beta, "-")}
-    if arm in ("psr", "nsr"):
-        return {"color": style.OKABE_ITO["green"], "ls": "--" if arm == "nsr" else "-"}
-    if arm == SILENCE_LOSS:
-        return {"color": style.OKABE_ITO["grey"], "ls": "-."}
-    return {"color": style.color(arm), "ls": ":" if arm == "grpo_kl_1e-3" else "-"}
+    st = palette.style(arm)
+    return {"color": st["color"], "ls": st["linestyle"]}
 
 
 def _marker(arm: str) -> str:
-    """Frontier markers: the arms that share a colour (beta strengths, KL strengths, psr/nsr) differ here."""
-    beta = arm.partition("_b")[2] if arm.partition("_b")[0] in READINGS else ""
-    return {"0.01": "v", "0.03": "s"}.get(beta) or {"grpo_kl_1e-3": "D", "nsr": "v"}.get(arm, "o")
+    """Frontier markers (apo_toy.palette): the arms that share a colour differ here."""
+    from apo_toy import palette
+
+    return palette.style(arm)["marker"]
 
 
 def figures(out_dir: Path, res: dict) -> list[Path]:
@@ -848,4 +839,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
     sys.exit(main())

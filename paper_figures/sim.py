@@ -159,14 +159,14 @@ def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
     for m in ["base"] + arms:
         vals = base if m == "base" else np.array([_final(table, m, f"pass@{k}") for k in PASS_KS])
         mean, std = vals.mean(1), vals.std(1)
-        ls = "--" if "@" in m else style.linestyle(m)  # the weak-KL variant shares its family's colour
-        a1.errorbar(PASS_KS, mean, yerr=std, color=style.color(m), ls=ls, marker="o", ms=4, capsize=3,
+        ls, mk = style.linestyle(m), style.marker(m)  # a variant keeps its family's colour, not its stroke
+        a1.errorbar(PASS_KS, mean, yerr=std, color=style.color(m), ls=ls, marker=mk, ms=4, capsize=3,
                     label=style.label(m))
         info[m] = {f"pass@{k}": float(v) for k, v in zip(PASS_KS, mean)}
         if m == "base":
             continue
         d = vals - base  # paired by suite
-        a2.errorbar(PASS_KS, d.mean(1), yerr=d.std(1), color=style.color(m), ls=ls, marker="o", ms=4, capsize=3,
+        a2.errorbar(PASS_KS, d.mean(1), yerr=d.std(1), color=style.color(m), ls=ls, marker=mk, ms=4, capsize=3,
                     label=style.label(m))
         kstar = _final(table, m, "crossover_k")  # NaN where a seed has no crossover up to k = 1024
         info[m]["crossover_k_median"] = float(np.nanmedian(kstar)) if np.isfinite(kstar).any() else None
@@ -253,7 +253,8 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
         _, grpo = _curves(table, "grpo", key)
         for m in RECOVERY_METHODS:
             steps, vals = _curves(table, m, key)
-            ax.plot(steps, vals.mean(0), color=style.color(m), ls=style.linestyle(m), lw=2.6 if m == "grpo" else 1.4,
+            ax.plot(steps, vals.mean(0), color=style.color(m), ls=style.linestyle(m), marker=style.marker(m),
+                    markevery=max(1, len(steps) // 8), ms=4, lw=2.6 if m == "grpo" else 1.4,
                     zorder=5 if m == "grpo" else 2, label=style.label(m))
             if m != "grpo":
                 style.band(dax, steps, vals - grpo, m)
@@ -279,7 +280,6 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
 
 
 HATCH = {"apo@K=2": "//", "apo@K=4": ".."}  # K variants share APO's colour
-VARIANT_LS = {"apo@K=2": "-.", "apo@K=4": ":"}
 
 
 def fig_ablation(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
@@ -312,7 +312,7 @@ def fig_ablation(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     for m in names[1:]:
         steps, vals = _curves(table, m, "apo/neg_clipped_frac")
         ok = steps > 0
-        style.band(ax, steps[ok], vals[:, ok], m, lbl=style.label(m), ls=VARIANT_LS.get(m, style.linestyle(m)))
+        style.band(ax, steps[ok], vals[:, ok], m, lbl=style.label(m))
         info[f"{m}/neg_clipped_frac"] = float(np.nanmean(vals[:, ok]))
     ax.set_xlabel("RL step")
     ax.set_ylabel("clipped share of A<0 tokens")

@@ -1,8 +1,8 @@
-"""One look for every figure: Okabe-Ito colours, one fixed colour per method, saving PNG + PDF.
+"""One look for every figure: the palette of apo_toy/palette.py, readable labels, saving PNG + PDF.
 
-The Okabe-Ito palette (Okabe & Ito, "Color Universal Design", 2008) stays distinguishable under
-the common colour-vision deficiencies. Every figure and notebook takes a method's colour from
-`color(method)`, so "apo" is the same blue everywhere.
+Every figure and notebook takes a method's colour, line style and marker from apo_toy.palette
+(Okabe-Ito colours first), so "apo" is the same blue everywhere and a variant (apo@beta=0.2) keeps
+its family's colour with its own stroke.
 """
 
 from __future__ import annotations
@@ -12,31 +12,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-OKABE_ITO = {
-    "black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73",
-    "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7",
-    "grey": "#999999",
-}
+from apo_toy import palette
 
-# method (simulator name, trainer loss name or evaluator label) -> colour; defined once here
-METHOD_COLORS = {
-    "base": OKABE_ITO["black"],
-    "grpo": OKABE_ITO["vermillion"],
-    "dr_grpo": OKABE_ITO["vermillion"],
-    "dapo": OKABE_ITO["vermillion"],
-    "w_reinforce": OKABE_ITO["yellow"],
-    "grpo_kl": OKABE_ITO["orange"],
-    "grpo_kl_full": OKABE_ITO["purple"],
-    "kl_on_wrong": OKABE_ITO["sky"],
-    "entropy": OKABE_ITO["yellow"],
-    "apo": OKABE_ITO["blue"],
-    "apo_push_only": OKABE_ITO["green"],
-    "apo_old_mass": OKABE_ITO["sky"],  # the other readings of r_anchor: APO's hues, told apart by line
-    "apo_old_token": OKABE_ITO["blue"],  # style too (LINESTYLES)
-    "topk_kl_on_wrong": OKABE_ITO["grey"],
-    "apo_inclusive": OKABE_ITO["grey"],
-    "npg": OKABE_ITO["grey"],
-}
+# colours, line styles and markers: apo_toy/palette.py, the one palette of every figure and notebook
+OKABE_ITO = palette.OKABE_ITO
 
 METHOD_LABELS = {
     "base": "base (reference)",
@@ -55,45 +34,36 @@ METHOD_LABELS = {
     "topk_kl_on_wrong": "Top-K KL on wrong",
     "apo_inclusive": "APO (inclusive anchors)",
     "npg": "natural PG (yardstick)",
+    "grpo_low_lr": "GRPO, lower lr",
 }
 
-LINESTYLES = {"npg": ":", "base": "--", "apo_inclusive": "--", "dr_grpo": "--", "grpo_kl_full": "-",
-              "apo_old_mass": "--", "apo_old_token": (0, (1, 1)), "topk_kl_on_wrong": "-."}
-
-
 def family(method: str) -> str:
-    """'apo@beta=0.3' -> 'apo', 'grpo_kl@0.05' -> 'grpo_kl', 'apo-tiny' -> 'apo' (best effort)."""
-    name = method.split("@")[0].split("[")[0]
-    if name in METHOD_COLORS:
-        return name
-    for key in sorted(METHOD_COLORS, key=len, reverse=True):  # longest prefix first: grpo_kl before grpo
-        if name.startswith(key):
-            return key
-    return name
+    """'apo@beta=0.3' -> 'apo', 'grpo_kl@0.05' -> 'grpo_kl', 'apo-tiny' -> 'apo' (apo_toy.palette)."""
+    return palette.family(method)
 
 
 def color(method: str) -> str:
-    """The method's fixed colour (grey for unknown names)."""
-    return METHOD_COLORS.get(family(method), OKABE_ITO["grey"])
+    """The method's fixed colour (apo_toy.palette; grey for unknown names)."""
+    return palette.color(method)
+
+
+def linestyle(method: str):
+    return palette.style(method)["linestyle"]
+
+
+def marker(method: str) -> str:
+    return palette.style(method)["marker"]
 
 
 def label(method: str) -> str:
     """Readable legend label; variants keep their suffix (apo@K=4 -> 'APO (rectified clip) K=4')."""
-    fam = family(method)
+    fam, suffix = palette.split(method)
     base = METHOD_LABELS.get(fam, method)
-    suffix = method[len(fam):].lstrip("@_-")
     return f"{base} {suffix}" if suffix and method != fam else base
 
 
-def linestyle(method: str):
-    return LINESTYLES.get(method, LINESTYLES.get(family(method), "-"))
-
-
 def setup() -> None:
-    """Headless backend and readable defaults (call before creating figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Readable defaults (call before creating figures); the backend is the caller's."""
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({
@@ -107,8 +77,12 @@ def band(ax, x: Sequence[float], runs: np.ndarray, method: str, lbl: Optional[st
     """Mean over seeds (rows of `runs`, [seeds, steps]) with a +-1 std band."""
     runs = np.atleast_2d(np.asarray(runs, dtype=float))
     mean, std = runs.mean(0), runs.std(0)
-    c = kw.pop("color", color(method))
-    ax.plot(x, mean, color=c, ls=kw.pop("ls", linestyle(method)), lw=kw.pop("lw", 1.8),
+    look = palette.style(method)
+    c = kw.pop("color", look["color"])
+    kw.setdefault("marker", look["marker"])
+    kw.setdefault("markevery", max(1, len(x) // 8))
+    kw.setdefault("ms", 4)
+    ax.plot(x, mean, color=c, ls=kw.pop("ls", look["linestyle"]), lw=kw.pop("lw", 1.8),
             label=lbl if lbl is not None else label(method), **kw)
     if runs.shape[0] > 1:
         ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.18, lw=0)
