@@ -43,7 +43,7 @@ import numpy as np
 from apo_llm.data import load_eval_problems, parse_dataset
 from apo_llm.cli import build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
 from apo_llm.metrics import pass_at_k
-from apo_llm.modeling import load_base_model
+from apo_llm.modeling import load_base_model, peft_trl_deprecation_quiet
 from apo_llm.prompts import format_prompts
 
 PER_PROBLEM_FILE = "per_problem.jsonl"
@@ -374,6 +374,59 @@ def paired_deltas(records: Sequence[dict], ks: Sequence[int], reference: str, la
     return out
 
 
+NOISE_SE = 2.0  # a change smaller than 2 standard errors is reported as "within noise"
+
+
+def verdict(stat: dict) -> str:
+    """'up' / 'down' when |mean| >= NOISE_SE s.e., else 'within noise' (no s.e.: 'no s.e.')."""
+    if stat["se"] is None:
+        return "no s.e."
+    if abs(stat["mean"]) < NOISE_SE * stat["se"]:
+        return "within noise"
+    return "up" if stat["mean"] > 0 else "down"
+
+
+def held_out_change(first: dict, last: dict, n: int, ks: Sequence[int]) -> dict:
+    """Two held-out evaluations of the same problems at the same sampling seed (the trainer's
+    `eval/...` records with per-problem correct counts under "correct"): pass@k of each (mean ± s.e.
+    over problems) and the paired per-problem change last - first (mean ± s.e.), by summarize and
+    paired_deltas. Returns {k: {"first", "last", "change", "verdict"}}."""
+    a, b = f"step {first['step']}", f"step {last['step']}"
+    recs = [{"model": lab, "problem_id": str(i), "n": n, "c": int(c)}
+            for lab, ev in ((a, first), (b, last)) for i, c in enumerate(ev["correct"])]
+    s = summarize(recs, ks, labels=[a, b])
+    d = paired_deltas(recs, ks, a, [b])[b]["pass@k"]
+    return {k: {"first": s[a]["pass@k"][str(k)], "last": s[b]["pass@k"][str(k)], "change": d[str(k)],
+                "verdict": verdict(d[str(k)])} for k in ks}
+
+
+def training_report(steps: Sequence[dict], evals: Sequence[dict], n: int, window: int = 5) -> str:
+    """The trainer's closing summary: the training reward of the first vs the last `window` steps
+    (mean ± s.e. over steps) and every held-out pass@k at the first and last evaluation with the
+    paired change and its s.e., each with a plain word; says so when nothing moved beyond noise."""
+    lines = []
+    rewards = [r["reward"] for r in steps if r.get("reward") is not None]
+    if len(rewards) >= 2 * window:
+        r0, r1 = mean_se(rewards[:window]), mean_se(rewards[-window:])
+        diff = {"mean": r1["mean"] - r0["mean"], "se": math.hypot(r0["se"], r1["se"])}
+        lines.append(f"training reward (mean of the first vs last {window} steps ± s.e. over steps): "
+                     f"{_fmt(r0)} -> {_fmt(r1)}, change {_fmt(diff, signed=True)}: {verdict(diff)}")
+    evals = [e for e in evals if "correct" in e]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        ks = sorted(int(k.split("@")[1]) for k in first if k.startswith("eval/pass@"))
+        change = held_out_change(first, last, n, ks)
+        lines.append(f"held-out ({len(first['correct'])} problems x {n} samples, ± s.e. over problems), "
+                     f"step {first['step']} -> {last['step']}:")
+        lines += [f"  pass@{k}: {_fmt(c['first'])} -> {_fmt(c['last'])}, paired change "
+                  f"{_fmt(c['change'], signed=True)}: {c['verdict']}" for k, c in change.items()]
+        if all(c["verdict"] == "within noise" for c in change.values()):
+            lines.append("held-out pass@k did not change beyond noise: a run this short shows the pipeline, "
+                         "not a method's effect; the comparison of methods with its uncertainty is "
+                         "`python -m paper_figures.llm_miniature` (docs/results.md)")
+    return "\n".join(lines)
+
+
 def _fmt(stat: Optional[dict], signed: bool = False) -> str:
     if not stat:
         return "-"
@@ -405,9 +458,6 @@ def markdown_deltas(deltas: dict, ks: Sequence[int]) -> str:
 
 def plot_pass_at_k(summary: dict, ks: Sequence[int], path: str | Path, title: str = "") -> None:
     """pass@k against k on a log2 axis, one curve per model, error bars = 1 SE across problems."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -480,7 +530,8 @@ def load_adapters(model: Any, specs: Sequence[str], labels: Sequence[str], model
             warnings.warn(f"adapters: {spec!r} was trained on {trained_on!r} but the base model is {model_path!r}")
         try:
             if i == 0:
-                peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
+                with peft_trl_deprecation_quiet():
+                    peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
             else:
                 peft_model.load_adapter(spec, adapter_name=label, is_trainable=False)
         except Exception as err:  # peft/hub errors vary; name the adapter that failed

@@ -78,9 +78,6 @@ def _panels(steps: list[dict], evals: list[dict]) -> list[tuple[str, list[str], 
 
 def plot_run(run_dir: str | Path, window: int = 0) -> list[Path]:
     """Write curves.png into run_dir; returns the written paths. window 0: about a tenth of the steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)

@@ -219,9 +219,6 @@ def markdown_table(report: dict) -> str:
 
 def plot_coverage(report: dict, path: str | Path, title: str = "") -> None:
     """Coverage against K (log2 axis): all tokens, each position bucket, and the paper's points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks = report["ks"]

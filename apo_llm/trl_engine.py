@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
 from apo_llm.modeling import (
-    chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
+    chunked_token_stats, peft_trl_deprecation_quiet, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.passes import loss_inputs
@@ -433,7 +433,8 @@ def train_trl(cfg: RunConfig) -> dict:
         torch.set_num_threads(cfg.train.num_threads)
     fill_loss_norm_len(cfg)
     trainer = build_trainer(cfg)
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    with peft_trl_deprecation_quiet():  # TRL reads the deprecated alias around every generation
+        result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     summary = {"steps": trainer.state.global_step // cfg.train.ppo_epochs, "finished": True, "engine": "trl",
                "run_dir": str(cfg.run_dir), "world_size": world_size(), "train_metrics": result.metrics, "eval": []}
     if trainer.is_world_process_zero():

@@ -8,7 +8,6 @@ labels inside the panels (numbers go to table.md / frontier.md).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,10 +30,6 @@ FAMILY_COLORS = {
 
 
 def _plt():
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

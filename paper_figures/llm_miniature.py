@@ -190,7 +190,7 @@ def _evaluate_split(out: Path, adapters: dict[str, Path], sz: Sizes, threads: in
 
     from apo_llm.evaluate import (PER_PROBLEM_FILE, format_prompts, load_eval_problems, model_context,
                                   read_records, evaluate_model)
-    from apo_llm.modeling import load_model_and_tokenizer
+    from apo_llm.modeling import load_model_and_tokenizer, peft_trl_deprecation_quiet
     from apo_llm.tiny import ensure_tiny_model
 
     cfg = eval_settings(sz, threads, split)
@@ -216,7 +216,8 @@ def _evaluate_split(out: Path, adapters: dict[str, Path], sz: Sizes, threads: in
             continue
         name = re.sub(r"[^0-9A-Za-z_-]", "_", label)  # torch module names refuse "." (grpo_kl_0.1)
         if model is None:
-            model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=name, is_trainable=False)
+            with peft_trl_deprecation_quiet():
+                model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=name, is_trainable=False)
         else:
             model.load_adapter(str(adapters[label]), adapter_name=name, is_trainable=False)
         model.eval()

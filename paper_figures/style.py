@@ -90,10 +90,8 @@ def linestyle(method: str):
 
 
 def setup() -> None:
-    """Headless backend and readable defaults (call before creating figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Readable defaults (call before creating figures). The backend is left alone: library code never
+    sets it, so a notebook keeps its inline figures; headless, matplotlib falls back to Agg itself."""
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({

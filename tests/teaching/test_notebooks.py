@@ -56,3 +56,7 @@ def test_notebook_runs_and_checks_pass(path: Path, tmp_path: Path, request, monk
     last = nb.cells[-1]
     text = "".join(o.get("text", "") for o in last.get("outputs", []) if o.get("output_type") == "stream")
     assert "all checks passed" in text, f"{path.name}: closing checks did not report success"
+    # every story plots: its figures must reach the output (a library call that switched the backend
+    # to Agg, as plot_pass_at_k once did in notebook 05, silently removed them)
+    figures = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert figures, f"{path.name}: no figure in the executed notebook's outputs"
