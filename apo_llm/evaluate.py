@@ -70,18 +70,20 @@ class EvalConfig:
     labels: list[str] = cli_field([], "one label per adapter (default: the adapter directory name)", nargs="*")
     no_base: bool = cli_field(False, "do not evaluate the base model (label 'base')")
     dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
-    split: str = cli_field("test", "dataset split")
+    split: str = cli_field("test", "dataset split: gsm8k train | test; math train | test; math500 test; synthetic "
+                                   "any name is its own stream (test; test_hard has 4 events per problem)")
     n: int = cli_field(16, "samples per problem (n >= max k)")
     k: str = cli_field("1,4,16", "comma-separated k values for pass@k")
     temperature: float = cli_field(1.0, "sampling temperature (> 0)")
     top_p: float = cli_field(1.0, "nucleus sampling top-p in (0, 1]")
     max_new_tokens: int = cli_field(256, "generation length limit")
     limit: Optional[int] = cli_field(None, "evaluate only the first LIMIT problems")
-    out: str = cli_field("runs/eval", "output directory (reused = resumed)")
+    out: str = cli_field("runs/eval", "output directory; reused = resumed (per_problem.jsonl is extended, "
+                                 "summary.json and pass_at_k.png are overwritten)")
     batch_size: int = cli_field(64, "sequences per generate call (batch_size // n problems per call)")
     seed: int = cli_field(0, "sampling seed (each problem batch gets a seed derived from it)")
     save_completions: bool = cli_field(False, "store every completion and its reward in per_problem.jsonl")
-    reward: Optional[str] = cli_field(None, "reward function name (default: the dataset's default)")
+    reward: Optional[str] = cli_field(None, "gsm8k_strict | gsm8k_flexible | math | synthetic (default: the dataset's)")
     correct_threshold: float = cli_field(0.5, "a sample counts as correct when reward > threshold")
     chat_template: str = cli_field("auto", "auto (use the tokenizer's chat template if it has one) | on | off")
     dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -590,7 +592,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = build_parser(EvalConfig, "Unbiased pass@k evaluation of a base model and LoRA adapters.")
+    parser = build_parser(EvalConfig, "Unbiased pass@k evaluation of a base model and LoRA adapters.",
+                          "python -m apo_llm.evaluate")
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     return run_eval(cfg)
 

@@ -309,9 +309,11 @@ def ensure_random_tiny_model(cache_dir: str | Path | None = None, *, quick: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Build (or locate) the offline tiny model.")
+    ap = argparse.ArgumentParser(prog="python -m apo_llm.tiny", description="Build (or locate) the offline tiny "
+                                 f"model: {FULL.name}-{VERSION} (default) or {QUICK.name}-{VERSION} (--quick).")
     ap.add_argument("--quick", action="store_true", help="the small test build")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="rebuild even when cached (replaces the cached build, which every run on it uses)")
     ap.add_argument("--cache-dir", default=None, help=f"default {DEFAULT_CACHE} (env APO_CACHE_DIR)")
     args = ap.parse_args(argv)
     path = ensure_tiny_model(args.cache_dir, rebuild=args.rebuild, quick=args.quick)

@@ -220,7 +220,8 @@ def worker(a, engine: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_smoke.py", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prompts", type=int, default=8)

@@ -532,12 +532,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (reused = resumed); "
                     "default runs/llm_miniature[_quick]")
     ap.add_argument("--figures", type=Path, default=None,
-                    help="where the PNG/PDF go (default: <out>/figures; paper_figures/figures for the README)")
+                    help="where the PNG/PDF go (default: <out>/figures; paper_figures/figures overwrites the README's)")
     ap.add_argument("--arms", nargs="*", default=None, help=f"subset of {list(ARMS)}")
     for name, typ, hlp in (("seeds", int, "seeds per arm"), ("steps", int, "RL steps per run"),
                            ("problems", int, "held-out problems"), ("n", int, "samples per held-out problem"),
                            ("trajectory-points", int, "GRPO checkpoints evaluated per seed")):
-        ap.add_argument(f"--{name}", type=typ, default=None, help=hlp + " (overrides the size preset)")
+        key = name.replace("-", "_")
+        ap.add_argument(f"--{name}", type=typ, default=None,
+                        help=f"{hlp} (default: {getattr(FULL, key)}, --quick {getattr(QUICK, key)})")
     ap.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
                     help="held-out synthetic splits to evaluate (default: both; test_hard has 4 events per problem)")
     ap.add_argument("--retry-failed", action="store_true", help="train again the (arm, seed) runs recorded in FAILED")

@@ -102,7 +102,7 @@ def random_tiny_model_dir(tmp_path_factory) -> Path:
 SLOW_MODULES = frozenset({
     "test_train", "test_train_e2e", "test_checkpoint", "test_evaluate", "test_topk_coverage",
     "test_tiny", "test_modeling", "test_rollout", "test_failures", "test_trl_engine",
-    "test_multiprocess", "test_toy_run", "test_notebooks", "test_paper_figures",
+    "test_multiprocess", "test_toy_run", "test_notebooks", "test_paper_figures", "test_cli_help",
 })
 # Any test that asks for one of these fixtures builds a model, whatever file it is in.
 MODEL_FIXTURES = frozenset({"tiny_model_dir", "random_tiny_model_dir"})
