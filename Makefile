@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m apo_toy.run --preset rsc --out runs/rsc
+	HF_HUB_OFFLINE=1 $(PY) -m apo_toy.run --preset rsc --seeds 5 --out runs/rsc
 	HF_HUB_OFFLINE=1 $(PY) -m apo_llm.train
 
 test: setup

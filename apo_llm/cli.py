@@ -83,9 +83,10 @@ def cli_field(default: Any, help_: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help_, **meta})
 
 
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field, help text from the field metadata."""
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(cls: type, description: str, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per dataclass field, help text from the field metadata;
+    `prog` is the command as typed (`python -m apo_llm.evaluate`), shown in the usage line."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")

@@ -43,7 +43,7 @@ import numpy as np
 from apo_llm.data import load_eval_problems, parse_dataset
 from apo_llm.cli import MIN_TEMPERATURE, build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
 from apo_llm.metrics import pass_at_k
-from apo_llm.modeling import load_base_model
+from apo_llm.modeling import load_base_model, peft_trl_deprecation_quiet
 from apo_llm.prompts import format_prompts
 
 PER_PROBLEM_FILE = "per_problem.jsonl"
@@ -70,18 +70,20 @@ class EvalConfig:
     labels: list[str] = cli_field([], "one label per adapter (default: the adapter directory name)", nargs="*")
     no_base: bool = cli_field(False, "do not evaluate the base model (label 'base')")
     dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
-    split: str = cli_field("test", "dataset split")
+    split: str = cli_field("test", "dataset split: gsm8k train | test; math train | test; math500 test; synthetic "
+                                   "any name is its own stream (test; test_hard has 4 events per problem)")
     n: int = cli_field(16, "samples per problem (n >= max k)")
     k: str = cli_field("1,4,16", "comma-separated k values for pass@k")
     temperature: float = cli_field(1.0, "sampling temperature (> 0)")
     top_p: float = cli_field(1.0, "nucleus sampling top-p in (0, 1]")
     max_new_tokens: int = cli_field(256, "generation length limit")
     limit: Optional[int] = cli_field(None, "evaluate only the first LIMIT problems")
-    out: str = cli_field("runs/eval", "output directory (reused = resumed)")
+    out: str = cli_field("runs/eval", "output directory; reused = resumed (per_problem.jsonl is extended, "
+                                 "summary.json and pass_at_k.png are overwritten)")
     batch_size: int = cli_field(64, "sequences per generate call (batch_size // n problems per call)")
     seed: int = cli_field(0, "sampling seed (each problem batch gets a seed derived from it)")
     save_completions: bool = cli_field(False, "store every completion and its reward in per_problem.jsonl")
-    reward: Optional[str] = cli_field(None, "reward function name (default: the dataset's default)")
+    reward: Optional[str] = cli_field(None, "gsm8k_strict | gsm8k_flexible | math | synthetic (default: the dataset's)")
     correct_threshold: float = cli_field(0.5, "a sample counts as correct when reward > threshold")
     chat_template: str = cli_field("auto", "auto (use the tokenizer's chat template if it has one) | on | off")
     dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -375,6 +377,59 @@ def paired_deltas(records: Sequence[dict], ks: Sequence[int], reference: str, la
     return out
 
 
+NOISE_SE = 2.0  # a change smaller than 2 standard errors is reported as "within noise"
+
+
+def verdict(stat: dict) -> str:
+    """'up' / 'down' when |mean| >= NOISE_SE s.e., else 'within noise' (no s.e.: 'no s.e.')."""
+    if stat["se"] is None:
+        return "no s.e."
+    if abs(stat["mean"]) < NOISE_SE * stat["se"]:
+        return "within noise"
+    return "up" if stat["mean"] > 0 else "down"
+
+
+def held_out_change(first: dict, last: dict, n: int, ks: Sequence[int]) -> dict:
+    """Two held-out evaluations of the same problems at the same sampling seed (the trainer's
+    `eval/...` records with per-problem correct counts under "correct"): pass@k of each (mean ± s.e.
+    over problems) and the paired per-problem change last - first (mean ± s.e.), by summarize and
+    paired_deltas. Returns {k: {"first", "last", "change", "verdict"}}."""
+    a, b = f"step {first['step']}", f"step {last['step']}"
+    recs = [{"model": lab, "problem_id": str(i), "n": n, "c": int(c)}
+            for lab, ev in ((a, first), (b, last)) for i, c in enumerate(ev["correct"])]
+    s = summarize(recs, ks, labels=[a, b])
+    d = paired_deltas(recs, ks, a, [b])[b]["pass@k"]
+    return {k: {"first": s[a]["pass@k"][str(k)], "last": s[b]["pass@k"][str(k)], "change": d[str(k)],
+                "verdict": verdict(d[str(k)])} for k in ks}
+
+
+def training_report(steps: Sequence[dict], evals: Sequence[dict], n: int, window: int = 5) -> str:
+    """The trainer's closing summary: the training reward of the first vs the last `window` steps
+    (mean ± s.e. over steps) and every held-out pass@k at the first and last evaluation with the
+    paired change and its s.e., each with a plain word; says so when nothing moved beyond noise."""
+    lines = []
+    rewards = [r["reward"] for r in steps if r.get("reward") is not None]
+    if len(rewards) >= 2 * window:
+        r0, r1 = mean_se(rewards[:window]), mean_se(rewards[-window:])
+        diff = {"mean": r1["mean"] - r0["mean"], "se": math.hypot(r0["se"], r1["se"])}
+        lines.append(f"training reward (mean of the first vs last {window} steps ± s.e. over steps): "
+                     f"{_fmt(r0)} -> {_fmt(r1)}, change {_fmt(diff, signed=True)}: {verdict(diff)}")
+    evals = [e for e in evals if "correct" in e]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        ks = sorted(int(k.split("@")[1]) for k in first if k.startswith("eval/pass@"))
+        change = held_out_change(first, last, n, ks)
+        lines.append(f"held-out ({len(first['correct'])} problems x {n} samples, ± s.e. over problems), "
+                     f"step {first['step']} -> {last['step']}:")
+        lines += [f"  pass@{k}: {_fmt(c['first'])} -> {_fmt(c['last'])}, paired change "
+                  f"{_fmt(c['change'], signed=True)}: {c['verdict']}" for k, c in change.items()]
+        if all(c["verdict"] == "within noise" for c in change.values()):
+            lines.append("held-out pass@k did not change beyond noise: a run this short shows the pipeline, "
+                         "not a method's effect; the comparison of methods with its uncertainty is "
+                         "`python -m paper_figures.llm_miniature` (docs/results.md)")
+    return "\n".join(lines)
+
+
 def _fmt(stat: Optional[dict], signed: bool = False) -> str:
     if not stat:
         return "-"
@@ -478,7 +533,8 @@ def load_adapters(model: Any, specs: Sequence[str], labels: Sequence[str], model
             warnings.warn(f"adapters: {spec!r} was trained on {trained_on!r} but the base model is {model_path!r}")
         try:
             if i == 0:
-                peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
+                with peft_trl_deprecation_quiet():
+                    peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
             else:
                 peft_model.load_adapter(spec, adapter_name=label, is_trainable=False)
         except Exception as err:  # peft/hub errors vary; name the adapter that failed
@@ -544,7 +600,8 @@ def _sample_and_summarize(cfg: EvalConfig, out_dir: Path, labels: list, adapter_
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = build_parser(EvalConfig, "Unbiased pass@k evaluation of a base model and LoRA adapters.")
+    parser = build_parser(EvalConfig, "Unbiased pass@k evaluation of a base model and LoRA adapters.",
+                          "python -m apo_llm.evaluate")
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     return run_eval(cfg)
 

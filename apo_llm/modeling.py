@@ -286,6 +286,19 @@ def cast_lm_head_fp32(model) -> None:
         emb.register_forward_hook(lambda mod, args, out: out.to(dtype))
 
 
+@contextlib.contextmanager
+def peft_trl_deprecation_quiet():
+    """Silence the one FutureWarning that peft (PeftModel.__init__) and TRL (around generation) raise by
+    reading transformers' deprecated `is_gradient_checkpointing` alias: our code uses the current API
+    (`gradient_checkpointing_enable`, `is_activation_checkpointing`), the warning is theirs and would be
+    printed on every run. Scoped, so no other warning is hidden and no global filter is left behind."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def wrap_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
               target_modules: str | Sequence[str] = "all-linear", adapter_path: Optional[str] = None):
     """Add a trainable LoRA adapter ("default").
@@ -296,14 +309,16 @@ def wrap_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path:
-        peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        with peft_trl_deprecation_quiet():
+            peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
         peft_model.load_adapter(adapter_path, adapter_name=REF_ADAPTER, is_trainable=False)
         peft_model.set_adapter(POLICY_ADAPTER)
         _freeze_ref(peft_model)
         return peft_model
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with peft_trl_deprecation_quiet():
+        return get_peft_model(model, cfg)
 
 
 def _freeze_ref(peft_model) -> None:

@@ -11,7 +11,8 @@ No hub is reachable here, so the project builds its own "base model" for the syn
      is right often but not always: RL has something to sharpen and something to lose;
   4. save_pretrained (model + tokenizer) and build_info.json (pass@1, params, seconds).
 
-Builds are seeded and deterministic on CPU, run under a file lock, and are written to a temporary
+Builds are seeded and bit-identical on one machine (not across CPUs or library builds: build_info.json
+records both), run under a file lock, and are written to a temporary
 directory renamed into place, so parallel processes (pytest-xdist workers) never see half a model.
 
     python -m apo_llm.tiny [--quick] [--rebuild] [--cache-dir DIR]
@@ -212,10 +213,22 @@ def sft_warm_start(model, tokenizer, spec: TinySpec, log=print) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _machine() -> dict:
+    """What else decides the build's floats: a build is bit-identical on one machine, but another CPU
+    (its SIMD kernels) or library version can give a different model (docs/trainer.md)."""
+    import platform
+    from importlib import metadata
+
+    libs = {name: metadata.version(name) for name in ("transformers", "tokenizers")}
+    return {**libs, "cpu": platform.processor() or platform.machine(), "torch_cpu_capability":
+            torch.backends.cpu.get_cpu_capability()}
+
+
 @contextmanager
 def _one_thread():
-    """Build on one intra-op thread: identical float reductions on every machine (determinism),
-    and no thread oversubscription when pytest-xdist workers or other jobs share the cores."""
+    """Build on one intra-op thread: the same float reductions on every run on one machine (other
+    CPUs may still differ, see _machine), and no thread oversubscription when pytest-xdist workers or
+    other jobs share the cores."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -282,7 +295,7 @@ def _build_trained(out: Path, spec: TinySpec, final: Path, log) -> None:
     info = {"version": VERSION, "spec": asdict(spec), "params": model.num_parameters(),
             "pass_at_1": p1, "pass_at_1_samples": spec.final_problems * spec.final_samples,
             "pass_at_1_split": "test", "temperature": 1.0, "seconds": round(time.time() - t0, 1),
-            "torch": torch.__version__, **sft}
+            "torch": torch.__version__, **_machine(), **sft}
     (out / "build_info.json").write_text(json.dumps(info, indent=2))
     if not 0.05 < p1 < 0.95:
         warnings.warn(f"tiny model {final.name}: sampled pass@1 {p1:.3f} is not safely inside (0, 1); "
@@ -309,9 +322,11 @@ def ensure_random_tiny_model(cache_dir: str | Path | None = None, *, quick: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Build (or locate) the offline tiny model.")
+    ap = argparse.ArgumentParser(prog="python -m apo_llm.tiny", description="Build (or locate) the offline tiny "
+                                 f"model: {FULL.name}-{VERSION} (default) or {QUICK.name}-{VERSION} (--quick).")
     ap.add_argument("--quick", action="store_true", help="the small test build")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="rebuild even when cached (replaces the cached build, which every run on it uses)")
     ap.add_argument("--cache-dir", default=None, help=f"default {DEFAULT_CACHE} (env APO_CACHE_DIR)")
     args = ap.parse_args(argv)
     path = ensure_tiny_model(args.cache_dir, rebuild=args.rebuild, quick=args.quick)

@@ -56,7 +56,7 @@ class CoverageConfig:
     chunk_size: int = cli_field(256, "positions per log-softmax/Top-K chunk")
     chat_template: str = cli_field("auto", "auto | on | off, as in training")
     prompt_style: str = cli_field("gsm8k", "instruction suffix of jsonl:/parquet: prompts: gsm8k | math")
-    out: str = cli_field("runs/topk_coverage", "output directory")
+    out: str = cli_field("runs/topk_coverage", "output directory (topk_coverage.json, .md, .png in it are overwritten)")
     dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
     device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
     threads: int = cli_field(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
@@ -316,7 +316,8 @@ def _run_coverage_locked(cfg: CoverageConfig) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = build_parser(CoverageConfig, "Teacher-forced Top-K coverage of reference solutions.")
+    parser = build_parser(CoverageConfig, "Teacher-forced Top-K coverage of reference solutions.",
+                          "python -m apo_llm.topk_coverage")
     return run_coverage(CoverageConfig(**vars(parser.parse_args(argv))))
 
 

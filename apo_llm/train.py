@@ -611,6 +611,7 @@ def evaluate_pass_at_k(cfg: RunConfig, model, tokenizer, problems, prompts: list
     out = {f"eval/pass@{k}": float(np.mean(pass_at_k(e.num_samples, c, k))) for k in e.k}
     out["eval/mean_reward"] = float(r.mean())
     out["eval/clipped_ratio"] = float(comp.truncated.float().mean())
+    out["correct"] = c.tolist()  # per problem: the paired change between two evaluations needs them
     return out
 
 
@@ -1043,11 +1044,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-    if summary["eval"]:
-        first, last = summary["eval"][0], summary["eval"][-1]
-        keys = [k for k in first if k.startswith("eval/")]
-        print("held-out " + ", ".join(f"{k}: {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
-              + f" (step {first['step']} -> {last['step']})")
+    if (Path(summary["run_dir"]) / "metrics.jsonl").is_file():
+        from apo_llm.evaluate import training_report
+        from apo_llm.plots import read_metrics
+
+        print(training_report(*read_metrics(Path(summary["run_dir"]) / "metrics.jsonl"), cfg.eval.num_samples))
     return summary
 
 

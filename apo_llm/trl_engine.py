@@ -50,7 +50,7 @@ from apo_llm.checkpoint import (
 from apo_llm.cli import UserError
 from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
 from apo_llm.modeling import (
-    chunked_token_stats, position_ids_from_mask, reference_context, unwrap_causal_lm,
+    chunked_token_stats, peft_trl_deprecation_quiet, position_ids_from_mask, reference_context, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.passes import loss_inputs
@@ -635,7 +635,8 @@ def train_trl(cfg: RunConfig) -> dict:
         trainer = build_trainer(cfg)
         trainer.guard.stop = stop
         try:
-            result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
+            with peft_trl_deprecation_quiet():  # TRL reads the deprecated alias around every generation
+                result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
             if trainer.guard.preempted:
                 _preempted(cfg, trainer, stop)
             return _finish(cfg, trainer, result)

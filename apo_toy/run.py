@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .coupled import CoupledSpec
+from .methods import METHODS
 from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
 
 
@@ -129,15 +130,20 @@ def parse_spec(spec, items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS) + sorted(STUDIES)}")
-    ap.add_argument("--out", default=None, help="output directory")
+    ap.add_argument("--preset", default=None, metavar="PRESET",
+                    help="; ".join([f"{n}: {p.seeds} seed{'s' * (p.seeds > 1)}, {p.cfg.steps} steps, {p.cfg.mode}"
+                                    for n, p in sorted(PRESETS.items())]
+                                   + [f"{n}: a study (docs/simulator.md)" for n in sorted(STUDIES)]))
+    ap.add_argument("--out", default=None, help="output directory (its metrics.jsonl, summary.json, table.md and "
+                    "figures are overwritten)")
     ap.add_argument("--replot", default=None, metavar="DIR",
                     help="rewrite tables and figures of DIR from its metrics.jsonl and summary.json (no training)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 20 steps, small coupled suites")
     ap.add_argument("--mode", choices=("exact", "sampled"), default=None, help="default: the preset's")
-    ap.add_argument("--methods", default=None, help="comma-separated method names (default: the preset's)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds (each seed = a different suite)")
-    ap.add_argument("--steps", type=int, default=None, help="RL steps per method")
+    ap.add_argument("--methods", default=None, help="comma-separated method names, variants as name@field=value "
+                    f"(default: the preset's); one of {', '.join(METHODS)}")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds, each a different suite (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=None, help="RL steps per method (default: the preset's)")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the preset's")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     ap.add_argument("--spec", nargs="*", default=[], metavar="FIELD=VALUE",

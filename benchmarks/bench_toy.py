@@ -96,7 +96,8 @@ def bench_coupled(steps: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_toy.py", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per size")
     ap.add_argument("--loop-leaves", type=int, default=256, help="leaves timed in the per-leaf loop")
     ap.add_argument("--full", action="store_true", help="really run 1,000 exact APO steps on 65,536 leaves")

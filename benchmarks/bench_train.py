@@ -141,8 +141,13 @@ def interleaved(model_path: str, args, work: Path) -> dict:
     return out
 
 
+class DefaultsAndRawDescription(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_train.py", description=__doc__,
+                                 formatter_class=DefaultsAndRawDescription)
     ap.add_argument("--models", default="tiny,random25m", help="comma list: tiny | random25m | a model path")
     ap.add_argument("--losses", default="grpo,grpo_kl,apo")
     ap.add_argument("--steps", type=int, default=4, help="steps per run (the first is dropped as warm-up)")

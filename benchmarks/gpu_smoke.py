@@ -385,7 +385,7 @@ def run_worker(argv, phase: str, loss: str, model_dir: Path, env: dict, limit: i
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_smoke.py", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_smoke.json", help="the result file (default gpu_smoke.json)")
     p.add_argument("--engines", default=",".join(ENGINES))

@@ -17,7 +17,8 @@ DEFAULT_OUT = Path(__file__).parent / "figures"
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for the PNG and PDF files")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder for the PNG and PDF files (default {DEFAULT_OUT}: "
+                    "OVERWRITES the committed figures and numbers.json; pass --out /tmp/figs to look first)")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (seconds, for CI); figures are not for reading")
     ap.add_argument("--only", nargs="*", default=None, choices=ALL_FIGURES + ("llm_miniature",),
                     help="make only these figures")

@@ -241,7 +241,7 @@ def evaluate_split(out: Path, split: str, adapters: dict[str, Path], sz: Sizes, 
 
     from apo_llm.evaluate import (PER_PROBLEM_FILE, format_prompts, load_eval_problems, model_context,
                                   read_records, evaluate_model)
-    from apo_llm.modeling import load_model_and_tokenizer
+    from apo_llm.modeling import load_model_and_tokenizer, peft_trl_deprecation_quiet
     from apo_llm.tiny import ensure_tiny_model
 
     cfg = eval_settings(sz, threads, split)
@@ -267,7 +267,8 @@ def evaluate_split(out: Path, split: str, adapters: dict[str, Path], sz: Sizes, 
             continue
         name = re.sub(r"[^0-9A-Za-z_-]", "_", label)  # torch module names refuse "." and "@"
         if model is None:
-            model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=name, is_trainable=False)
+            with peft_trl_deprecation_quiet():
+                model = PeftModel.from_pretrained(base, str(adapters[label]), adapter_name=name, is_trainable=False)
         else:
             model.load_adapter(str(adapters[label]), adapter_name=name, is_trainable=False)
         model.eval()
@@ -776,7 +777,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (reused = resumed); "
                     "default runs/llm_miniature[_quick]")
     ap.add_argument("--figures", type=Path, default=None,
-                    help="where the PNG/PDF go (default: <out>/figures; paper_figures/figures for the README)")
+                    help="where the PNG/PDF go (default: <out>/figures; paper_figures/figures overwrites the README's)")
     ap.add_argument("--arms", nargs="*", default=None,
                     help=f"train only these of the preset's arms (several processes may share --out); of {list(ARMS)}")
     for name, hlp in (("seeds", "seeds per arm"), ("more-seeds", "seeds of each group's validation-best arm"),

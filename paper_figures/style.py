@@ -63,7 +63,8 @@ def label(method: str) -> str:
 
 
 def setup() -> None:
-    """Readable defaults (call before creating figures); the backend is the caller's."""
+    """Readable defaults (call before creating figures). The backend is left alone: library code never
+    sets it, so a notebook keeps its inline figures; headless, matplotlib falls back to Agg itself."""
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({

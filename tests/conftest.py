@@ -103,7 +103,7 @@ SLOW_MODULES = frozenset({
     "test_train", "test_train_e2e", "test_checkpoint", "test_evaluate", "test_topk_coverage",
     "test_tiny", "test_modeling", "test_rollout", "test_failures", "test_trl_engine",
     "test_multiprocess", "test_toy_run", "test_toy_claims", "test_notebooks", "test_paper_figures",
-    "test_qwen_tokenizer", "test_precision", "test_cluster",
+    "test_qwen_tokenizer", "test_precision", "test_cluster", "test_cli_help",
 })
 # Any test that asks for one of these fixtures builds a model, whatever file it is in.
 MODEL_FIXTURES = frozenset({"tiny_model_dir", "random_tiny_model_dir"})

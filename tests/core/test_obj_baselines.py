@@ -100,7 +100,7 @@ def test_clip_cov_removes_gradient_of_random_band_tokens(seed, B, T, frac, lb, w
         changed = (g != g_grpo).numpy()
         assert int(changed.sum()) == n_want and not changed[~band].any()
         assert not g[torch.from_numpy(changed)].any()
-        assert float(loss) == float(l_grpo)
+        assert loss.detach().item() == l_grpo.detach().item()
         assert m["cov/selected_frac"] == pytest.approx(n_want / int(mask.sum()))
         picks.append(changed)
     assert np.array_equal(picks[0], picks[1])  # same generator seed, same tokens
@@ -148,7 +148,7 @@ def test_kl_cov_penalises_top_cov_tokens(seed, B, T, frac, coef, drift):
     (g_grpo,) = torch.autograd.grad(l_grpo, logp)
     diff = (logp - old).detach()
     torch.testing.assert_close(g - g_grpo, torch.where(sel, coef * diff.sign() / n_tok, 0.0), **TIGHT)
-    assert float(loss - l_grpo) == pytest.approx(coef * float(diff.abs()[sel].sum()) / n_tok, abs=1e-12)
+    assert float((loss - l_grpo).detach()) == pytest.approx(coef * float(diff.abs()[sel].sum()) / n_tok, abs=1e-12)
     assert m["cov/selected_frac"] == pytest.approx(n_sel / n_tok)
 
 

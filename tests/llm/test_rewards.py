@@ -161,18 +161,20 @@ def test_score_completions_from_a_worker_thread_uses_processes():
 
 
 def test_math_verify_timeout_cuts_a_hanging_comparison(monkeypatch):
-    """A comparison that would hang is cut by the signal-based timeout and scored 0, in ~timeout_s."""
+    """A comparison that would hang is cut by the signal-based timeout and scored 0 (the hang never finishes)."""
     import math_verify.grader
+
+    finished = []
 
     def hang(*args, **kwargs):
         time.sleep(30)
+        finished.append(True)  # reached only if nothing cut the comparison
         return True
 
     monkeypatch.setattr(math_verify.grader, "sympy_expr_eq", hang)
     pred, gold = r"\boxed{(x+1)^2}", r"x^2+2x+1"  # equal only through sympy_expr_eq (no string match)
-    t0 = time.time()
-    assert math_boxed(pred, gold, timeout_s=1) == 0.0
-    assert time.time() - t0 < 10
+    assert math_boxed(pred, gold, timeout_s=1) == 0.0  # the hang would have returned True (1.0)
+    assert not finished
     assert rewards.score_completions("math", [pred], [gold], timeout_s=1) == [0.0]
     monkeypatch.undo()
     assert math_boxed(pred, gold, timeout_s=1) == 1.0  # the control: without the hang it is correct

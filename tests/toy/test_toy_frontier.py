@@ -57,6 +57,7 @@ def test_frontier_preset_shape():
         assert not get_method(m).loss_config().is_positive_only
 
 
+@pytest.mark.filterwarnings("ignore:LossConfig.*positive-only:UserWarning")  # a positive-only arm on purpose
 def test_positive_only_arm_is_labelled():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -246,6 +246,7 @@ def test_apo_one_position_gradient_and_elastic_threshold(seed, b, beta):
         assert float(dlog[j]) == pytest.approx(float(pred), abs=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:LossConfig.*positive-only:UserWarning")  # a positive-only arm on purpose
 def test_apo_pull_reinflates_squeezed_anchored_branch_where_grpo_does_not():
     """Half the mass has leaked to a token OUTSIDE the reference Top-K; a valid branch j inside the
     Top-K is rare. Repeated negative samples on a wrong in-Top-K token y: GRPO squeezes j (negative
