@@ -212,6 +212,18 @@ def run_native(cfg) -> list[dict]:
     return steps
 
 
+def _timed(fn, record):
+    """fn wrapped to call record(seconds, result) after each call, synchronised on both sides."""
+    def wrapper(*args):
+        _sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _sync()
+        record(time.perf_counter() - t0, out)
+        return out
+    return wrapper
+
+
 def run_trl(cfg) -> list[dict]:
     """The TRL engine's build_trainer + train(); TRL's _generate and the engine's reference pass are
     wrapped to time them (one of each per optimizer step)."""
@@ -221,29 +233,10 @@ def run_trl(cfg) -> list[dict]:
 
     trainer = te.build_trainer(cfg)
     gen: list[tuple[float, int]] = []
-    inner = trainer._generate
-
-    def timed_generate(prompts):
-        _sync()
-        t0 = time.perf_counter()
-        out = inner(prompts)
-        _sync()
-        gen.append((time.perf_counter() - t0, sum(len(c) for c in out[1])))  # out[1]: completion ids
-        return out
-
-    trainer._generate = timed_generate
     ref: list[float] = []
-    inner_ref = trainer._reference_pass
-
-    def timed_reference(batch):
-        _sync()
-        t0 = time.perf_counter()
-        out = inner_ref(batch)
-        _sync()
-        ref.append(time.perf_counter() - t0)
-        return out
-
-    trainer._reference_pass = timed_reference
+    # out[1] of TRL's _generate: the completion ids (tokens generated)
+    trainer._generate = _timed(trainer._generate, lambda dt, out: gen.append((dt, sum(len(c) for c in out[1]))))
+    trainer._reference_pass = _timed(trainer._reference_pass, lambda dt, out: ref.append(dt))
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
