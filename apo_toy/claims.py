@@ -383,8 +383,11 @@ def job_key(plan: ClaimsPlan, job: Job) -> tuple[str, dict]:
     cache directory belongs to one version of the code."""
     import hashlib
     import json
+    import warnings
 
-    m = _method(plan, job)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # positive-only corners warn; train_job and report_label say so
+        m = _method(plan, job)
     cfg = dataclasses.replace(plan.run, epochs=job.setting.epochs, optimizer=job.setting.optimizer)
     key = {"arm": job.arm, "loss": dataclasses.asdict(m.loss_config()), "adv": m.adv, "lr": m.lr,
            "lr_scale": m.lr_scale, "optimizer": m.optimizer, "hparams": list(job.hparams),

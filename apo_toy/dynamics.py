@@ -30,13 +30,28 @@ an explicit `loss_norm_len` L (the sampled loss divides by G * L per prompt).
 KL-on-Wrong and Top-K KL on wrong put a term not proportional to A on A < 0 tokens only
 (`LossConfig.needs_sign_split`), and a wrong response in a group without any success has A = 0:
 for those the wrong class is split into A < 0 (probability q_0 = P(A != 0 | r = 0), advantage
-c_0 / q_0) and A = 0, which keeps the identity exact. Clip-Cov / KL-Cov select tokens by a
-batch statistic (`LossConfig.batch_coupled`, also any top_entropy_quantile < 1): their expected loss
-is not a sum over edges, so exact mode refuses them (use sampled mode). So does every loss whose token
-term reads the rest of its sequence (`LossConfig.sequence_coupled`: GSPO's and GMPO's sequence
-ratio, SimKO's per-sequence entropy quantile; SimKO with simko_entropy_quantile=None is per-token
-and runs exact). CISPO, SAPO, GPG and SimKO-per-token are per-token terms linear in A within a
-sign, so the identity holds for them.
+c_0 / q_0) and A = 0, which keeps the identity exact.
+
+Two groupings of the same expectation (`exact_batch(path=...)`):
+
+- edge path (the default for per-token losses): the rows above, one per (edge, reward class);
+  it needs every token's loss to depend on the leaf only through its own edge.
+- leaf path (the default for `LossConfig.sequence_coupled` losses: GSPO's and GMPO's sequence
+  ratio, GSPO-token, SimKO's per-sequence entropy quantile): one row per (leaf, reward class),
+  a whole sequence of length T = D with weight pi_old(leaf) and advantage c_{r(leaf)}(p, G)
+  (split by sign as above where `needs_sign_split`), through `sampled_loss`. The identity needs
+  only that a response's loss depends on its own tokens and its own advantage, linearly in A
+  within a sign, so
+      E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) loss_seq(theta; leaf, c_{r(leaf)}(p, G)) / N
+  with N = P * D (token-mean: global_tokens) or N = P (the per-sequence aggregations, whose rows
+  have the sampled width D: global_seqs). Cost b^D rows per prompt (1000 at b=10, D=3; 1024 at
+  b=32, D=2), against b * N edges; on a per-token loss both paths agree to rounding
+  (tests/toy/test_toy_dynamics.py).
+
+Clip-Cov / KL-Cov select tokens by a batch statistic (`LossConfig.batch_coupled`, also any
+top_entropy_quantile < 1): their expected loss is not a sum over responses, so exact mode refuses
+them on both paths (use sampled mode). CISPO, SAPO, GPG, DPPO and SimKO-per-token are per-token
+terms linear in A within a sign: the edge path runs them.
 
 What "exact" means with several epochs: each epoch is one full-batch step on the expected
 surrogate with theta_old fixed (so PPO clipping acts as in the sampled loss). That is the

@@ -6,6 +6,8 @@ The exact-mode identity is checked two independent ways:
     expected loss and its gradient must equal `exact_loss` at theta != theta_old (clipping on);
   * statistically: the mean gradient of many sampled first updates against the exact gradient,
     with a tolerance of a few standard errors (1/sqrt(samples)).
+The leaf path (sequence-coupled losses) is checked against the same enumeration, and against the
+edge path on per-token losses.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from apo_toy.dynamics import exact_batch, exact_loss, exact_update, leaf_rollout
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
-# Clip-Cov / KL-Cov select tokens by a batch statistic, GSPO / GMPO / SimKO (entropy quantile) read the
-# whole sequence: sampled mode only (exact mode refuses them)
+# Clip-Cov / KL-Cov select tokens by a batch statistic (exact mode refuses them); GSPO / GMPO / SimKO
+# (entropy quantile) read the whole sequence: the edge path refuses them, the leaf path runs them (tests below)
 EXACT_METHODS = [m for m in LOSS_METHODS if not (METHODS[m].loss_config().batch_coupled
                                                  or METHODS[m].loss_config().sequence_coupled)]
 
