@@ -50,7 +50,7 @@ class Arm:
 
     name: str
     method: str
-    strength: Optional[str] = None  # None: no strength (GRPO)
+    strength: Optional[str] = None  # None: no strength (GRPO); "a+b": one grid value is a tuple (a, b)
     grid: tuple = ()
     role: str = "other"  # null | kl | apo | control | other
 
@@ -72,6 +72,10 @@ class Setting:
 
 BETAS = (0.01, 0.03, 0.1, 0.3)
 COEFS = (1e-3, 1e-2, 0.1, 0.5)
+# the peers' own strengths, each a log grid (factor 2 or ~3) around its published default
+CISPO_EPS_MAX = (1.25, 2.5, 5.0, 10.0)  # cap of the detached weight; default 5
+GSPO_CLIPS = ((1.5e-4, 2e-4), (3e-4, 4e-4), (6e-4, 8e-4), (1.2e-3, 1.6e-3))  # (eps_low, eps_high); paper 3e-4/4e-4
+SIMKO_ALPHAS = (0.003, 0.01, 0.03, 0.1)  # share of the correct-token gradient spread on the Top-K; default 0.01
 
 
 def default_arms() -> tuple:
@@ -86,6 +90,9 @@ def default_arms() -> tuple:
         Arm("apo (H, old_token)", "apo_old_token", "apo_beta", BETAS, role="apo"),
         Arm("silence only (A)", "apo_silence", "apo_beta", BETAS, role="control"),
         Arm("anti-sharpening", "apo_antisharp", "apo_beta", BETAS, role="control"),
+        Arm("cispo", "cispo", "cispo_eps_max", CISPO_EPS_MAX),
+        Arm("gspo", "gspo", "eps_low+eps_high", GSPO_CLIPS),
+        Arm("simko", "simko", "simko_alpha", SIMKO_ALPHAS),
     )
 
 
@@ -106,7 +113,12 @@ class ClaimsPlan:
     alpha: float = 0.05
 
     def grid(self, arm: Arm, optimizer: str) -> list[dict]:
-        strengths = [{}] if arm.strength is None else [{arm.strength: s} for s in arm.grid]
+        if arm.strength is None:
+            strengths = [{}]
+        elif "+" in arm.strength:  # several fields set together, one tuple per grid value
+            strengths = [dict(zip(arm.strength.split("+"), s)) for s in arm.grid]
+        else:
+            strengths = [{arm.strength: s} for s in arm.grid]
         return [{"lr": lr, **s} for lr in self.lrs[optimizer] for s in strengths]
 
     def suite_spec(self, s: Setting, seed: int) -> CoupledSpec:
@@ -363,13 +375,79 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run_jobs(plan: ClaimsPlan, jobs: list, workers: int, label: str) -> list:
-    """train_job over jobs, in `workers` spawned processes (1: in this process); costliest first."""
+def job_key(plan: ClaimsPlan, job: Job) -> tuple[str, dict]:
+    """The content key of one run: everything its result depends on, hashed (the per-run cache's name).
+
+    The resolved LossConfig, advantage and optimizer settings, the suite spec and the run config:
+    adding an arm or seeds changes no other run's key. The simulator's code is not in the key: a
+    cache directory belongs to one version of the code."""
+    import hashlib
+    import json
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # positive-only corners warn; train_job and report_label say so
+        m = _method(plan, job)
+    cfg = dataclasses.replace(plan.run, epochs=job.setting.epochs, optimizer=job.setting.optimizer)
+    key = {"arm": job.arm, "loss": dataclasses.asdict(m.loss_config()), "adv": m.adv, "lr": m.lr,
+           "lr_scale": m.lr_scale, "optimizer": m.optimizer, "hparams": list(job.hparams),
+           "suite": dataclasses.asdict(plan.suite_spec(job.setting, job.seed)), "run": dataclasses.asdict(cfg),
+           "seed": job.seed}
+    text = json.dumps(key, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], key
+
+
+def _cache_load(cache_dir, plan: ClaimsPlan, job: Job) -> Optional[dict]:
+    import json
+
+    h, _ = job_key(plan, job)
+    meta, arrays = cache_dir / f"{h}.json", cache_dir / f"{h}.npz"
+    if not (meta.exists() and arrays.exists()):
+        return None
+    d = json.loads(meta.read_text())
+    with np.load(arrays) as z:
+        snaps = {int(step): [z[f"{step}_{i}"] for i in range(n)] for step, n in d["snap_sizes"].items()}
+    return {"job": job, "val": d["val"], "snaps": snaps, "diag": d["diag"], "label": d["label"]}
+
+
+def _cache_save(cache_dir, plan: ClaimsPlan, res: dict) -> None:
+    """npz (theta snapshots, exact float bits) then json (written last, renamed: its presence = complete)."""
+    import json
+    import os
+
+    h, key = job_key(plan, res["job"])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{step}_{i}": a for step, snap in res["snaps"].items() for i, a in enumerate(snap)}
+    tmp = cache_dir / f"{h}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache_dir / f"{h}.npz")
+    meta = {"key": key, "val": res["val"], "diag": res["diag"], "label": res["label"],
+            "snap_sizes": {str(s): len(v) for s, v in res["snaps"].items()}}
+    tmp = cache_dir / f"{h}.json.tmp"
+    tmp.write_text(json.dumps(meta, default=repr))
+    os.replace(tmp, cache_dir / f"{h}.json")
+
+
+def run_jobs(plan: ClaimsPlan, jobs: list, workers: int, label: str, cache_dir=None) -> list:
+    """train_job over jobs, in `workers` spawned processes (1: in this process); costliest first.
+
+    `cache_dir`: each run's result is kept there (`job_key`) and a run already there is read, not
+    recomputed, so a study is resumable and adding an arm trains only that arm. Returns the results
+    in `jobs` order; `run_jobs.computed` counts the runs trained by the last call."""
     import functools
 
-    order = sorted(jobs, key=lambda j: -(j.setting.epochs * j.setting.branching ** j.setting.depth))
+    cached = {}
+    if cache_dir is not None:
+        for j in jobs:
+            r = _cache_load(cache_dir, plan, j)
+            if r is not None:
+                cached[j] = r
+    todo = [j for j in dict.fromkeys(jobs) if j not in cached]
+    order = sorted(todo, key=lambda j: -(j.setting.epochs * j.setting.branching ** j.setting.depth))
     fn = functools.partial(train_job, plan)
-    t0, out = time.perf_counter(), []
+    t0, done = time.perf_counter(), dict(cached)
+    if cached:
+        print(f"claims {label}: {len(cached)} of {len(jobs)} runs read from {cache_dir}", file=sys.stderr)
     if workers <= 1:
         it = map(fn, order)
         pool = None
@@ -381,13 +459,19 @@ def run_jobs(plan: ClaimsPlan, jobs: list, workers: int, label: str) -> list:
         it = pool.map(fn, order, chunksize=1)
     try:
         for i, res in enumerate(it, 1):
-            out.append(res)
+            done[res["job"]] = res
+            if cache_dir is not None:
+                _cache_save(cache_dir, plan, res)
             if i % max(1, len(order) // 10) == 0 or i == len(order):
                 print(f"claims {label}: {i}/{len(order)} runs, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:
         if pool is not None:
             pool.shutdown()
-    return out
+    run_jobs.computed = len(order)
+    return [done[j] for j in jobs]
+
+
+run_jobs.computed = 0
 
 
 def _val_rows(results: list, setting: Setting, arm: str) -> ValRows:
@@ -395,11 +479,11 @@ def _val_rows(results: list, setting: Setting, arm: str) -> ValRows:
                    for r in results if r["job"].setting == setting and r["job"].arm == arm for v in r["val"])
 
 
-def tune(plan: ClaimsPlan, workers: int, select_fn: Callable) -> tuple[dict, list]:
+def tune(plan: ClaimsPlan, workers: int, select_fn: Callable, cache_dir=None) -> tuple[dict, list]:
     """Stage 1: every arm's grid on the tuning setting of each optimizer, `tune_seeds` unreported suites."""
     jobs = [Job(plan.tune[opt], a.name, tuple(sorted(hp.items())), 1000 + i)
             for opt in plan.tune for a in plan.arms for hp in plan.grid(a, opt) for i in range(plan.tune_seeds)]
-    res = run_jobs(plan, jobs, workers, "tuning")
+    res = run_jobs(plan, jobs, workers, "tuning", cache_dir)
     tuned, table = {}, []
     for opt, s in plan.tune.items():
         for a in plan.arms:
@@ -414,11 +498,12 @@ def tune(plan: ClaimsPlan, workers: int, select_fn: Callable) -> tuple[dict, lis
     return tuned, table
 
 
-def evaluate(plan: ClaimsPlan, tuned: dict, workers: int, select_fn: Callable) -> tuple[dict, dict, dict]:
+def evaluate(plan: ClaimsPlan, tuned: dict, workers: int, select_fn: Callable,
+             cache_dir=None) -> tuple[dict, dict, dict]:
     """Stage 2: each setting at the tuned values, `seeds` suites; steps selected on validation, then test."""
     jobs = [Job(s, a.name, tuned[(a.name, s.optimizer)], seed)
             for s in plan.settings for a in plan.arms for seed in range(plan.seeds)]
-    res = run_jobs(plan, jobs, workers, "settings")
+    res = run_jobs(plan, jobs, workers, "settings", cache_dir)
     by = {(r["job"].setting, r["job"].arm, r["job"].seed): r for r in res}
     picks = {}
     for s in plan.settings:
@@ -448,11 +533,16 @@ def evaluate(plan: ClaimsPlan, tuned: dict, workers: int, select_fn: Callable) -
     return results, diag, labels
 
 
-def run_claims(plan: ClaimsPlan, workers: int = 2, select_fn: Callable = select) -> dict:
-    """Both stages and the verdicts, as one JSON-able dict (what claims.json holds)."""
+def run_claims(plan: ClaimsPlan, workers: int = 2, select_fn: Callable = select, cache_dir=None) -> dict:
+    """Both stages and the verdicts, as one JSON-able dict (what claims.json holds).
+
+    `cache_dir` (a Path): per-run results kept and reused there (`run_jobs`); "computed" counts
+    the runs trained by this call."""
     t0 = time.perf_counter()
-    tuned, tuning = tune(plan, workers, select_fn)
-    results, diag, labels = evaluate(plan, tuned, workers, select_fn)
+    tuned, tuning = tune(plan, workers, select_fn, cache_dir)
+    computed = run_jobs.computed
+    results, diag, labels = evaluate(plan, tuned, workers, select_fn, cache_dir)
+    computed += run_jobs.computed
     rows = verdicts(plan, results)
     return {
         "plan": plan_dict(plan), "tuning": tuning,
@@ -460,6 +550,7 @@ def run_claims(plan: ClaimsPlan, workers: int = 2, select_fn: Callable = select)
         "results": [{"setting": s, "rule": r, "arm": a, **m} for (s, r), res in results.items() for a, m in res.items()],
         "diagnostics": [{"setting": s, "arm": a, **d} for (s, a), d in diag.items()],
         "labels": labels, "verdicts": rows, "summary": summarise(rows), "wall_s": time.perf_counter() - t0,
+        "computed": computed,
     }
 
 
@@ -562,7 +653,7 @@ def main_study(out_dir, quick: bool = False, workers: int = 2, command: str = ""
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    res = run_claims(plan, workers)
+    res = run_claims(plan, workers, cache_dir=out_dir / "runs")
     res["provenance"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "commit": commit, "workers": workers, "quick": quick}
     out_dir.mkdir(parents=True, exist_ok=True)

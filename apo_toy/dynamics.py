@@ -30,13 +30,28 @@ an explicit `loss_norm_len` L (the sampled loss divides by G * L per prompt).
 KL-on-Wrong and Top-K KL on wrong put a term not proportional to A on A < 0 tokens only
 (`LossConfig.needs_sign_split`), and a wrong response in a group without any success has A = 0:
 for those the wrong class is split into A < 0 (probability q_0 = P(A != 0 | r = 0), advantage
-c_0 / q_0) and A = 0, which keeps the identity exact. Clip-Cov / KL-Cov select tokens by a
-batch statistic (`LossConfig.batch_coupled`, also any top_entropy_quantile < 1): their expected loss
-is not a sum over edges, so exact mode refuses them (use sampled mode). So does every loss whose token
-term reads the rest of its sequence (`LossConfig.sequence_coupled`: GSPO's and GMPO's sequence
-ratio, SimKO's per-sequence entropy quantile; SimKO with simko_entropy_quantile=None is per-token
-and runs exact). CISPO, SAPO, GPG and SimKO-per-token are per-token terms linear in A within a
-sign, so the identity holds for them.
+c_0 / q_0) and A = 0, which keeps the identity exact.
+
+Two groupings of the same expectation (`exact_batch(path=...)`):
+
+- edge path (the default for per-token losses): the rows above, one per (edge, reward class);
+  it needs every token's loss to depend on the leaf only through its own edge.
+- leaf path (the default for `LossConfig.sequence_coupled` losses: GSPO's and GMPO's sequence
+  ratio, GSPO-token, SimKO's per-sequence entropy quantile): one row per (leaf, reward class),
+  a whole sequence of length T = D with weight pi_old(leaf) and advantage c_{r(leaf)}(p, G)
+  (split by sign as above where `needs_sign_split`), through `sampled_loss`. The identity needs
+  only that a response's loss depends on its own tokens and its own advantage, linearly in A
+  within a sign, so
+      E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) loss_seq(theta; leaf, c_{r(leaf)}(p, G)) / N
+  with N = P * D (token-mean: global_tokens) or N = P (the per-sequence aggregations, whose rows
+  have the sampled width D: global_seqs). Cost b^D rows per prompt (1000 at b=10, D=3; 1024 at
+  b=32, D=2), against b * N edges; on a per-token loss both paths agree to rounding
+  (tests/toy/test_toy_dynamics.py).
+
+Clip-Cov / KL-Cov select tokens by a batch statistic (`LossConfig.batch_coupled`, also any
+top_entropy_quantile < 1): their expected loss is not a sum over responses, so exact mode refuses
+them on both paths (use sampled mode). CISPO, SAPO, GPG, DPPO and SimKO-per-token are per-token
+terms linear in A within a sign: the edge path runs them.
 
 What "exact" means with several epochs: each epoch is one full-batch step on the expected
 surrogate with theta_old fixed (so PPO clipping acts as in the sampled loss). That is the
@@ -127,31 +142,48 @@ def _nonzero_prob(p: Tensor, a_r: Tensor) -> Tensor:
     return (pmf * (a_r != 0)).sum(-1)
 
 
+EXACT_PATHS = ("auto", "edge", "leaf")
+
+
 @torch.no_grad()
-def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: int, adv_kwargs: dict) -> dict:
+def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: int, adv_kwargs: dict,
+                path: str = "auto") -> dict:
     """Everything of the exact surrogate that depends on theta_old only.
 
-    Returns classes x edges tensors: weights [C, P, N, b], advantages [C, P] and the normaliser.
+    path: "edge" (rows = (class, edge), cost linear in the nodes; per-token losses only), "leaf"
+    (rows = (class, leaf), whole sequences of length D, cost b^D per prompt; any loss that is not
+    batch-coupled) or "auto" (leaf for sequence-coupled losses, edge otherwise).
+    Returns classes x rows weights [C, P, N, b] (edge) or [C, P, b^D] (leaf), advantages [C, P] and
+    the normaliser.
     """
+    if path not in EXACT_PATHS:
+        raise ValueError(f"path: {path!r} not in {EXACT_PATHS}")
     if cfg.batch_coupled:
         raise ValueError(f"LossConfig.name={cfg.name!r}: its token selection depends on the whole sampled batch "
-                         "(batch_coupled), so the expected surrogate is not a sum over edges; use mode='sampled'")
-    if cfg.sequence_coupled:
+                         "(batch_coupled), so the expected surrogate is not a sum over responses; use mode='sampled'")
+    if path == "auto":
+        path = "leaf" if cfg.sequence_coupled else "edge"
+    if path == "edge" and cfg.sequence_coupled:
         raise ValueError(f"LossConfig.name={cfg.name!r}: a token's loss depends on the rest of its sequence "
-                         "(sequence_coupled), so the expected surrogate is not a sum over edges; use mode='sampled'")
+                         "(sequence_coupled), so the expected surrogate is not a sum over edges; use path='leaf'")
     logpi_old = torch.log_softmax(logits_old.detach(), -1)  # [P, N, b]
     pi_old = logpi_old.exp()
-    log_reach, _ = reach_and_leaf_logp(logpi_old, suite.depth)
+    log_reach, leaf_logp = reach_and_leaf_logp(logpi_old, suite.depth)
     q, v = success_q(pi_old, suite.rewards, suite.depth)  # Q_old(s, a), V_old(s)
     p = v[:, 0].clamp(0.0, 1.0)  # [P] success probability (rounding can leave [0, 1])
     a0, a1 = _check_sign_structure(group_size, adv_kwargs)
     c0, c1 = expected_group_advantage(p, group_size, **adv_kwargs)  # E[A | r] per prompt
-    w = log_reach.exp()[..., None] * pi_old  # [P, N, b] d_old(s) pi_old(a|s): sums to 1 per depth
-    w1, w0 = w * q, w * (1.0 - q)  # mass of correct / wrong leaves below each edge
+    if path == "edge":
+        w = log_reach.exp()[..., None] * pi_old  # [P, N, b] d_old(s) pi_old(a|s): sums to 1 per depth
+        w1, w0 = w * q, w * (1.0 - q)  # mass of correct / wrong leaves below each edge
+    else:
+        w = leaf_logp.exp()  # [P, b^D] pi_old(leaf): sums to 1 per prompt
+        w1, w0 = w * suite.rewards, w * (1.0 - suite.rewards)  # each leaf is in its own reward class
     if cfg.needs_sign_split:  # wrong (A < 0), correct (A > 0), and the A = 0 responses of zero-variance groups
         q0, q1 = _nonzero_prob(p, a0), _nonzero_prob(p, a1)
         safe = lambda c, qq: torch.where(qq > 0, c / qq.clamp(min=1e-300), torch.zeros_like(c))  # noqa: E731
-        qb0, qb1 = q0[:, None, None], q1[:, None, None]
+        shape = (-1,) + (1,) * (w.dim() - 1)  # per prompt, broadcast over the rows of the prompt
+        qb0, qb1 = q0.view(shape), q1.view(shape)
         weights = torch.stack([w0 * qb0, w1 * qb1, w0 * (1 - qb0) + w1 * (1 - qb1)])
         adv = torch.stack([safe(c0, q0), safe(c1, q1), torch.zeros_like(c0)])
     else:
@@ -161,11 +193,31 @@ def exact_batch(suite: Suite, cfg: LossConfig, logits_old: Tensor, group_size: i
     D = suite.depth
     if cfg.loss_agg == "token-mean":
         norm = {"global_tokens": float(P * D)}
+    elif path == "leaf":  # rows of width D as the sampled ones: the sampled per-prompt G becomes sum w = 1
+        norm = {"global_seqs": float(P)}
     elif cfg.loss_agg == "seq-mean-token-mean" or cfg.loss_norm_len is None:
         norm = {"global_seqs": float(P * D)}
     else:  # seq-mean-token-sum-norm with an explicit length L: sampled divides by P G L
         norm = {"global_seqs": float(P)}
-    return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1}
+    return {"logpi_old": logpi_old, "weights": weights, "adv": adv, "norm": norm, "p": p, "c0": c0, "c1": c1,
+            "path": path}
+
+
+def _leaf_rows(suite: Suite, batch: dict) -> dict:
+    """The leaf path's rows: one rollout of length D per (class, prompt, leaf) of nonzero weight.
+
+    Returns the rollout dict (`leaf_rollouts`), old log-probs [R, D], advantages [R], weights [R].
+    """
+    if "leaf_rows" not in batch:
+        C, P, L = batch["weights"].shape
+        flat_w = batch["weights"].reshape(-1)
+        ids = (flat_w != 0).nonzero().flatten()  # [R] class-major
+        cls, prompt, leaf = ids // (P * L), (ids // L) % P, ids % L
+        roll = leaf_rollouts(suite, prompt, leaf)
+        _, N, b = batch["logpi_old"].shape
+        old = batch["logpi_old"].reshape(P * N, b)[prompt[:, None] * N + roll["nodes"], roll["actions"]]  # [R, D]
+        batch["leaf_rows"] = {"roll": roll, "old_logp": old, "adv": batch["adv"][cls, prompt], "weight": flat_w[ids]}
+    return batch["leaf_rows"]
 
 
 def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
@@ -196,11 +248,17 @@ def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
 
 def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
                diagnostics: bool = True) -> tuple[Tensor, dict]:
-    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss` on all edges.
+    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss`.
 
-    One "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    Edge path: one "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
+    Leaf path: one sequence of length D per (reward class, leaf) of nonzero weight (`_leaf_rows`),
+    through `sampled_loss`.
     `diagnostics=False`: policy_loss skips its diagnostics (same loss and gradient, cheaper).
     """
+    if batch.get("path") == "leaf":
+        r = _leaf_rows(suite, batch)
+        return sampled_loss(suite, cfg, logits, r["roll"], r["old_logp"], r["adv"], weights=r["weight"],
+                            old_logpi=batch["logpi_old"], diagnostics=diagnostics, **batch["norm"])
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
     P, N, b = logpi.shape
     ix, weight = _rows(suite, batch, (P, N, b))

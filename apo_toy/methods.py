@@ -110,22 +110,24 @@ METHODS: dict[str, Method] = {
                help="GRPO + forward KL to pi_ref renormalised on S, wrong responses only (shape vs support control)"),
         Method("clip_cov", {"name": "clip_cov"}, help="Clip-Cov (Cui et al. 2025); sampled mode only"),
         Method("kl_cov", {"name": "kl_cov"}, help="KL-Cov (Cui et al. 2025); sampled mode only"),
-        # peers shipped by TRL / verl, and SimKO (apo_llm/objectives.py; exact mode where the
-        # expected-surrogate identity holds: per-token terms; the sequence-coupled ones sampled only)
-        Method("cispo", {"name": "cispo"}, help="CISPO: sg(min(w, 5)) A log pi on every token; exact and sampled"),
+        # peers shipped by TRL / verl, and SimKO (apo_llm/objectives.py). Exact mode: per-token terms
+        # on the edge path, the sequence-coupled ones (GSPO, GMPO, SimKO's quantile) on the leaf path.
+        # The aggregation is set here, not left to LOSS_PRESETS (every toy response has length D,
+        # so token-mean and seq-mean-token-mean give the same loss anyway)
+        Method("cispo", {"name": "cispo", "loss_agg": "token-mean"}, help="CISPO: sg(min(w, 5)) A log pi on every token; exact and sampled"),
         Method("gspo", {"name": "gspo", "loss_agg": "seq-mean-token-mean"},
-               help="GSPO: sequence-level length-normalised ratio, clip 3e-4/4e-4; sampled mode only"),
+               help="GSPO: sequence-level length-normalised ratio, clip 3e-4/4e-4; exact (leaf path) and sampled"),
         Method("gspo_token", {"name": "gspo_token", "loss_agg": "seq-mean-token-mean"},
-               help="GSPO-token: sg(s_i) pi/sg(pi), = GSPO for sequence advantages; sampled mode only"),
+               help="GSPO-token: sg(s_i) pi/sg(pi), = GSPO for sequence advantages; exact (leaf path) and sampled"),
         Method("sapo", {"name": "sapo", "loss_agg": "seq-mean-token-mean"},
                help="SAPO: soft gate (4/tau) sigmoid(tau (w - 1)) for the clip; exact and sampled"),
         Method("gmpo", {"name": "gmpo", "loss_agg": "seq-mean-token-mean"},
-               help="GMPO: geometric mean of token ratios, log-space clip 0.4; sampled mode only"),
+               help="GMPO: geometric mean of token ratios, log-space clip 0.4; exact (leaf path) and sampled"),
         Method("gpg", {"name": "gpg"}, help="GPG: -A log pi, no ratio or clip; exact and sampled"),
         Method("dppo_tv", {"name": "dppo_tv"}, help="DPPO-Binary-TV: trust-region mask |p - p_old| <= 0.2; exact and sampled"),
         Method("dppo_kl", {"name": "dppo_kl"}, help="DPPO-Binary-KL: mask on the binary KL <= 0.2; exact and sampled"),
-        Method("simko", {"name": "simko"},
-               help="SimKO: Top-3 boost on correct, 1.1x on wrong top-1, top-20% entropy per sequence; sampled only"),
+        Method("simko", {"name": "simko", "loss_agg": "token-mean"},
+               help="SimKO: Top-3 boost on correct, 1.1x on wrong top-1, top-20% entropy per sequence; exact (leaf path) and sampled"),
         Method("simko_token", {"name": "simko", "simko_entropy_quantile": None},
                help="SimKO on every token (no entropy quantile): a per-token term, so exact mode runs it"),
         Method("npg", {}, {"estimator": "grpo"}, yardstick=True,

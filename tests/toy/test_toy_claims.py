@@ -74,3 +74,37 @@ def test_claims_out_that_is_a_file_is_refused(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "--out" in res.stderr
     assert f.read_text() == "keep me"
+
+
+def test_per_run_cache_makes_a_second_run_compute_nothing_and_an_added_arm_only_itself(tmp_path):
+    """Every run's result is kept under cache_dir keyed by its content: a rerun trains nothing and
+    gives identical numbers; a plan with one more arm trains only that arm's runs."""
+    plan = _tiny_plan()
+    names = [a.name for a in plan.arms]
+    fewer = dataclasses.replace(plan, arms=tuple(a for a in plan.arms if a.name != "cispo"))
+    cache = tmp_path / "runs"
+    first = claims.run_claims(fewer, workers=1, cache_dir=cache)
+    assert first["computed"] > 0
+    full = claims.run_claims(plan, workers=1, cache_dir=cache)
+    n_cispo = sum(len(plan.grid(a, o)) * plan.tune_seeds for a in plan.arms if a.name == "cispo" for o in plan.tune)
+    assert full["computed"] == n_cispo + len(plan.settings) * plan.seeds  # cispo's tuning and reporting runs only
+    again = claims.run_claims(plan, workers=1, cache_dir=cache)
+    assert again["computed"] == 0
+    for key in ("tuning", "tuned", "results", "verdicts", "summary", "diagnostics"):
+        assert json.dumps(again[key], default=str) == json.dumps(full[key], default=str), key
+    fresh = claims.run_claims(plan, workers=1)  # no cache: the same numbers
+    assert json.dumps(fresh["verdicts"], default=str) == json.dumps(full["verdicts"], default=str)
+    assert {v["arm"] for v in full["verdicts"]} == set(names)
+
+
+def test_every_arm_has_the_same_grid_size_and_the_peers_are_arms():
+    plan = claims.full_plan()
+    by = {a.name: a for a in plan.arms}
+    assert {"cispo", "gspo", "simko"} <= set(by)
+    sizes = {a.name: len(plan.grid(a, "adam")) for a in plan.arms if a.role != "null"}
+    assert len(set(sizes.values())) == 1, sizes
+    gspo = plan.grid(by["gspo"], "sgd")
+    assert {"lr", "eps_low", "eps_high"} == set(gspo[0]) and {(g["eps_low"], g["eps_high"]) for g in gspo} >= {(3e-4, 4e-4)}
+    for a in plan.arms:  # every grid point is a valid method
+        for hp in plan.grid(a, "adam"):
+            claims._method(plan, claims.Job(plan.settings[0], a.name, tuple(sorted(hp.items())), 0)).loss_config()

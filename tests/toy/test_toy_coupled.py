@@ -23,7 +23,7 @@ from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sampled_los
 from apo_toy.measures import crossover
 from apo_toy.presets import train_method
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
-from tests.toy.test_toy_dynamics import CASES, case_method
+from tests.toy.test_toy_dynamics import CASES, SEQ_CASES, case_method
 
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
@@ -83,6 +83,34 @@ def test_coupled_exact_equals_enumerated_expectation_value_and_gradient(name):
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10, abs=1e-12)
     for a, b, label in zip(g_got, g_want, ("alpha", "u", "W", "delta")):
         assert b.abs().max() > 1e-8, label  # every parameter really receives gradient
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), label
+
+
+@pytest.mark.parametrize("name", sorted(SEQ_CASES))
+def test_coupled_leaf_path_equals_enumerated_expectation_for_sequence_coupled_losses(name):
+    """The leaf path on two prompts of the coupled model: value and gradient w.r.t. every shared
+    parameter equal the enumerated expectation (GSPO, GMPO, SimKO: sequence-coupled)."""
+    base, kw = SEQ_CASES[name]
+    m = get_method(base, **kw)
+    cfg = m.loss_config()
+    suite = build_coupled_suite(dataclasses.replace(TINY, kappa=0.5, depth=3, branching=2))
+    gen = torch.Generator().manual_seed(2)
+    old, new = CoupledPolicy(suite), CoupledPolicy(suite)
+    randomise(old, gen, 0.5)
+    randomise(new, gen, 0.5)
+    with torch.no_grad():
+        for p_new, p_old in zip(new.params, old.params):
+            p_new.add_(p_old)
+    z_old = old.logits("train").detach()
+    want, _ = enumerated_expectation(suite.train, cfg, new.logits("train"), z_old, 3, m.adv)
+    g_want = torch.autograd.grad(want, new.params)
+    batch = exact_batch(suite.train, cfg, z_old, 3, m.adv)
+    assert batch["path"] == "leaf" and suite.train.n_prompts == 2
+    got, _ = exact_loss(suite.train, cfg, new.logits("train"), batch)
+    g_got = torch.autograd.grad(got, new.params)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10, abs=1e-12)
+    for a, b, label in zip(g_got, g_want, ("alpha", "u", "W", "delta")):
+        assert b.abs().max() > 1e-8, label
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), label
 
 

@@ -6,6 +6,8 @@ The exact-mode identity is checked two independent ways:
     expected loss and its gradient must equal `exact_loss` at theta != theta_old (clipping on);
   * statistically: the mean gradient of many sampled first updates against the exact gradient,
     with a tolerance of a few standard errors (1/sqrt(samples)).
+The leaf path (sequence-coupled losses) is checked against the same enumeration, and against the
+edge path on per-token losses.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import torch
 
 from apo_llm.objectives import group_advantages
 from apo_toy import METHODS, Suite, SuiteSpec, build_suite, get_method
-from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_rollouts, sampled_loss, sampled_update
+from apo_toy.dynamics import exact_batch, exact_loss, exact_update, leaf_rollouts, sample_rollouts, sampled_loss, sampled_update
 
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 
 LOSS_METHODS = [m for m in METHODS if not METHODS[m].yardstick]
-# Clip-Cov / KL-Cov select tokens by a batch statistic, GSPO / GMPO / SimKO (entropy quantile) read the
-# whole sequence: sampled mode only (exact mode refuses them)
+# Clip-Cov / KL-Cov select tokens by a batch statistic (exact mode refuses them); GSPO / GMPO / SimKO
+# (entropy quantile) read the whole sequence: the edge path refuses them, the leaf path runs them (tests below)
 EXACT_METHODS = [m for m in LOSS_METHODS if not (METHODS[m].loss_config().batch_coupled
                                                  or METHODS[m].loss_config().sequence_coupled)]
 
@@ -259,15 +261,88 @@ def test_diagnostics_off_gives_the_same_loss_and_gradient(name):
         assert len(out[0][2]) > 5 and set(out[1][2]) == {"loss"} and out[1][2]["loss"] == out[0][2]["loss"]
 
 
+@pytest.mark.parametrize("name", ["grpo", "apo", "kl_on_wrong", "grpo_seqmean", "dr_grpo"])
+def test_leaf_path_equals_edge_path_for_per_token_losses(name):
+    """The leaf path (one length-D row per (class, leaf)) and the edge path (one length-1 row per
+    (class, edge)) are two groupings of the same expectation: value and gradient to 1e-12."""
+    m = case_method(name)
+    cfg = m.loss_config()
+    suite = tiny_suite(seed=5, b=3, depth=3)
+    g = torch.Generator().manual_seed(2)
+    z_old = suite.ref_logits + 0.5 * torch.randn(suite.ref_logits.shape, generator=g)
+    theta = (z_old + 0.8 * torch.randn(z_old.shape, generator=g)).requires_grad_(True)
+    out = {}
+    for path in ("edge", "leaf"):
+        batch = exact_batch(suite, cfg, z_old, 4, m.adv, path=path)
+        assert batch["path"] == path
+        loss, _ = exact_loss(suite, cfg, theta, batch)
+        out[path] = (loss.detach(), torch.autograd.grad(loss, theta)[0])
+    assert out["edge"][1].abs().max() > 1e-3  # a gradient that can differ
+    assert abs(float(out["edge"][0] - out["leaf"][0])) <= 1e-12
+    assert (out["edge"][1] - out["leaf"][1]).abs().max() <= 1e-12
+
+
+SEQ_CASES = {
+    "gspo": ("gspo", {}),
+    "gspo_wide": ("gspo", {"eps_low": 0.2, "eps_high": 0.2}),  # clip binding for some groups, not all
+    "gspo_token": ("gspo_token", {}),
+    "gmpo": ("gmpo", {}),
+    "simko": ("simko", {"simko_alpha": 0.3, "simko_lambda": 2.0}),
+    "simko_kl": ("simko", {"kl_coef": 0.2}),  # a term not proportional to A, on every token
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQ_CASES))
+def test_leaf_path_equals_brute_force_expectation_for_sequence_coupled_losses(name):
+    """Sequence-coupled losses (GSPO's sequence ratio, SimKO's per-sequence entropy quantile): the
+    leaf-path expected loss and its gradient equal the expectation over every ordered group of G
+    leaves (probability under pi_old, group_advantages, the sampled loss), at theta != theta_old."""
+    base, kw = SEQ_CASES[name]
+    m = get_method(base, **kw)
+    cfg = m.loss_config()
+    assert cfg.sequence_coupled
+    suite = tiny_suite(seed=6, b=2, depth=3)  # 8 leaves, G = 3: 512 groups
+    g = torch.Generator().manual_seed(3)
+    z_old = suite.ref_logits + 0.5 * torch.randn(suite.ref_logits.shape, generator=g)
+    theta = (z_old + 0.6 * torch.randn(z_old.shape, generator=g)).requires_grad_(True)
+    want, _ = enumerated_expectation(suite, cfg, theta, z_old, 3, m.adv)
+    (g_want,) = torch.autograd.grad(want, theta)
+    batch = exact_batch(suite, cfg, z_old, 3, m.adv)
+    assert batch["path"] == "leaf"
+    got, met = exact_loss(suite, cfg, theta, batch)
+    (g_got,) = torch.autograd.grad(got, theta)
+    assert g_want.abs().max() > 1e-4
+    if base == "simko":  # the per-sequence selection acts on some tokens, not all
+        assert 0 < met["simko/selected_frac"] < 1
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10, abs=1e-12)
+    assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_leaf_path_is_not_the_edge_path_for_sequence_coupled_losses():
+    """The edge path refuses a sequence-coupled loss by name; a batch-coupled one is refused on both."""
+    suite = tiny_suite(b=3, depth=3)
+    with pytest.raises(ValueError, match=r"sequence_coupled.*path='leaf'"):
+        exact_batch(suite, METHODS["gspo"].loss_config(), suite.ref_logits, 4, {"estimator": "grpo"}, path="edge")
+    for path in ("auto", "leaf"):
+        with pytest.raises(ValueError, match=r"batch_coupled.*mode='sampled'"):
+            exact_batch(suite, METHODS["clip_cov"].loss_config(), suite.ref_logits, 4, {"estimator": "grpo"},
+                        path=path)
+    with pytest.raises(ValueError, match=r"path: 'tree'"):
+        exact_batch(suite, METHODS["grpo"].loss_config(), suite.ref_logits, 4, {"estimator": "grpo"}, path="tree")
+
+
 @pytest.mark.parametrize("name", ["gspo", "gspo_token", "gmpo", "simko"])
-def test_exact_mode_refuses_sequence_coupled_losses_and_sampled_runs_them(name):
-    """GSPO / GMPO's sequence ratio and SimKO's per-sequence entropy quantile make a token's loss
-    depend on its whole sequence: no expected surrogate summed over single edges exists."""
+def test_sequence_coupled_losses_run_in_both_modes(name):
+    """Exact mode (leaf path) and sampled mode both train a sequence-coupled loss."""
     suite = tiny_suite(b=3, depth=3)
     cfg = METHODS[name].loss_config()
-    with pytest.raises(ValueError, match=r"sequence_coupled.*use mode='sampled'"):
-        exact_batch(suite, cfg, suite.ref_logits, 4, {"estimator": "grpo"})
-    logits = suite.ref_logits.clone().requires_grad_()
-    opt = torch.optim.SGD([logits], lr=1.0)
-    m = sampled_update(suite, cfg, logits, opt, 4, {"estimator": "grpo"}, generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(m["loss"])
+    for mode in ("exact", "sampled"):
+        logits = suite.ref_logits.clone().requires_grad_()
+        opt = torch.optim.SGD([logits], lr=1.0)
+        if mode == "exact":
+            m = exact_update(suite, cfg, logits, opt, 4, {"estimator": "grpo"}, epochs=2)
+        else:
+            m = sampled_update(suite, cfg, logits, opt, 4, {"estimator": "grpo"},
+                               generator=torch.Generator().manual_seed(0))
+        assert math.isfinite(m["loss"])
+        assert not torch.equal(logits.detach(), suite.ref_logits)
