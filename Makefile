@@ -23,7 +23,12 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m apo_toy.run --preset rsc --seeds 5 --out runs/rsc
 	HF_HUB_OFFLINE=1 $(PY) -m apo_llm.train
 
-test: setup
+# the test suite also runs the DeepSpeed ZeRO-2/3 equality tests on CPU (the `deepspeed` extra)
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev,tensorboard,deepspeed]"
+	touch $@
+
+test: setup $(VENV)/.deepspeed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # The formula lane: everything not marked slow by tests/conftest.py (no model builds, notebooks,
