@@ -377,10 +377,14 @@ def run_worker(argv, phase: str, loss: str, model_dir: Path, env: dict, limit: i
         return {"engine": phase, "loss": loss, "failed": f"timed out after {limit} s"}
 
 
+class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The run book (the docstring) as written, and every option's default."""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_smoke.py", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_smoke.json", help="the result file (default gpu_smoke.json)")
+                                formatter_class=_HelpFormat)
+    p.add_argument("--out", default="gpu_smoke.json", help="the result file")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--losses", default="apo,grpo")
     p.add_argument("--no-precision", action="store_true", help="skip the bf16-vs-fp32 gap phase")

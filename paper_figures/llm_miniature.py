@@ -784,7 +784,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       ("steps", "RL steps per run"), ("every", "checkpoint / validation interval in steps"),
                       ("problems", "problems per reported split"), ("n", "samples per reported problem"),
                       ("val-problems", "validation problems"), ("val-n", "samples per validation problem")):
-        ap.add_argument(f"--{name}", type=int, default=None, help=hlp + " (overrides the size preset)")
+        key = name.replace("-", "_")
+        ap.add_argument(f"--{name}", type=int, default=None,
+                        help=f"{hlp} (default: {getattr(FULL, key)}, --quick {getattr(QUICK, key)})")
     ap.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
                     help="reported splits to evaluate (default: both; test_hard has 4 events per problem)")
     ap.add_argument("--retry-failed", action="store_true", help="train again the (arm, seed) runs recorded in FAILED")
