@@ -11,19 +11,26 @@ gets the session fixture's build through APO_CACHE_DIR, so it is built once per 
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import nbclient
 import nbformat
+
 import pytest
 
 jupytext = pytest.importorskip("jupytext", reason="the `notebooks` / `dev` extra installs jupytext")
 
 ROOT = Path(__file__).resolve().parents[2]
 LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-TIMEOUT = 600  # per cell
+# per cell: every lesson runs in under a minute in all (notebooks/README.md). A kernel that has gone
+# idle without the client ever seeing the cell's reply (seen twice under heavy machine load, on lesson
+# 02, never alone) is a messaging hang, not a lesson failure: after TIMEOUT the lesson is executed once
+# more in a fresh kernel, with a warning naming it; a second timeout fails the test.
+TIMEOUT = 240
 EXPECTED = ["01_negative_squeezing", "02_recursive_space_contraction", "03_passk_crossover",
             "04_shape_vs_support", "05_pull_clip_silence", "06_tree_to_tokens", "07_claims_in_miniature"]
 
@@ -84,12 +91,21 @@ def _execute(path: Path, tmp_path: Path) -> nbformat.NotebookNode:
     check = nbformat.v4.new_code_cell(
         f"import sys, os\nassert os.path.realpath(sys.prefix) == os.path.realpath({sys.prefix!r}), sys.executable")
     nb.cells.insert(0, check)
-    client = nbclient.NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT)}})
-    try:
-        client.execute()
-    finally:
-        (tmp_path / path.with_suffix(".ipynb").name).write_text(nbformat.writes(nb))  # for inspection
+    pristine = copy.deepcopy(nb)
+    for attempt in (1, 2):
+        client = nbclient.NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3",
+                                         resources={"metadata": {"path": str(ROOT)}})
+        try:
+            client.execute()
+            return nb
+        except nbclient.exceptions.CellTimeoutError:
+            if attempt == 2:
+                raise
+            warnings.warn(f"{path.name}: a cell timed out after {TIMEOUT} s (kernel messaging hang); "
+                          "executing the lesson once more in a fresh kernel")
+            nb = copy.deepcopy(pristine)
+        finally:
+            (tmp_path / path.with_suffix(".ipynb").name).write_text(nbformat.writes(nb))  # for inspection
     return nb
 
 
