@@ -122,7 +122,11 @@ def test_our_term_equals_trls_own_loss_type(tiny_model_dir, tmp_path, key):
     g_f = torch.autograd.grad(loss_f, lora)
     # 2. TRL end to end (its own full-logits forward): equal loss; the gradient differs by float32
     #    rounding of the two forward paths (chunked head vs one [B, L, V] logits tensor)
-    loss_trl = trl_engine.GRPOTrainer._compute_loss(trainer, model, inputs)
+    #    (the engine routes the old-policy pass through our head; here TRL's own pass is the point)
+    own = trl_engine.GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "_get_per_token_logps_and_entropies", own)
+        loss_trl = trl_engine.GRPOTrainer._compute_loss(trainer, model, inputs)
     g_trl = torch.autograd.grad(loss_trl, lora)
     a, f, b = float(loss_ours.detach()), float(loss_f.detach()), float(loss_trl.detach())
     scale = max(float(g.abs().max()) for g in g_trl)
