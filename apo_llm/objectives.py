@@ -98,7 +98,7 @@ class LossConfig:
     )
     apo_pull_cap: Optional[float] = field(
         default=None,
-        metadata={"help": "push_only: the pull is flat where r_anchor > cap (None: 1 + eps_high; inf: no cap)"},
+        metadata={"allow_inf": True, "help": "push_only: the pull is flat where r_anchor > cap (None: 1 + eps_high; inf: no cap)"},
     )
     topk_kl_coef: float = field(default=0.0, metadata={
         "help": "topk_kl_on_wrong: coef of the cross-entropy to pi_ref renormalised on S, A < 0 tokens"})

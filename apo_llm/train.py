@@ -53,8 +53,8 @@ from apo_llm.checkpoint import (
     weights_fingerprint, writing,
 )
 from apo_llm.cli import UserError, fail, looks_local, quiet_progress_unless_tty
-from apo_llm.config import (TINY_MODEL, RunConfig, fill_loss_norm_len, load_config, resume_differences,
-                             save_resolved)
+from apo_llm.config import TINY_MODEL, RunConfig, fill_loss_norm_len, load_config
+from apo_llm.provenance import resume_differences, save_resolved
 from apo_llm.data import FILE_SOURCES
 from apo_llm.metrics import pass_at_k
 from apo_llm.modeling import (
@@ -302,7 +302,7 @@ def prepare_run_dir(cfg: RunConfig, layout: Layout = NATIVE) -> Optional[Path]:
     logging.overwrite (the old run is moved aside by start_run_dir). `--resume auto` without any
     checkpoint yet starts afresh, saying so (a requeued job that was stopped before its first
     checkpoint; its partial run is moved aside). A resume whose settings differ from the
-    checkpoint's config applies the loop settings (config.APPLIED_ON_RESUME) and refuses the rest.
+    checkpoint's config applies the loop settings (provenance.APPLIED_ON_RESUME) and refuses the rest.
     Call it holding the run lock: the fallback renames corrupt checkpoints.
     """
     run_dir = cfg.run_dir

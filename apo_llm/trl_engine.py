@@ -576,7 +576,7 @@ def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:
     fsdp2: shard the model with `shard_fsdp2` before TRL sees it (several processes, CPU tests)."""
     from accelerate import PartialState
 
-    from apo_llm.config import save_resolved
+    from apo_llm.provenance import save_resolved
     from apo_llm.train import (
         MetricsLog, add_lora, check_inputs, check_window, context_window, drop_long_prompts, load_base, load_data,
         requeued_afresh, resolve_model_path, run_inputs, start_run_dir,

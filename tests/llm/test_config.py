@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apo_llm.config import RunConfig, build_config, help_text, load_config, parse_cli, save_resolved
+from apo_llm.config import ALIASES, RunConfig, build_config, help_text, load_config
+from apo_llm.options import parse_argv
+from apo_llm.provenance import save_resolved
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 REAL = [p for p in CONFIGS if not p.name.startswith(("tiny_", "toy_"))]
@@ -128,7 +130,7 @@ def test_yaml_errors_name_the_field(tmp_path):
 
 
 def test_parse_cli_help_flag():
-    assert parse_cli(["--help"])[2] is True
+    assert parse_argv(RunConfig, ["--help"], ALIASES)[2] is True
     text = help_text()
     assert "--train.lr" in text and "--loss.apo_beta" in text and "APO pull" in text
 
@@ -195,7 +197,7 @@ def test_run_info_versions_are_the_installed_ones(tmp_path):
 
 
 def test_resume_differences_split_applied_and_refused():
-    from apo_llm.config import resume_differences
+    from apo_llm.provenance import resume_differences
 
     old = load_config([]).to_dict()
     applied, refused = resume_differences(old, load_config(["--train.steps", "60", "--train.lr", "1e-4"]))
@@ -215,7 +217,7 @@ def test_shipped_bases_resolve_and_validate(path):
 
 
 def test_every_shipped_overlay_names_an_existing_base():
-    from apo_llm.config import load_yaml
+    from apo_llm.options import load_yaml
 
     for p in CONFIGS:
         base = yaml.safe_load(p.read_text()).get("base")
