@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from apo_llm.objectives import LossConfig
 from apo_llm.options import UserError, build, help_text as _help_text, load_yaml, merge, option, parse_argv
-from apo_llm.validation import fill_loss_norm_len, validate  # noqa: F401  (fill_loss_norm_len: both engines)
+from apo_llm.validation import fill_loss_norm_len, validate  # noqa: F401  (fill_loss_norm_len: both engines import it from here)
 
 TINY_MODEL = "tiny"  # model.name_or_path value meaning: build/load apo_llm.tiny.ensure_tiny_model()
 

@@ -1,7 +1,7 @@
 """What the no-grad passes over a batch of rollouts hand to the loss, shared by both engines.
 
 `objectives.required_inputs(cfg)` decides which optional `policy_loss` tensors a loss needs;
-`loss_inputs` is the one place that builds them, from the stored old/reference passes and the
+`reference_pass` is the one reference pass of both engines and `loss_inputs` the one place that builds them, from the stored old/reference passes and the
 training forward (native trainer, apo_llm/train.py, and TRL engine, apo_llm/trl_engine.py).
 The readings of r_anchor (docs/method.md, `loss.apo_anchor_norm`) old_mass / old_token need
 log pi_old at the reference Top-K ids: the reference pass runs first, then the old pass gathers
@@ -11,11 +11,14 @@ so the training forward's gather at the same ids is used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+import torch
 from torch import Tensor
 
+from apo_llm.modeling import reference_context
 from apo_llm.objectives import LossConfig, required_inputs
 
 # Optional loss inputs the training forward computes; the rest come from the stored passes.
@@ -66,4 +69,33 @@ def loss_inputs(cfg: LossConfig, stats, stored: Mapping[str, Tensor], take: Call
             out[name] = take(stored[name])
         else:  # a loss asking for a tensor no pass produced: say which, instead of a None deep in the loss
             raise ValueError(f"loss.name={cfg.name!r}: needs {name}, which the trainer did not compute")
+    return out
+
+
+@torch.no_grad()
+def reference_pass(cfg: LossConfig, policy, stats_of: Callable, completion_ids: Tensor, row_slices: Iterable,
+                   device: torch.device) -> dict[str, Tensor]:
+    """The reference pass, both engines: log pi_ref(y_t) [N, T] with the adapter off and, for losses
+    with anchors, the safe manifold M_t = TopK_K(pi_ref(. | y_<t)): its ids and log-probs [N, T, K]
+    and whether y_t is one of them. Only K ids and log-probs per position are kept, never the vocabulary.
+
+    policy: the PEFT model whose adapter `reference_context` switches off; stats_of(rows, topk) ->
+    (modeling.TokenStats of those rows, their trimmed width t), the engine's own forward;
+    completion_ids [N, T]; the outputs live on `device`.
+    """
+    N, T = completion_ids.shape
+    k = cfg.apo_k if cfg.needs_anchors else 0
+    out = {"ref_logp": torch.zeros(N, T, device=device)}
+    if k:
+        out["anchor_ids"] = torch.zeros(N, T, k, dtype=torch.long, device=device)
+        out["anchor_ref_logp"] = torch.full((N, T, k), -math.inf, device=device)
+    with reference_context(policy):
+        for rows in row_slices:
+            st, t = stats_of(rows, k)
+            out["ref_logp"][rows, :t] = st.logp.float().to(device)
+            if k:
+                out["anchor_ids"][rows, :t] = st.topk_ids.to(device)
+                out["anchor_ref_logp"][rows, :t] = st.topk_logp.float().to(device)
+    if k:
+        out["anchor_is_sampled"] = out["anchor_ids"] == completion_ids.to(device)[..., None]  # y_t in M_t
     return out

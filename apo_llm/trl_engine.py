@@ -23,7 +23,7 @@ log-probs, so no [B, L, V] float32 logits tensor exists (apo_llm/modeling.py, ch
 
 A run has the native engine's guarantees, from the same code: rank 0 takes the run-directory lock
 (apo_llm.runlock) and resolves the checkpoint to resume (checkpoint.resolve_resume with the TRL
-layout: manifest-verified, falling back to the newest intact one; train.prepare_run_dir: changed
+layout: manifest-verified, falling back to the newest intact one; run_setup.prepare_run_dir: changed
 settings refused, loop settings applied), then tells every rank; every checkpoint-N gets a
 manifest, a COMPLETE marker and apo_state.pt (config, metrics offset, input fingerprints) from
 `RunGuard`; metrics.jsonl is cut back to the checkpoint on resume; SIGTERM / SIGINT on any rank
@@ -36,36 +36,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from apo_llm.checkpoint import (
-    TRL, checkpoint_step, latest_checkpoint, read_trainer_state, save_torch, seal_checkpoint, writing,
+    TRL, checkpoint_step, latest_checkpoint, read_trainer_state, writing,
 )
-from apo_llm.cli import UserError
-from apo_llm.config import RolloutSection, RunConfig, TrainSection, fill_loss_norm_len
+from apo_llm.config import RunConfig, fill_loss_norm_len
 from apo_llm.modeling import (
-    chunked_token_stats, peft_trl_deprecation_quiet, position_ids_from_mask, reference_context, unwrap_causal_lm,
+    chunked_token_stats, peft_trl_deprecation_quiet, position_ids_from_mask, unwrap_causal_lm,
 )
 from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
-from apo_llm.passes import loss_inputs
+from apo_llm.passes import loss_inputs, reference_pass
 from apo_llm.preemption import Preemption, resume_command
+from apo_llm.trl_callbacks import JsonlMetrics, RunGuard, _claim_run_dir, _on_main
+from apo_llm.trl_config import build_dataset, grpo_config, make_reward_func, set_vllm_stops
+from apo_llm.run_log import MetricsLog
+from apo_llm.run_setup import (
+    add_lora, check_inputs, check_window, context_window, drop_long_prompts, load_base, load_data,
+    requeued_afresh, resolve_model_path, run_inputs, start_run_dir, world_size,
+)
 
 log = logging.getLogger("apo_llm.trl_engine")
-
-# Fields with no TRL equivalent: refused when set to anything but this default (why, in the error).
-UNMAPPED = {
-    "rollout.batch_size": (RolloutSection().batch_size,
-                           "TRL generates each process's generation batch in one call"),
-    "train.stop_at_step": (TrainSection().stop_at_step, "TRL has no clean early exit; lower train.steps"),
-    "train.max_consecutive_nonfinite": (TrainSection().max_consecutive_nonfinite,
-                                        "TRL does not skip non-finite steps"),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,93 +69,9 @@ UNMAPPED = {
 # --------------------------------------------------------------------------------------------
 
 
-def _need(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r}: {why} (train.engine: trl; see docs/trainer_engines.md)")
-
-
-def check_trl_config(cfg: RunConfig, world_size: int) -> None:
-    """Refuse, naming the field, what the TRL engine cannot run as configured."""
-    t, r = cfg.train, cfg.rollout
-    rows = t.prompts_per_step * r.num_generations
-    _need(t.mini_batch_size == rows, "train.mini_batch_size", t.mini_batch_size,
-          f"must equal prompts_per_step * num_generations = {rows}: one optimizer step per pass over the "
-          f"rollouts, the only layout where TRL's token normaliser is the real token count")
-    _need(rows % (world_size * t.micro_batch_size) == 0, "train.micro_batch_size", t.micro_batch_size,
-          f"processes ({world_size}) x micro_batch_size must divide the rollout rows {rows}")
-    _need(cfg.eval.every == 0, "eval.every", cfg.eval.every,
-          "no periodic pass@k inside TRL; set 0 and run python -m apo_llm.evaluate on the saved adapter")
-    _need(cfg.model.device in (None, "cpu", "cuda"), "model.device", cfg.model.device,
-          "choose cpu, cuda or None (pick GPUs with CUDA_VISIBLE_DEVICES / the accelerate config)")
-    _need(cfg.loss.kl_estimator != "full", "loss.kl_estimator", cfg.loss.kl_estimator, "use k1, k2 or k3")
-    for key, (default, why) in UNMAPPED.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _need(value == default, key, value, f"no TRL equivalent ({why}); leave it at {default!r}")
-
-
-def grpo_config(cfg: RunConfig, world_size: int = 1):
-    """trl.GRPOConfig for `cfg` run on `world_size` processes (table in docs/trainer_engines.md)."""
-    from trl import GRPOConfig
-
-    check_trl_config(cfg, world_size)
-    m, t, r, lc, lg, ck = cfg.model, cfg.train, cfg.rollout, cfg.loss, cfg.logging, cfg.checkpoint
-    steps_per_gen = t.prompts_per_step * r.num_generations // (world_size * t.micro_batch_size)
-    report = (["tensorboard"] if lg.tensorboard else []) + list(lg.report_to)
-    kw: dict[str, Any] = dict(
-        output_dir=str(cfg.run_dir), seed=t.seed, data_seed=cfg.data.seed,
-        use_cpu=(m.device == "cpu"), bf16=(m.dtype == "bfloat16"), fp16=(m.dtype == "float16"),
-        gradient_checkpointing=m.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if m.gradient_checkpointing else None,
-        per_device_train_batch_size=t.micro_batch_size,
-        # equal, so each optimizer step covers exactly one generation batch (see check_trl_config)
-        gradient_accumulation_steps=steps_per_gen, steps_per_generation=steps_per_gen,
-        num_iterations=t.ppo_epochs, max_steps=t.steps * t.ppo_epochs,
-        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1],
-        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 1e30,
-        num_generations=r.num_generations, max_completion_length=r.max_new_tokens,
-        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, repetition_penalty=1.0,
-        # KL, clipping and aggregation live in LossConfig; TRL's own loss never runs
-        beta=0.0, loss_type="dapo", epsilon=lc.eps_low, epsilon_high=lc.eps_high,
-        mask_truncated_completions=False, disable_dropout=False, remove_unused_columns=False,
-        cast_lm_head_to_fp32=False,  # our head does the float32 cast itself (model.lm_head_fp32)
-        logging_steps=1, report_to=report or "none", disable_tqdm=not lg.progress, log_completions=False,
-        save_strategy="steps" if ck.every else "no", save_steps=ck.every * t.ppo_epochs or 500,
-        save_total_limit=ck.keep_last,
-    )
-    if r.engine == "vllm":
-        # colocate: vLLM shares the training GPUs; the sequence-level correction gives one weight per
-        # completion, which policy_loss takes as `weights` (a token-level one it could not)
-        kw.update(use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=True,
-                  vllm_importance_sampling_mode="sequence_mask")
-    return GRPOConfig(**kw)
-
-
 # --------------------------------------------------------------------------------------------
 # Rewards and data
 # --------------------------------------------------------------------------------------------
-
-
-def make_reward_func(name: str):
-    """A TRL reward function scoring with apo_llm.rewards; the dataset's `gold` column arrives as a kwarg."""
-    from apo_llm.rewards import score_completions
-
-    def reward(completions, gold, **_):
-        return score_completions(name, list(completions), list(gold))
-
-    reward.__name__ = name  # TRL logs rewards/<name>/mean
-    return reward
-
-
-def build_dataset(cfg: RunConfig, tokenizer, problems):
-    """datasets.Dataset(prompt = chat-formatted text, gold): TRL applies no template to plain strings."""
-    from datasets import Dataset
-
-    from apo_llm.prompts import format_for_run
-
-    return Dataset.from_dict({"prompt": format_for_run(cfg, tokenizer, [p.prompt for p in problems]),
-                              "gold": [p.gold for p in problems]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +79,6 @@ def build_dataset(cfg: RunConfig, tokenizer, problems):
 # --------------------------------------------------------------------------------------------
 
 from trl import GRPOTrainer  # noqa: E402  (heavy; this module is only imported for engine: trl)
-from transformers import TrainerCallback  # noqa: E402
 
 
 def _full(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -281,33 +192,20 @@ class APOGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _reference_pass(self, batch: dict) -> dict:
-        """ref_logp [B, T] and, when the loss needs anchors, anchor ids / log-probs [B, T, K] and y_t in M_t."""
-        lc = self.loss_cfg
-        if not lc.needs_reference:
+        """passes.reference_pass (the native engine's too) through this trainer's forward: ref_logp
+        [B, T] and, when the loss needs anchors, anchor ids / log-probs [B, T, K] and y_t in M_t."""
+        if not self.loss_cfg.needs_reference:
             return {}
-        B, T = batch["completion_ids"].shape
-        dev = batch["completion_ids"].device
-        out = {"ref_logp": torch.zeros(B, T, device=dev)}
-        if lc.needs_anchors:
-            out["anchor_ids"] = torch.zeros(B, T, lc.apo_k, dtype=torch.long, device=dev)
-            out["anchor_ref_logp"] = torch.full((B, T, lc.apo_k), -math.inf, device=dev)
-        mb = self.args.per_device_train_batch_size
+        B, mb = batch["completion_ids"].shape[0], self.args.per_device_train_batch_size
         # self.model, not the DDP wrapper: no gradient to sync here, and no collective that every rank
         # would have to match; ZeRO-3 / FSDP2 hooks sit on the module itself and still gather weights
         policy = self.accelerator.unwrap_model(self.model)
         was_training = self.model.training
         self.model.eval()
-        with reference_context(policy):
-            for s in range(0, B, mb):
-                rows = slice(s, min(s + mb, B))
-                st, t = self._token_stats(self.model, batch, rows, topk=lc.apo_k if lc.needs_anchors else 0)
-                out["ref_logp"][rows, :t] = st.logp.float()
-                if lc.needs_anchors:  # only K ids + log-probs per position are kept
-                    out["anchor_ids"][rows, :t] = st.topk_ids
-                    out["anchor_ref_logp"][rows, :t] = st.topk_logp.float()
+        out = reference_pass(self.loss_cfg, policy, lambda rows, topk: self._token_stats(self.model, batch, rows, topk=topk),
+                             batch["completion_ids"], [slice(s, min(s + mb, B)) for s in range(0, B, mb)],
+                             batch["completion_ids"].device)
         self.model.train(was_training)
-        if lc.needs_anchors:
-            out["anchor_is_sampled"] = out["anchor_ids"] == batch["completion_ids"][..., None]  # y_t in M_t
         return out
 
     # ---- forward through the wrapped model -------------------------------------------------
@@ -415,124 +313,9 @@ class APOGRPOTrainer(GRPOTrainer):
                 self._metrics["train"][k].append(v)
 
 
-class JsonlMetrics(TrainerCallback):
-    """metrics.jsonl in the run dir, one row per optimizer step, written by the main process only."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
-            return  # the end-of-training summary (train_runtime, ...) goes to summary.json instead
-        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-
-
-def set_vllm_stops(args, model) -> None:
-    """vLLM reads the stop ids from the checkpoint's generation_config.json, not from the model in
-    memory: pass the ids our loader added there (rollout.stop_token_ids, the template's end-of-turn)."""
-    if not args.use_vllm:
-        return
-    eos = model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    args.generation_kwargs = {**(args.generation_kwargs or {}), "stop_token_ids": ids}
-
-
-def world_size() -> int:
-    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-class RunGuard(TrainerCallback):
-    """Checkpoints the native engine can trust, and preemption that stops every rank together.
-
-    on_save: (after every rank wrote its part) rank 0 adds apo_state.pt, manifest.json and COMPLETE
-    to checkpoint-N. on_step_end: the SIGTERM / SIGINT flag, OR-reduced over ranks; at the end of an
-    RL step (ppo_epochs optimizer steps) a raised flag saves that step, unless already saved, and stops.
-    """
-
-    def __init__(self, cfg: RunConfig, stop: Preemption, inputs: dict):
-        self.cfg, self.stop, self.inputs = cfg, stop, inputs
-        self.accelerator = None  # set once the trainer exists
-        self.preempted = False
-
-    def _flag_on_any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._flag_on_any_rank() and state.global_step % self.cfg.train.ppo_epochs == 0:
-            self.preempted = True
-            control.should_save = True  # no second save when this step was saved already: see on_save
-            control.should_training_stop = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            metrics = Path(args.output_dir) / "metrics.jsonl"
-            lines = sum(1 for _ in metrics.open()) if metrics.exists() else 0
-            apo_state = {"config": self.cfg.to_dict(), "inputs": self.inputs, "metrics_lines": lines,
-                         "step": state.global_step // self.cfg.train.ppo_epochs}
-            writing(ckpt / TRL.state_file, lambda: save_torch(apo_state, ckpt / TRL.state_file))  # disk full:
-            writing(ckpt / "manifest.json", lambda: seal_checkpoint(ckpt, state.global_step))  # one line
-        self.accelerator.wait_for_everyone()
-        return control
-
-
-def _broadcast(obj):
-    """Rank 0's `obj` on every rank (as is with one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _on_main(state, fn):
-    """fn() on rank 0, its result on every rank; its error raised on every rank (no rank left waiting)."""
-    out, err = None, None
-    if state.is_main_process:
-        try:
-            out = fn()
-        except BaseException as e:  # noqa: B036 - the other ranks must hear of any failure
-            err = e
-    shared = _broadcast((out, None if err is None else str(err)))
-    if err is not None:
-        raise err
-    if shared[1] is not None:
-        raise UserError(shared[1])
-    return shared[0]
-
-
-def _claim_run_dir(cfg: RunConfig, state):
-    """Rank 0: check the paths, take the lock, resolve the checkpoint (train.prepare_run_dir).
-    Returns (lock on rank 0 / None, checkpoint to resume or None on every rank)."""
-    from apo_llm.train import check_paths, prepare_run_dir, take_run_lock
-
-    holder = {}
-
-    def claim():
-        check_paths(cfg)
-        holder["lock"] = take_run_lock(cfg)
-        try:
-            resume = prepare_run_dir(cfg, TRL)
-        except BaseException:
-            holder.pop("lock").release()
-            raise
-        return str(resume) if resume else None
-
-    resume = _on_main(state, claim)
-    return holder.get("lock"), Path(resume) if resume else None
 
 
 def shard_fsdp2(model) -> None:
@@ -577,10 +360,6 @@ def build_trainer(cfg: RunConfig, *, fsdp2: bool = False) -> APOGRPOTrainer:
     from accelerate import PartialState
 
     from apo_llm.provenance import save_resolved
-    from apo_llm.train import (
-        MetricsLog, add_lora, check_inputs, check_window, context_window, drop_long_prompts, load_base, load_data,
-        requeued_afresh, resolve_model_path, run_inputs, start_run_dir,
-    )
 
     args = grpo_config(cfg, world_size())
     state = PartialState()

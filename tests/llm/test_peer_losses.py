@@ -17,6 +17,7 @@ import torch
 
 import apo_llm.train as train_mod
 from apo_llm.config import load_config
+from apo_llm.modeling import completion_token_stats
 
 trl_engine = pytest.importorskip("apo_llm.trl_engine")  # needs the `trl` extra
 from tests.llm.test_trl_engine import G, P, _cfg  # noqa: E402
@@ -97,7 +98,7 @@ def test_our_term_equals_trls_own_loss_type(tiny_model_dir, tmp_path, key):
     with torch.no_grad():  # off-policy ratios and both advantage signs: clipping binds
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        cur = train_mod.completion_token_stats(model, ids, am, inputs["prompt_ids"].shape[1]).logp
+        cur = completion_token_stats(model, ids, am, inputs["prompt_ids"].shape[1]).logp
     inputs["old_per_token_logps"] = torch.where(mask, cur + 0.3 * torch.randn(cur.shape, generator=gen), 0.0)
     inputs["advantages"] = torch.randn(P * G, generator=gen)
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import apo_llm.rewards
+import apo_llm.loop as loop_mod
+import apo_llm.passes
 import apo_llm.train as train_mod
 from apo_llm.checkpoint import latest_checkpoint, load_checkpoint
 from apo_llm.config import load_config
@@ -119,13 +121,13 @@ def test_run_directory_and_metric_names(char_dir, tmp_path):
 
 def test_grpo_runs_without_reference_pass(char_dir, tmp_path, monkeypatch):
     calls = []
-    real = train_mod.reference_context
+    real = apo_llm.passes.reference_context
 
     def spy(model):
         calls.append(1)
         return real(model)
 
-    monkeypatch.setattr(train_mod, "reference_context", spy)
+    monkeypatch.setattr(apo_llm.passes, "reference_context", spy)
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--loss.name", "grpo", "--logging.run_name", "g",
                "--eval.every", "0")
     train_mod.train(cfg)
@@ -167,9 +169,9 @@ def _independent_pi_old_at_anchors(cfg, model, comp):
     ids, am, n = comp.input_ids, comp.attention_mask, comp.n_prompt
     temp = cfg.rollout.temperature
     with torch.no_grad():
-        with train_mod.reference_context(model):
-            ref = train_mod.completion_token_stats(model, ids, am, n, temperature=temp, topk=cfg.loss.apo_k)
-        old = train_mod.completion_token_stats(model, ids, am, n, temperature=temp, gather_ids=ref.topk_ids)
+        with apo_llm.passes.reference_context(model):
+            ref = loop_mod.completion_token_stats(model, ids, am, n, temperature=temp, topk=cfg.loss.apo_k)
+        old = loop_mod.completion_token_stats(model, ids, am, n, temperature=temp, gather_ids=ref.topk_ids)
     return ref, old
 
 
@@ -199,21 +201,21 @@ def test_anchor_old_logp_is_pi_old_at_the_reference_topk(char_dir, norm, monkeyp
             continue
         assert passes.anchor_old_logp is None  # skipped: update() supplies it
         seen = []
-        real = train_mod.policy_loss
+        real = loop_mod.policy_loss
 
         def spy(*a, **kw):
             seen.append(kw["anchor_old_logp"].detach().clone())
             assert not kw["anchor_old_logp"].requires_grad
             return real(*a, **kw)
 
-        monkeypatch.setattr(train_mod, "policy_loss", spy)
+        monkeypatch.setattr(loop_mod, "policy_loss", spy)
         m = copy.deepcopy(model)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
         adv = torch.randn(8)
         torch.manual_seed(3)
         order = torch.randperm(8)  # the minibatch order update() draws next
         torch.manual_seed(3)
-        train_mod.update(cfg, m, opt, get_scheduler("constant", opt), Accelerator(cpu=True), comp, adv, passes,
+        loop_mod.update(cfg, m, opt, get_scheduler("constant", opt), Accelerator(cpu=True), comp, adv, passes,
                          torch.device("cpu"))
         assert len(seen) == 1
         t = seen[0].shape[1]
@@ -251,7 +253,7 @@ def test_unsynced_metrics_give_the_same_floats(norm):
             synced[k] = synced.get(k, 0.0) + w * v
         seen.append((w, tensors))
     unsynced: dict = {}
-    train_mod._add_weighted(unsynced, seen)
+    loop_mod._add_weighted(unsynced, seen)
     assert unsynced == synced  # bit-identical, not close
     assert any(v != 0 for v in synced.values())
 
@@ -280,7 +282,7 @@ class _NanGrad(torch.autograd.Function):
 
 def _poison_steps(monkeypatch, bad_steps, how: str):
     """Make policy_loss non-finite (loss, or only its gradient) during the given RL steps."""
-    real_loss, real_update = train_mod.policy_loss, train_mod.update
+    real_loss, real_update = loop_mod.policy_loss, loop_mod.update
     step = {"n": 0}
 
     def counting_update(*a, **k):
@@ -293,8 +295,8 @@ def _poison_steps(monkeypatch, bad_steps, how: str):
             loss = loss * float("nan") if how == "loss" else _NanGrad.apply(loss)
         return loss, m
 
-    monkeypatch.setattr(train_mod, "update", counting_update)
-    monkeypatch.setattr(train_mod, "policy_loss", patched)
+    monkeypatch.setattr(loop_mod, "update", counting_update)
+    monkeypatch.setattr(loop_mod, "policy_loss", patched)
 
 
 @pytest.mark.parametrize("how", ["loss", "grad"])
@@ -386,7 +388,7 @@ def test_nonfinite_weight_after_an_optimizer_step_rolls_the_step_back(char_dir, 
                 self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
         return out
 
-    real_update, seen = train_mod.update, []
+    real_update, seen = loop_mod.update, []
 
     def spy(cfg, model, *a, **k):
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -395,7 +397,7 @@ def test_nonfinite_weight_after_an_optimizer_step_rolls_the_step_back(char_dir, 
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
-    monkeypatch.setattr(train_mod, "update", spy)
+    monkeypatch.setattr(loop_mod, "update", spy)
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--checkpoint.every", "1",
                "--checkpoint.keep_last", "5", "--logging.run_name", "roll")
     s = train_mod.train(cfg)
@@ -412,7 +414,7 @@ def test_nonfinite_weight_after_an_optimizer_step_rolls_the_step_back(char_dir, 
 
 def test_nonfinite_weights_are_never_checkpointed(char_dir, tmp_path, monkeypatch):
     """Item 3: weights corrupted outside an optimizer step stop the run before the checkpoint."""
-    real_metrics, calls = train_mod.step_metrics, {"n": 0}
+    real_metrics, calls = loop_mod.step_metrics, {"n": 0}
 
     def poison_at_step_2(cfg, comp, rewards, passes, upd, optimizer):
         calls["n"] += 1
@@ -421,7 +423,7 @@ def test_nonfinite_weights_are_never_checkpointed(char_dir, tmp_path, monkeypatc
                 optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
         return real_metrics(cfg, comp, rewards, passes, upd, optimizer)
 
-    monkeypatch.setattr(train_mod, "step_metrics", poison_at_step_2)
+    monkeypatch.setattr(loop_mod, "step_metrics", poison_at_step_2)
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--checkpoint.every", "1",
                "--logging.run_name", "corrupt")
     with pytest.raises(train_mod.NonFiniteError, match="Last good checkpoint: .*step-000001"):
@@ -445,7 +447,7 @@ def test_nan_rewards_are_counted_and_treated_as_zero(char_dir, tmp_path, monkeyp
 
 def test_nonfinite_logprob_skips_the_update(char_dir, tmp_path, monkeypatch):
     """The non-finite log-prob branch of update(), through train()."""
-    real_stats, real_update, step = train_mod.completion_token_stats, train_mod.update, {"n": 0}
+    real_stats, real_update, step = loop_mod.completion_token_stats, loop_mod.update, {"n": 0}
 
     def counting_update(*a, **k):
         step["n"] += 1
@@ -457,8 +459,8 @@ def test_nonfinite_logprob_skips_the_update(char_dir, tmp_path, monkeypatch):
             st.logp = st.logp - float("inf")
         return st
 
-    monkeypatch.setattr(train_mod, "update", counting_update)
-    monkeypatch.setattr(train_mod, "completion_token_stats", stats)
+    monkeypatch.setattr(loop_mod, "update", counting_update)
+    monkeypatch.setattr(loop_mod, "completion_token_stats", stats)
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "3", "--eval.every", "0", "--logging.run_name", "lp")
     assert train_mod.train(cfg)["nonfinite_steps"] == 1
     assert [r["optimizer_steps"] for r in _rows(tmp_path / "lp")] == [4, 0, 4]
@@ -532,13 +534,13 @@ def test_first_run_builds_the_tiny_model_and_equals_the_second(tmp_path, monkeyp
 def test_passk_advantage_is_wired_with_its_k(char_dir, tmp_path, monkeypatch):
     """train.passk_k reaches objectives.group_advantages (k is required by validation)."""
     seen = []
-    real = train_mod.group_advantages
+    real = loop_mod.group_advantages
 
     def spy(rewards, G, estimator, **kw):
         seen.append((estimator, kw.get("k")))
         return real(rewards, G, estimator, **kw)
 
-    monkeypatch.setattr(train_mod, "group_advantages", spy)
+    monkeypatch.setattr(loop_mod, "group_advantages", spy)
     cfg = _cfg(char_dir, tmp_path, "--train.steps", "1", "--eval.every", "0", "--logging.run_name", "pk",
                "--train.advantage", "passk", "--train.passk_k", "2")
     assert train_mod.train(cfg)["finished"] and seen == [("passk", 2)]

@@ -418,7 +418,7 @@ def test_native_single_pass_skip_matches_the_explicit_old_pass(tiny_model_dir, m
         # SGD: the update is linear in the gradient (Adam would blow rounding on near-zero gradients up to lr)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
         sched = get_scheduler("constant", opt)
-        monkeypatch.setattr(tm, "single_pass", lambda c, rows, s=skip: s)
+        monkeypatch.setattr("apo_llm.loop.single_pass", lambda c, rows, s=skip: s)
         passes, _, _ = tm.behaviour_and_reference(cfg, m, comp, torch.device("cpu"))
         if skip:
             assert not passes.old_logp.any()  # the behaviour forward did not run
