@@ -13,7 +13,7 @@ text (`option(default, help)`) and calls `parse_command`. The flag style is the 
 Flag names are the field names, underscores and all, as in the YAML files and in TRL's
 HfArgumentParser; a dash spelling (`--batch-size`) is accepted for one release with a deprecation
 line. Every mistake raises `UserError` with one line that names the flag or field; the entry points
-print it as `error: ...` and exit with code 2. Why home-made rather than a library: docs/cli.md.
+print it as `error: ...` and exit with code 2. Why home-made rather than a library: docs/architecture.md.
 
 Only the standard library and PyYAML are imported here, so `apo_toy` (which must not import
 transformers, peft or datasets) parses its command line with it too.
