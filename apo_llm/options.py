@@ -148,7 +148,8 @@ def build(cls: type[T], raw: dict, prefix: str = "") -> T:
         name = f"{prefix}{key}"
         if key not in hints:
             what = "config section" if prefix == "" and _has_sections(cls) else "field"
-            raise UserError(f"{name}: unknown {what}; choose from {sorted(hints)}")
+            why = " (YAML reads an unquoted on/off/yes/no key as a boolean: quote it)" if isinstance(key, bool) else ""
+            raise UserError(f"{name}: unknown {what}{why}; choose from {sorted(hints)}")
         if is_section(hints[key]):
             if value is None:
                 continue
