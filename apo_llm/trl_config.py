@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from apo_llm.config import RolloutSection, RunConfig, TrainSection
 
 
@@ -112,3 +114,39 @@ def set_vllm_stops(args, model) -> None:
     eos = model.generation_config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     args.generation_kwargs = {**(args.generation_kwargs or {}), "stop_token_ids": ids}
+
+
+def epoch_sampler(sampler):
+    """TRL's RepeatSampler, made resumable: the same prompts in the same order at every epoch whether
+    the run was resumed or not (what `EpochRepeatSampler` fixes)."""
+    return EpochRepeatSampler(sampler.data_source, sampler.mini_repeat_count, batch_size=sampler.batch_size,
+                              repeat_count=sampler.repeat_count, shuffle=sampler.shuffle, seed=sampler.seed)
+
+
+from trl.trainer.utils import RepeatSampler  # noqa: E402  (this module is only imported for engine: trl)
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """RepeatSampler whose epoch e is always the e-th shuffle of its seeded stream.
+
+    TRL's sampler draws each epoch's permutation from one generator seeded once, so epoch e's order
+    depends on how many epochs this process iterated. A resumed run builds a fresh sampler and starts
+    at epoch e with the stream's first permutation: other prompts than the uninterrupted run (issue
+    21). transformers calls set_epoch(e) before every epoch (through accelerate's loader); without a
+    set_epoch the sampler counts its own epochs, as TRL's does.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(self.epoch):  # replay the shuffles of the epochs before this one
+                torch.randperm(self.num_samples, generator=self.generator)
+        self.epoch += 1
+        yield from super().__iter__()

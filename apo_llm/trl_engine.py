@@ -54,7 +54,7 @@ from apo_llm.objectives import group_advantages, kl_estimate, policy_loss
 from apo_llm.passes import loss_inputs, reference_pass
 from apo_llm.preemption import Preemption, resume_command
 from apo_llm.trl_callbacks import JsonlMetrics, RunGuard, _claim_run_dir, _on_main
-from apo_llm.trl_config import build_dataset, grpo_config, make_reward_func, set_vllm_stops
+from apo_llm.trl_config import build_dataset, epoch_sampler, grpo_config, make_reward_func, set_vllm_stops
 from apo_llm.run_log import MetricsLog
 from apo_llm.run_setup import (
     add_lora, check_inputs, check_window, context_window, drop_long_prompts, load_base, load_data,
@@ -114,6 +114,9 @@ class APOGRPOTrainer(GRPOTrainer):
         self.loss_cfg = run_cfg.loss
         self._gathered_rewards: Optional[torch.Tensor] = None
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        return epoch_sampler(super()._get_train_sampler(dataset))  # resumes see the uninterrupted data order
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint save; a failed write (disk full) is one line naming the folder."""
@@ -414,14 +417,38 @@ def train_trl(cfg: RunConfig) -> dict:
         trainer = build_trainer(cfg)
         trainer.guard.stop = stop
         try:
-            with peft_trl_deprecation_quiet():  # TRL reads the deprecated alias around every generation
-                result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
+            if _finished_before(cfg, trainer):
+                result = _restore_finished(trainer)
+            else:
+                with peft_trl_deprecation_quiet():  # TRL reads the deprecated alias around every generation
+                    result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
             if trainer.guard.preempted:
                 _preempted(cfg, trainer, stop)
             return _finish(cfg, trainer, result)
         finally:
             if trainer.run_lock is not None:
                 trainer.run_lock.release()
+
+
+def _finished_before(cfg: RunConfig, trainer) -> bool:
+    """A requeue of a run that already finished: its newest checkpoint is the last step. transformers'
+    Trainer checks max_steps only after a step, so resuming there would train one step more whenever
+    the run ends inside an epoch of TRL's sampler."""
+    r = trainer.resume_from
+    return r is not None and checkpoint_step(r) >= cfg.train.steps * cfg.train.ppo_epochs
+
+
+def _restore_finished(trainer):
+    """The finished run's weights and state from its last checkpoint, nothing trained (the native
+    engine's resume of a finished run does the same)."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    ckpt = Path(trainer.resume_from)
+    trainer._load_from_checkpoint(str(ckpt))
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    log.info(f"the run already finished at {ckpt}: nothing to train")
+    return TrainOutput(trainer.state.global_step, float("nan"), {})
 
 
 def _preempted(cfg: RunConfig, trainer, stop: Preemption) -> None:

@@ -173,16 +173,16 @@ def test_a_second_job_on_the_run_dir_exits_2_and_sigint_stops_the_first(char, tm
 
 
 def test_trl_engine_preempts_resumes_and_falls_back_like_the_native_one(char, tmp_path):
-    steps = 8
+    steps = 10  # 4 steps per epoch of the 8-problem pool: the resume lands inside epoch 1
     args = ["--model.name_or_path", char, "--logging.output_dir", tmp_path, "--logging.run_name", "trl",
             "--train.steps", steps, "--checkpoint.every", "1", *SMALL, *TRL, "--resume", "auto"]
     run, log = tmp_path / "trl", tmp_path / "trl.log"
     with _start(args, log) as proc:
-        _wait_rows(run, 3, proc, log)
+        _wait_rows(run, 6, proc, log)
         proc.send_signal(signal.SIGTERM)
         last = _stopped(proc, log, 128 + signal.SIGTERM)
     k = len(_rows(run))
-    assert 3 <= k < steps
+    assert 6 <= k < steps
     assert last.startswith("preempted by SIGTERM: saved checkpoint") and f"checkpoint-{k}" in last, last
     for step in (k - 1, k):  # sealed like native checkpoints: manifest, COMPLETE, apo_state.pt
         assert (run / f"checkpoint-{step}" / "COMPLETE").is_file()
@@ -195,6 +195,23 @@ def test_trl_engine_preempts_resumes_and_falls_back_like_the_native_one(char, tm
     assert f"skipped checkpoint checkpoint-{k}" in r.stderr and "truncated" in r.stderr
     assert [x["step"] for x in _rows(run)] == list(range(1, steps + 1))  # each step once
     assert (run / f"invalid-checkpoint-{k}").is_dir()
+    # sample-exact: the same rows as an uninterrupted run (TRL's sampler alone would reshuffle a resumed epoch)
+    i = args.index("--logging.run_name")
+    whole = [*args[:i + 1], "whole", *args[i + 2:]]
+    r = _run("apo_llm.train", *whole)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _trl_comparable(_rows(run)) == _trl_comparable(_rows(tmp_path / "whole"))
+    # a requeue of the finished run trains nothing (transformers would take one more step mid-epoch)
+    adapter = _adapter(run)
+    r = _run("apo_llm.train", *args)
+    assert r.returncode == 0 and "the run already finished" in r.stderr, r.stderr[-3000:]
+    assert [x["step"] for x in _rows(run)] == list(range(1, steps + 1))
+    assert all(torch.equal(v, _adapter(run)[n]) for n, v in adapter.items())
+
+
+def _trl_comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not any(w in k for w in ("time", "timing", "per_second", "memory"))}
+            for r in rows]
 
 
 # --------------------------------------------------------------------------------------------
