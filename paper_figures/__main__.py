@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from apo_llm.options import option, parse_command
 
 from . import ALL_FIGURES, SIM_FIGURES
 
 DEFAULT_OUT = Path(__file__).parent / "figures"
+ONLY_CHOICES = ALL_FIGURES + ("llm_miniature",)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder for the PNG and PDF files (default {DEFAULT_OUT}: "
-                    "OVERWRITES the committed figures and numbers.json; pass --out /tmp/figs to look first)")
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (seconds, for CI); figures are not for reading")
-    ap.add_argument("--only", nargs="*", default=None, choices=ALL_FIGURES + ("llm_miniature",),
-                    help="make only these figures")
-    ap.add_argument("--train-runs", nargs="*", type=Path, default=[], help="apo_llm.train output dirs")
-    ap.add_argument("--eval-dirs", nargs="*", type=Path, default=[], help="apo_llm.evaluate output dirs")
-    ap.add_argument("--topk", type=Path, default=None,
-                    help="apo_llm.topk_coverage output dir (default: compute on the tiny model)")
-    ap.add_argument("--miniature", type=Path, default=None,
-                    help="a `python -m paper_figures.llm_miniature` sweep dir: draw its llm_miniature_* figures")
-    ap.add_argument("--no-topk", action="store_true", help="skip the Top-K coverage figure")
-    ap.add_argument("--frontier", type=Path, default=None,
-                    help="a `python -m apo_toy.run --preset frontier` output dir (default: run the preset here)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the simulator is small)")
-    return ap.parse_args(argv)
+@dataclass
+class FigureOptions:
+    """The flags of `python -m paper_figures` (apo_llm.options: `--field VALUE`, lists as `--only a b`)."""
+
+    out: str = option(str(DEFAULT_OUT), f"output folder for the PNG and PDF files (default {DEFAULT_OUT}: "
+                      "OVERWRITES the committed figures and numbers.json; pass --out /tmp/figs to look first)")
+    quick: bool = option(False, "reduced sizes (seconds, for CI); figures are not for reading")
+    only: Optional[list[str]] = option(None, f"make only these figures, of {' | '.join(ONLY_CHOICES)}",
+                                       choices=ONLY_CHOICES)
+    train_runs: list[str] = option([], "apo_llm.train output dirs")
+    eval_dirs: list[str] = option([], "apo_llm.evaluate output dirs")
+    topk: Optional[str] = option(None, "apo_llm.topk_coverage output dir (default: compute on the tiny model)")
+    miniature: Optional[str] = option(None, "a `python -m apo_llm.miniature` sweep dir: draw its llm_miniature_* "
+                                            "figures")
+    no_topk: bool = option(False, "skip the Top-K coverage figure")
+    frontier: Optional[str] = option(None, "a `python -m apo_toy.run --preset frontier` output dir "
+                                           "(default: run the preset here)")
+    threads: int = option(1, "torch CPU threads (the simulator is small)")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> FigureOptions:
+    return parse_command(FigureOptions, argv, prog="python -m paper_figures", description=__doc__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as err:  # apo_llm.options.UserError: one line naming the flag
+        print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
+        return 2
     want = set(args.only) if args.only else set(SIM_FIGURES) | {"topk_coverage"}
     if args.train_runs:
         want.add("training_curves")
@@ -46,8 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         want.discard("topk_coverage")
     if args.miniature is not None:
         want.add("llm_miniature")
-    for flag, name, given in (("--train-runs", "training_curves", args.train_runs),
-                              ("--eval-dirs", "eval_passk", args.eval_dirs),
+    for flag, name, given in (("--train_runs", "training_curves", args.train_runs),
+                              ("--eval_dirs", "eval_passk", args.eval_dirs),
                               ("--miniature", "llm_miniature", args.miniature)):
         if name in want and not given:
             print(f"error: figure {name} needs {flag}", file=sys.stderr)
@@ -63,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     matplotlib.use("Agg")  # this entry point writes files only
     style.setup()
     sz = sim.QUICK if args.quick else sim.FULL
-    out = args.out
+    out = Path(args.out)
     written, numbers = [], {}
 
     def make(name: str, fn) -> None:
@@ -97,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def topk():
         if args.topk is not None:
-            path = args.topk / "topk_coverage.json"
+            path = Path(args.topk) / "topk_coverage.json"
             if not path.is_file():
                 raise SystemExit(f"error: --topk {args.topk} has no topk_coverage.json")
             report, source = json.loads(path.read_text()), Path(str(json.loads(path.read_text()).get("model", "model"))).name
@@ -110,12 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return llm.fig_topk(out, report, source)
 
     make("topk_coverage", topk)
-    make("training_curves", lambda: llm.fig_training(out, args.train_runs))
-    make("eval_passk", lambda: llm.fig_eval(out, args.eval_dirs))
+    make("training_curves", lambda: llm.fig_training(out, [Path(p) for p in args.train_runs]))
+    make("eval_passk", lambda: llm.fig_eval(out, [Path(p) for p in args.eval_dirs]))
     if args.miniature is not None:
-        from . import llm_miniature
+        from . import miniature
 
-        make("llm_miniature", lambda: llm_miniature.figures_from(args.miniature, out))
+        make("llm_miniature", lambda: miniature.figures_from(Path(args.miniature), out))
     num_file = out / "numbers.json"
     if args.only and num_file.is_file():  # a partial rerun keeps the other figures' numbers
         numbers = {**json.loads(num_file.read_text()), **numbers}

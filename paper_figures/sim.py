@@ -263,7 +263,7 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
                    label=style.label("base"))
         dax.axhline(0.0, color=style.color("grpo"), lw=1.4)
         ax.set_ylabel(ylab)
-        dax.set_ylabel(f"minus GRPO (same suite)")
+        dax.set_ylabel("minus GRPO (same suite)")
         dax.set_xlabel(f"RL step after {sz.init_steps} GRPO collapse steps")
         if key.startswith("branch"):
             ax.set_yscale("log")

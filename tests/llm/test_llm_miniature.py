@@ -1,4 +1,4 @@
-"""paper_figures.llm_miniature: the --quick sweep end to end, its numbers against (n, c), the
+"""apo_llm.miniature: the --quick sweep end to end, its numbers against (n, c), the
 validation-only selection, resumption.
 
 One quick sweep (quick tiny model, 3 arms, 2 steps, GRPO and the validation-best of two arms on a
@@ -23,7 +23,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from paper_figures import llm_miniature as lm
+from apo_llm import miniature as lm
+from apo_llm.miniature import selection
+from apo_llm.miniature.__main__ import main as mini_main
 
 
 def _passk_comb(n: int, c: int, k: int) -> float:
@@ -41,7 +43,7 @@ def sweep(tmp_path_factory, tiny_model_dir):
     mp.setenv("APO_CACHE_DIR", str(Path(tiny_model_dir).parent))  # the session's quick build, not ~/.cache
     out = tmp_path_factory.mktemp("mini") / "sweep"
     try:
-        assert lm.main(["--quick", "--out", str(out)]) == 0
+        assert mini_main(["--quick", "--out", str(out)]) == 0
         yield out
     finally:
         mp.undo()
@@ -165,7 +167,7 @@ def test_selection_never_receives_test_metrics(sweep, tmp_path, monkeypatch):
         calls.append(val)
         return real(val)
 
-    monkeypatch.setattr(lm, "select_best", spy)
+    monkeypatch.setattr(selection, "select_best", spy)  # the one rule stop_steps and group_picks call
     res = lm.summarize(sweep, lm.QUICK, "test")
     assert calls and all(isinstance(v, lm.ValidationScores) and v.split == lm.VALIDATION for v in calls)
     val = _nc(sweep, lm.VALIDATION)
@@ -234,7 +236,7 @@ def test_interrupted_sweep_redoes_only_what_is_missing(sweep):
         kept[split] = [r for r in before[split] if not r["model"].startswith("apo_ref_b0.1-s0@")]
         path = out / f"eval{lm.SUFFIX[split]}" / "per_problem.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in kept[split]))
-    assert lm.main(["--quick", "--out", str(out)]) == 0
+    assert mini_main(["--quick", "--out", str(out)]) == 0
     for split in ALL_SPLITS:
         again = _records(out, split)
         assert again[:len(kept[split])] == kept[split], "records of finished models were rewritten"
@@ -246,7 +248,7 @@ def test_interrupted_sweep_redoes_only_what_is_missing(sweep):
     assert (out / "runs" / "apo_ref_b0.1-s0" / "adapter" / "adapter_config.json").is_file()
     # a finished sweep: a rerun samples nothing
     n = len(_records(out))
-    assert lm.main(["--quick", "--out", str(out)]) == 0
+    assert mini_main(["--quick", "--out", str(out)]) == 0
     assert len(_records(out)) == n
 
 
@@ -267,18 +269,18 @@ def test_a_failing_arm_is_recorded_and_counted(sweep, tmp_path, monkeypatch):
 
     real = train_mod.train
     monkeypatch.setattr("apo_llm.train.train", boom)
-    assert lm.main(["--quick", "--out", str(out)]) == 0
+    assert mini_main(["--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert "apo_anchor_norm needs anchor_old_logp" in res["failed"]["apo_ref_b0.1-s0"]
     assert "FAILED" in (out / "results.md").read_text()
     assert "apo_ref_b0.1" not in res["arms"], "a failed arm must not be reported with numbers"
     # the failed arm is no candidate for the extra seed: the group's other arm gets it
     assert {"group": ["apo_ref_b0.1", "grpo_kl_0.1"], "picked": "grpo_kl_0.1"} in res["seed_groups"]
-    # a recorded failure is not retried silently; --retry-failed does retry it
+    # a recorded failure is not retried silently; --retry_failed does retry it
     monkeypatch.undo()
-    assert lm.main(["--quick", "--out", str(out)]) == 0
+    assert mini_main(["--quick", "--out", str(out)]) == 0
     assert "apo_ref_b0.1-s0" in json.loads((out / "results.json").read_text())["failed"]
-    assert lm.main(["--quick", "--out", str(out), "--retry-failed"]) == 0
+    assert mini_main(["--quick", "--out", str(out), "--retry_failed"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["failed"] == {} and "apo_ref_b0.1" in res["arms"]
 
@@ -286,7 +288,7 @@ def test_a_failing_arm_is_recorded_and_counted(sweep, tmp_path, monkeypatch):
 def test_other_settings_in_the_same_directory_are_refused(sweep, tmp_path, capsys):
     out = tmp_path / "mixed"
     shutil.copytree(sweep, out)
-    assert lm.main(["--quick", "--out", str(out), "--n", "16"]) == 2
+    assert mini_main(["--quick", "--out", str(out), "--n", "16"]) == 2
     err = capsys.readouterr().err
     assert "use another --out" in err and f"out: {out} holds" in err
 
@@ -295,12 +297,12 @@ def test_two_processes_over_disjoint_arms_equal_one(sweep, tmp_path, tiny_model_
     """The README's way to use both cores: two sweeps into one directory, then one to summarise."""
     out = tmp_path / "shared"
     env = {**os.environ, "APO_CACHE_DIR": str(Path(tiny_model_dir).parent), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "paper_figures.llm_miniature", "--quick", "--out", str(out), "--arms"]
+    cmd = [sys.executable, "-m", "apo_llm.miniature", "--quick", "--out", str(out), "--arms"]
     procs = [subprocess.Popen(cmd + arms, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for arms in (["grpo"], ["apo_ref_b0.1", "grpo_kl_0.1"])]
     for p in procs:
         assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-2000:]
-    assert lm.main(["--quick", "--out", str(out)]) == 0
+    assert mini_main(["--quick", "--out", str(out)]) == 0
     assert _runs(out) == _runs(sweep)
     for split in lm.SPLITS:
         name = f"results{lm.SUFFIX[split]}.json"
@@ -313,12 +315,86 @@ def test_two_processes_over_disjoint_arms_equal_one(sweep, tmp_path, tiny_model_
 
 
 def test_bad_arguments_name_the_field(tmp_path, capsys):
-    assert lm.main(["--quick", "--out", str(tmp_path), "--arms", "gpro"]) == 2
+    assert mini_main(["--quick", "--out", str(tmp_path), "--arms", "gpro"]) == 2
     assert "arms" in capsys.readouterr().err
-    assert lm.main(["--quick", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert mini_main(["--quick", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "seeds" in capsys.readouterr().err
-    assert lm.main(["--quick", "--out", str(tmp_path), "--every", "5"]) == 2
+    assert mini_main(["--quick", "--out", str(tmp_path), "--every", "5"]) == 2
     assert "every" in capsys.readouterr().err
+
+
+def test_command_line_spellings_and_one_line_errors(tmp_path, capsys):
+    """The options parser: the old dash spelling still works (one deprecation line), --splits takes
+    only the reported splits, a typo names the flag; all before anything is trained."""
+    from apo_llm.miniature.__main__ import MiniatureOptions, sizes_from
+    from apo_llm.options import parse_command
+
+    opts = parse_command(MiniatureOptions, ["--quick", "--more-seeds", "3", "--val-n", "8", "--splits", "test",
+                                            "--arms", "grpo,grpo_kl_0.1", "--retry-failed"], prog="x")
+    err = capsys.readouterr().err
+    assert err.count("deprecated") == 3 and "--more_seeds" in err and "--retry_failed" in err
+    sz = sizes_from(opts)
+    assert (sz.more_seeds, sz.val_n, sz.splits, opts.arms, opts.retry_failed) == (3, 8, ("test",), ["grpo", "grpo_kl_0.1"], True)
+    assert sz.steps == lm.QUICK.steps and sz.train == lm.QUICK.train  # what is not given stays the preset's
+    assert sizes_from(parse_command(MiniatureOptions, ["--seeds", "7"], prog="x")).more_seeds == 7  # all alike
+    for argv, field in ((["--splits", "validation"], "splits"), (["--stpes", "3"], "stpes"), (["--n", "x"], "n")):
+        assert mini_main(["--quick", "--out", str(tmp_path / "never"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_old_module_name_is_a_deprecated_shim(tmp_path, capsys):
+    from paper_figures import llm_miniature as old
+
+    assert old.ARMS is lm.ARMS and old.run_config is lm.run_config  # old imports keep working
+    assert old.main(["--quick", "--out", str(tmp_path), "--arms", "gpro"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "deprecated" in err[0] and "apo_llm.miniature" in err[0] and err[1].startswith("error: arms")
+
+
+def test_names_and_checkpoint_steps():
+    sz = lm.QUICK
+    assert lm.label_of(lm.run_name("grpo_kl_0.1", 3), 20) == "grpo_kl_0.1-s3@20"
+    assert lm.eval_steps(sz) == [1, 2]
+    import dataclasses
+
+    assert lm.eval_steps(dataclasses.replace(sz, steps=50, every=20)) == [20, 40, 50]  # the final step too
+    assert lm.split_size(sz, lm.VALIDATION) == (sz.val_problems, sz.val_n) and lm.split_size(sz, "test") == (sz.problems, sz.n)
+    assert lm.SUFFIX == {"test": "", "test_hard": "_test_hard", "validation": "_validation"}  # on-disk names
+
+
+def test_check_settings_keeps_one_directory_to_one_setting(tmp_path):
+    from apo_llm.miniature.layout import check_settings, write_atomic
+
+    path = tmp_path / "settings.json"
+    check_settings(path, {"n": 32, "seed": 1}, tmp_path)  # first call: written
+    assert json.loads(path.read_text()) == {"n": 32, "seed": 1}
+    check_settings(path, {"n": 32}, tmp_path)  # the same (or fewer) settings: accepted, file kept
+    with pytest.raises(ValueError, match=r"n: 32 vs 16.*use another --out"):
+        check_settings(path, {"n": 16}, tmp_path)
+    write_atomic(path, "x\n")
+    assert path.read_text() == "x\n" and [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no temp left
+
+
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 12)), min_size=2, max_size=8), st.data())
+def test_stats_against_math_comb(pairs, data):
+    """passk_curve, gap_vs_base and p_shift recomputed with math.comb on random (n, c) counts."""
+    from apo_llm.miniature import stats
+
+    base = {f"p{i}": (n, min(c, n)) for i, (n, c) in enumerate(pairs)}
+    arm = {p: (n, data.draw(st.integers(0, n))) for p, (n, _) in base.items()}
+    k = data.draw(st.integers(1, min(n for n, _ in base.values())))
+    got = stats.passk_curve(arm, [k])[0]
+    assert got == pytest.approx(np.mean([_passk_comb(n, c, k) for n, c in arm.values()]), abs=1e-12)
+    d = [_passk_comb(*arm[p], k) - _passk_comb(*base[p], k) for p in sorted(base)]
+    mean, se = stats.gap_vs_base([arm], base, k)
+    assert mean == pytest.approx(np.mean(d), abs=1e-12)
+    assert se == pytest.approx(np.std(d, ddof=1) / math.sqrt(len(d)), abs=1e-12)
+    fell, rose = stats.p_shift(arm, base)
+    q = [arm[p][1] / arm[p][0] - base[p][1] / base[p][0] for p in base]
+    assert (fell, rose) == (pytest.approx(np.mean([x < 0 for x in q])), pytest.approx(np.mean([x > 0 for x in q])))
+    assert stats.gap_ks(256) == [1, 64, 256] and stats.gap_ks(2) == [1, 2]
 
 
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.lists(st.floats(0, 1), min_size=1, max_size=30))

@@ -63,7 +63,7 @@ def test_quick_run_writes_every_figure(tmp_path, tiny_model_dir):
     ev = _fake_eval_dir(tmp_path / "eval")
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", APO_CACHE_DIR=str(Path(tiny_model_dir).parent))
     cmd = [sys.executable, "-m", "paper_figures", "--quick", "--out", str(out),
-           "--train-runs", *map(str, runs), "--eval-dirs", str(ev)]
+           "--train_runs", *map(str, runs), "--eval_dirs", str(ev)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ALL_FIGURES:
@@ -78,7 +78,22 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, "-m", "paper_figures", "--quick", "--out", str(tmp_path), "--only",
                            "training_curves"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--train-runs" in proc.stderr
+    assert proc.returncode == 2 and "--train_runs" in proc.stderr
+
+
+def test_command_line_is_the_options_parser(capsys):
+    """Flags are the FigureOptions fields; the old dash spellings still parse (with a deprecation
+    line); a wrong figure name or flag is one line naming it, exit code 2, before any work."""
+    from paper_figures.__main__ import FigureOptions, main, parse_args
+
+    opts = parse_args(["--train-runs", "a", "b", "--no-topk", "--only", "training_curves,eval_passk"])
+    assert isinstance(opts, FigureOptions)
+    assert (opts.train_runs, opts.no_topk, opts.only) == (["a", "b"], True, ["training_curves", "eval_passk"])
+    assert capsys.readouterr().err.count("deprecated") == 2
+    for argv, field in ((["--only", "squeezin"], "only"), (["--threads", "two"], "threads"), (["--outt", "x"], "outt")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
 
 
 def test_style_one_colour_per_method():
