@@ -75,6 +75,7 @@ def _command_fields(spec: str) -> list[str]:
     path, cls = spec.split(":")
     mod_spec = importlib.util.spec_from_file_location(f"_cmd_{Path(path).stem}", ROOT / path)
     module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module  # dataclasses look their module up there
     mod_spec.loader.exec_module(module)
     return [f.name for f in dataclasses.fields(getattr(module, cls))]
 
