@@ -423,6 +423,6 @@ def test_tiny_model_base_and_adapter_side_by_side(tiny_model_dir, one_thread, tm
         warnings.simplefilter("error", UserWarning)
         ev.load_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), [str(cfg_path.parent)], ["apo"],
                          "someone/other-model")
-    # --summary-only recomputes other k from the saved counts without sampling
+    # --summary_only recomputes other k from the saved counts without sampling
     only = ev.main(["--summary_only", "--out", str(tmp_path / "both"), "--n", "4", "--k", "1,3"])
     assert set(only["models"]["apo"]["pass@k"]) == {"1", "3"}
