@@ -1,20 +1,20 @@
-"""The command-line entry points' shared pieces: one-line user errors, dataclass-driven flags.
+"""The command-line entry points' shared pieces: one-line user errors and the checks they share.
 
 A `UserError` is a mistake the user can fix (a config file, a field, a path, a data file); its
 message is one line that names the file or field. The entry points print it as `error: ...` on
 stderr and exit with code 2, without a traceback. Anything else is a bug and keeps its traceback.
+The flags themselves are parsed by apo_llm.options (one parser for every entry point).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
 import sys
-from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
+from typing import Callable, NoReturn, Optional, Sequence, TypeVar
+
+from apo_llm.options import UserError, help_text, parse_command
 
 T = TypeVar("T")
 
@@ -24,8 +24,9 @@ T = TypeVar("T")
 MIN_TEMPERATURE = 1e-3
 
 
-class UserError(ValueError):
-    """A user-fixable error; str(e) is one line naming the culprit (file or config field)."""
+# the one user-error class of the project (apo_llm.options); re-exported for the entry points
+__all__ = ["UserError", "MIN_TEMPERATURE", "fail", "run_or_exit", "quiet_progress_unless_tty", "looks_local",
+           "parse_hiding_internal", "parse_ks", "check_out_dir", "check_shared_fields", "check_model_spec"]
 
 
 def fail(message: str) -> NoReturn:
@@ -72,34 +73,20 @@ def looks_local(spec: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Dataclass-driven flags (apo_llm.evaluate, apo_llm.topk_coverage) and the checks they share
+# Internal flags, and the checks the evaluator and Top-K coverage configs share
 # --------------------------------------------------------------------------------------------
 
 
-def cli_field(default: Any, help_: str, **meta: Any) -> Any:
-    """A dataclass field with CLI help text (build_parser turns each field into one --flag)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_, **meta})
-    return field(default=default, metadata={"help": help_, **meta})
-
-
-def build_parser(cls: type, description: str, prog: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field, help text from the field metadata;
-    `prog` is the command as typed (`python -m apo_llm.evaluate`), shown in the usage line."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_)
-        elif "nargs" in f.metadata:
-            parser.add_argument(flag, nargs=f.metadata["nargs"], default=default, help=help_)
-        else:
-            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
-            shown = help_ if "default" in help_ else f"{help_} (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=shown)
-    return parser
+def parse_hiding_internal(cls: type[T], public: type, argv: Optional[Sequence[str]] = None, *, prog: str,
+                          description: str = "") -> T:
+    """options.parse_command(cls), but --help lists only the fields of `public` (a base class of
+    `cls`): the subclass adds the flags a script passes to its own worker processes or that only
+    the tests use, which a user is never offered."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(public, prog, description))
+        raise SystemExit(0)
+    return parse_command(cls, argv, prog=prog, description=description)
 
 
 def parse_ks(spec: str | Sequence[int]) -> list[int]:

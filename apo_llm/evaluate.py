@@ -19,42 +19,41 @@ Files in --out:
     summary.json        the aggregated numbers (recomputable for any k <= n with --summary-only)
     pass_at_k.png       pass@k against k (log2 axis), one curve per model, error bars = 1 SE
 
-Sampling, scoring and model loading are the trainer's: `rollout.generate_completions`,
-`rewards.score_completions`, `modeling.load_model_and_tokenizer`; pass@k is `metrics.pass_at_k`.
+This module is the command (its config, adapter resolution and the driver); the rest is one
+concept per module: `eval_store` (the two files above that make a run resumable), `eval_sampling`
+(sampling and scoring one model with the trainer's `rollout.generate_completions` and
+`rewards.score_completions`), `passk_stats` (pass@k with SEs, paired deltas, tables, the plot).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
-import sys
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
-
+from apo_llm.cli import MIN_TEMPERATURE, check_model_spec, check_shared_fields, parse_ks
 from apo_llm.data import load_eval_problems, parse_dataset
-from apo_llm.cli import MIN_TEMPERATURE, build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
-from apo_llm.metrics import pass_at_k
-from apo_llm.modeling import load_base_model, peft_trl_deprecation_quiet
+from apo_llm.eval_sampling import batch_seed, evaluate_model, load_adapters, model_context
+from apo_llm.eval_store import (BASE_LABEL, PER_PROBLEM_FILE, PLOT_FILE, RUN_CONFIG_FILE, SAMPLING_KEYS, SUMMARY_FILE,
+                                check_run_config, read_records)
+from apo_llm.modeling import load_base_model
+from apo_llm.options import option, parse_command
+from apo_llm.passk_stats import (held_out_change, markdown_deltas, markdown_table, mean_se, paired_deltas,
+                                 plot_pass_at_k, summarize, training_report, verdict)
 from apo_llm.prompts import format_prompts
 
-PER_PROBLEM_FILE = "per_problem.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_CONFIG_FILE = "run_config.json"
-PLOT_FILE = "pass_at_k.png"
-BASE_LABEL = "base"
-# Settings that change what a (model, problem) line means: a resumed run must keep them.
-SAMPLING_KEYS = ("model", "dataset", "split", "n", "temperature", "top_p", "max_new_tokens", "seed",
-                 "reward", "correct_threshold", "chat_template")
-
+# Re-exported: the evaluator's pieces live in eval_store / eval_sampling / passk_stats; older callers
+# (the trainer's closing report, the miniature, notebooks) import them from here.
+__all__ = ["EvalConfig", "run_eval", "main", "resolve_adapter", "adapter_labels", "write_summary",
+           "BASE_LABEL", "PER_PROBLEM_FILE", "PLOT_FILE", "RUN_CONFIG_FILE", "SAMPLING_KEYS", "SUMMARY_FILE",
+           "check_run_config", "read_records", "batch_seed", "evaluate_model", "load_adapters", "model_context",
+           "held_out_change", "markdown_deltas", "markdown_table", "mean_se", "paired_deltas", "plot_pass_at_k",
+           "summarize", "training_report", "verdict", "format_prompts", "load_eval_problems"]
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -63,33 +62,33 @@ SAMPLING_KEYS = ("model", "dataset", "split", "n", "temperature", "top_p", "max_
 
 @dataclass
 class EvalConfig:
-    """Everything `python -m apo_llm.evaluate` takes; each field is one CLI flag (--field-name)."""
+    """Everything `python -m apo_llm.evaluate` takes; each field is one flag (--field_name)."""
 
-    model: Optional[str] = cli_field(None, "base model: hub id or local path (default: the embedded tiny model)")
-    adapters: list[str] = cli_field([], "LoRA adapter dirs, hub ids or training output dirs", nargs="*")
-    labels: list[str] = cli_field([], "one label per adapter (default: the adapter directory name)", nargs="*")
-    no_base: bool = cli_field(False, "do not evaluate the base model (label 'base')")
-    dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
-    split: str = cli_field("test", "dataset split: gsm8k train | test; math train | test; math500 test; synthetic "
+    model: Optional[str] = option(None, "base model: hub id or local path (default: the embedded tiny model)")
+    adapters: list[str] = option([], "LoRA adapter dirs, hub ids or training output dirs")
+    labels: list[str] = option([], "one label per adapter (default: the adapter directory name)")
+    no_base: bool = option(False, "do not evaluate the base model (label 'base')")
+    dataset: str = option("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
+    split: str = option("test", "dataset split: gsm8k train | test; math train | test; math500 test; synthetic "
                                    "any name is its own stream (test; test_hard has 4 events per problem)")
-    n: int = cli_field(16, "samples per problem (n >= max k)")
-    k: str = cli_field("1,4,16", "comma-separated k values for pass@k")
-    temperature: float = cli_field(1.0, "sampling temperature (> 0)")
-    top_p: float = cli_field(1.0, "nucleus sampling top-p in (0, 1]")
-    max_new_tokens: int = cli_field(256, "generation length limit")
-    limit: Optional[int] = cli_field(None, "evaluate only the first LIMIT problems")
-    out: str = cli_field("runs/eval", "output directory; reused = resumed (per_problem.jsonl is extended, "
+    n: int = option(16, "samples per problem (n >= max k)")
+    k: str = option("1,4,16", "comma-separated k values for pass@k")
+    temperature: float = option(1.0, "sampling temperature (> 0)")
+    top_p: float = option(1.0, "nucleus sampling top-p in (0, 1]")
+    max_new_tokens: int = option(256, "generation length limit")
+    limit: Optional[int] = option(None, "evaluate only the first LIMIT problems")
+    out: str = option("runs/eval", "output directory; reused = resumed (per_problem.jsonl is extended, "
                                  "summary.json and pass_at_k.png are overwritten)")
-    batch_size: int = cli_field(64, "sequences per generate call (batch_size // n problems per call)")
-    seed: int = cli_field(0, "sampling seed (each problem batch gets a seed derived from it)")
-    save_completions: bool = cli_field(False, "store every completion and its reward in per_problem.jsonl")
-    reward: Optional[str] = cli_field(None, "gsm8k_strict | gsm8k_flexible | math | synthetic (default: the dataset's)")
-    correct_threshold: float = cli_field(0.5, "a sample counts as correct when reward > threshold")
-    chat_template: str = cli_field("auto", "auto (use the tokenizer's chat template if it has one) | on | off")
-    dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
-    threads: int = cli_field(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
-    summary_only: bool = cli_field(False, "only recompute summary/plot/table from per_problem.jsonl (no sampling)")
+    batch_size: int = option(64, "sequences per generate call (batch_size // n problems per call)")
+    seed: int = option(0, "sampling seed (each problem batch gets a seed derived from it)")
+    save_completions: bool = option(False, "store every completion and its reward in per_problem.jsonl")
+    reward: Optional[str] = option(None, "gsm8k_strict | gsm8k_flexible | math | synthetic (default: the dataset's)")
+    correct_threshold: float = option(0.5, "a sample counts as correct when reward > threshold")
+    chat_template: str = option("auto", "auto (use the tokenizer's chat template if it has one) | on | off")
+    dtype: Optional[str] = option(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    device: Optional[str] = option(None, "cpu | cuda | ... (default: cuda if available)")
+    threads: int = option(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
+    summary_only: bool = option(False, "only recompute summary/plot/table from per_problem.jsonl (no sampling)")
 
     @property
     def ks(self) -> list[int]:
@@ -114,7 +113,7 @@ class EvalConfig:
         if self.labels and len(self.labels) != len(self.adapters):
             raise ValueError(f"labels: got {len(self.labels)} labels for {len(self.adapters)} adapters")
         if self.no_base and not self.adapters and not self.summary_only:
-            raise ValueError("no_base: nothing to evaluate (no adapters given and --no-base set)")
+            raise ValueError("no_base: nothing to evaluate (no adapters given and --no_base set)")
         parse_dataset(self.dataset)
 
 
@@ -167,319 +166,6 @@ def adapter_labels(specs: Sequence[str], labels: Sequence[str]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# per_problem.jsonl: append-only store, resume key (model, problem_id)
-# --------------------------------------------------------------------------------------------
-
-REQUIRED_KEYS = ("model", "problem_id", "n", "c")
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """All records of per_problem.jsonl. A torn last line (an interrupted write) is dropped with a
-    warning and cut from the file so appends start on a clean line; a bad line elsewhere is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")  # the last item is b"" when the file ends with a newline
-    records, offset, good_end = [], 0, 0
-    for i, line in enumerate(lines):
-        next_offset = offset + len(line) + 1
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                missing = [k for k in REQUIRED_KEYS if k not in rec]
-                if missing:
-                    raise ValueError(f"missing keys {missing}")
-            except ValueError as err:
-                if any(rest.strip() for rest in lines[i + 1:]):
-                    raise ValueError(f"{path}: line {i + 1} is not a valid record ({err}); fix or remove it") from None
-                warnings.warn(f"{path}: ignoring a torn last line ({len(line)} bytes); its problems will be redone")
-                with open(path, "r+b") as fh:
-                    fh.truncate(good_end)
-                return records
-            records.append(rec)
-            good_end = min(next_offset, len(raw))
-        offset = next_offset
-    if raw and not raw.endswith(b"\n"):
-        with open(path, "ab") as fh:  # complete last record without its newline: close the line
-            fh.write(b"\n")
-    return records
-
-
-def check_run_config(out_dir: Path, cfg: EvalConfig) -> None:
-    """Write run_config.json on the first run; refuse a resume whose sampling settings differ."""
-    mine = {key: getattr(cfg, key) for key in SAMPLING_KEYS}
-    path = out_dir / RUN_CONFIG_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"out: {out_dir} holds results made with other settings ({detail}); use a new --out")
-    else:
-        path.write_text(json.dumps(mine, indent=2) + "\n")
-
-
-def batch_seed(seed: int, chunk: int) -> int:
-    """Seed of one problem batch: depends only on (seed, batch index), so models share random
-    streams (common random numbers) and a resumed batch redraws what a fresh run would."""
-    return zlib.crc32(f"{seed}/{chunk}".encode()) & 0x7FFFFFFF
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling and scoring one model
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate_model(label: str, model: Any, tokenizer: Any, problems: Sequence[Any], prompts: Sequence[str],
-                   cfg: EvalConfig, reward_name: str, done: set, out_file: Path, *,
-                   generate_fn: Optional[Callable] = None, score_fn: Optional[Callable] = None) -> int:
-    """Sample, score and append the (label, problem) records not yet in `done`; returns how many.
-
-    Problems are cut into fixed batches of max(1, batch_size // n) in dataset order; the n samples
-    of every problem in a batch go through one generate call, then one greedy call.
-    """
-    from tqdm.auto import tqdm
-
-    if generate_fn is None:
-        from apo_llm.rollout import generate_completions as generate_fn
-    if score_fn is None:
-        from apo_llm.rewards import score_completions as score_fn
-
-    per_batch = max(1, cfg.batch_size // cfg.n)
-    todo = [i for i, p in enumerate(problems) if (label, p.id) not in done]
-    written = 0
-    # a bar only on a terminal: redirected logs would fill with carriage-return redraws
-    with tqdm(total=len(todo), desc=f"eval {label}", unit="problem", disable=not sys.stderr.isatty(),
-              ) as bar, open(out_file, "a") as fh:
-        for chunk, start in enumerate(range(0, len(problems), per_batch)):
-            idx = [i for i in range(start, min(start + per_batch, len(problems))) if (label, problems[i].id) not in done]
-            if not idx:
-                continue
-            seed = batch_seed(cfg.seed, chunk)
-            batch_prompts = [prompts[i] for i in idx]
-            golds = [problems[i].gold for i in idx]
-            sampled = generate_fn(model, tokenizer, batch_prompts, cfg.n, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                  batch_size=cfg.batch_size, do_sample=True, seed=seed)
-            greedy = generate_fn(model, tokenizer, batch_prompts, 1, max_new_tokens=cfg.max_new_tokens,
-                                 batch_size=cfg.batch_size, do_sample=False, seed=seed)
-            # rows are prompt-major: row j * n + s is sample s of batch problem j
-            if list(sampled.prompt_index) != [j for j in range(len(idx)) for _ in range(cfg.n)]:
-                raise RuntimeError("generate_completions: rows are not prompt-major groups of n")
-            rewards = np.asarray(score_fn(reward_name, list(sampled.texts), [g for g in golds for _ in range(cfg.n)]),
-                                 dtype=float).reshape(len(idx), cfg.n)  # [problems, n]
-            g_rewards = np.asarray(score_fn(reward_name, list(greedy.texts), golds), dtype=float)  # [problems]
-            lines = _records(label, problems, idx, cfg, sampled, greedy, rewards, g_rewards, seed)
-            done.update((label, problems[i].id) for i in idx)
-            fh.write("".join(lines))  # one write per problem batch: the unit of resumption
-            fh.flush()
-            os.fsync(fh.fileno())
-            written += len(idx)
-            bar.update(len(idx))
-    return written
-
-
-def _records(label: str, problems, idx: list[int], cfg: EvalConfig, sampled, greedy, rewards: np.ndarray,
-             g_rewards: np.ndarray, seed: int) -> list[str]:
-    """One per_problem.jsonl line per problem of the batch (rewards [problems, n], g_rewards [problems])."""
-    lengths = np.asarray(sampled.completion_mask.sum(-1).tolist(), dtype=float).reshape(len(idx), cfg.n)
-    truncated = np.asarray(sampled.truncated.tolist(), dtype=bool).reshape(len(idx), cfg.n)
-    lines = []
-    for j, i in enumerate(idx):
-        rec = {
-            "model": label, "problem_id": problems[i].id, "n": cfg.n,
-            "c": int((rewards[j] > cfg.correct_threshold).sum()),
-            "greedy_correct": bool(g_rewards[j] > cfg.correct_threshold),
-            "mean_reward": float(rewards[j].mean()), "greedy_reward": float(g_rewards[j]),
-            "n_truncated": int(truncated[j].sum()), "mean_length": float(lengths[j].mean()),
-            "seed": seed,
-        }
-        if cfg.save_completions:
-            rec["gold"] = problems[i].gold
-            rec["completions"] = list(sampled.texts[j * cfg.n:(j + 1) * cfg.n])
-            rec["rewards"] = rewards[j].tolist()
-            rec["greedy_completion"] = greedy.texts[j]
-        lines.append(json.dumps(rec) + "\n")
-    return lines
-
-
-# --------------------------------------------------------------------------------------------
-# Summary: pass@k for any k from saved (n, c)
-# --------------------------------------------------------------------------------------------
-
-
-def mean_se(values: Sequence[float]) -> dict:
-    """Mean and standard error across problems, SE = std(ddof=1) / sqrt(P) (None for P < 2)."""
-    x = np.asarray(values, dtype=float)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
-    return {"mean": float(x.mean()), "se": se}
-
-
-def summarize(records: Sequence[dict], ks: Sequence[int], *, labels: Optional[Sequence[str]] = None,
-              problem_ids: Optional[Sequence[str]] = None) -> dict:
-    """Per model label: unbiased pass@k for each k, greedy pass@1, mean@n, each with an SE.
-
-    Only records whose problem is in `problem_ids` count (when given), so a rerun with a smaller
-    --limit summarizes just those problems. The last record of a (model, problem) pair wins.
-    """
-    keep = None if problem_ids is None else set(problem_ids)
-    by_label: dict[str, dict[str, dict]] = {}
-    for rec in records:
-        if keep is None or rec["problem_id"] in keep:
-            by_label.setdefault(rec["model"], {})[rec["problem_id"]] = rec
-    order = list(labels) if labels is not None else list(by_label)
-    out: dict[str, dict] = {}
-    for label in order:
-        recs = list(by_label.get(label, {}).values())
-        if not recs:
-            continue
-        n = np.array([r["n"] for r in recs])
-        c = np.array([r["c"] for r in recs])
-        bad = [k for k in ks if k > n.min()]
-        if bad:
-            raise ValueError(f"k: {bad} exceed the saved n={int(n.min())} samples per problem of model {label!r}")
-        entry = {"problems": len(recs), "n": int(n.min()),
-                 "pass@k": {str(k): mean_se(np.atleast_1d(pass_at_k(n, c, k))) for k in ks}}
-        if all("greedy_correct" in r for r in recs):
-            entry["greedy_pass@1"] = mean_se([float(r["greedy_correct"]) for r in recs])
-        if all("mean_reward" in r for r in recs):
-            entry["mean@n"] = mean_se([r["mean_reward"] for r in recs])
-        if all("n_truncated" in r for r in recs):
-            entry["truncated_frac"] = float(sum(r["n_truncated"] for r in recs) / n.sum())
-        out[label] = entry
-    return out
-
-
-def paired_deltas(records: Sequence[dict], ks: Sequence[int], reference: str, labels: Sequence[str],
-                  problem_ids: Optional[Sequence[str]] = None) -> dict:
-    """pass@k(label) - pass@k(reference) per problem, averaged over the problems both have.
-
-    Paired differences remove the between-problem variance, so their SE is the right one for
-    "is the apo adapter better than the grpo one / the base" (much smaller than either SE alone).
-    """
-    keep = None if problem_ids is None else set(problem_ids)
-    table: dict[str, dict[str, tuple[int, int]]] = {}
-    for rec in records:
-        if keep is None or rec["problem_id"] in keep:
-            table.setdefault(rec["model"], {})[rec["problem_id"]] = (rec["n"], rec["c"])
-    out = {}
-    for label in labels:
-        shared = sorted(set(table.get(label, {})) & set(table.get(reference, {})))
-        if label == reference or not shared:
-            continue
-        n1, c1 = np.array([table[label][p] for p in shared]).T
-        n0, c0 = np.array([table[reference][p] for p in shared]).T
-        out[label] = {"reference": reference, "problems": len(shared),
-                      "pass@k": {str(k): mean_se(np.atleast_1d(pass_at_k(n1, c1, k) - pass_at_k(n0, c0, k)))
-                                 for k in ks}}
-    return out
-
-
-NOISE_SE = 2.0  # a change smaller than 2 standard errors is reported as "within noise"
-
-
-def verdict(stat: dict) -> str:
-    """'up' / 'down' when |mean| >= NOISE_SE s.e., else 'within noise' (no s.e.: 'no s.e.')."""
-    if stat["se"] is None:
-        return "no s.e."
-    if abs(stat["mean"]) < NOISE_SE * stat["se"]:
-        return "within noise"
-    return "up" if stat["mean"] > 0 else "down"
-
-
-def held_out_change(first: dict, last: dict, n: int, ks: Sequence[int]) -> dict:
-    """Two held-out evaluations of the same problems at the same sampling seed (the trainer's
-    `eval/...` records with per-problem correct counts under "correct"): pass@k of each (mean ± s.e.
-    over problems) and the paired per-problem change last - first (mean ± s.e.), by summarize and
-    paired_deltas. Returns {k: {"first", "last", "change", "verdict"}}."""
-    a, b = f"step {first['step']}", f"step {last['step']}"
-    recs = [{"model": lab, "problem_id": str(i), "n": n, "c": int(c)}
-            for lab, ev in ((a, first), (b, last)) for i, c in enumerate(ev["correct"])]
-    s = summarize(recs, ks, labels=[a, b])
-    d = paired_deltas(recs, ks, a, [b])[b]["pass@k"]
-    return {k: {"first": s[a]["pass@k"][str(k)], "last": s[b]["pass@k"][str(k)], "change": d[str(k)],
-                "verdict": verdict(d[str(k)])} for k in ks}
-
-
-def training_report(steps: Sequence[dict], evals: Sequence[dict], n: int, window: int = 5) -> str:
-    """The trainer's closing summary: the training reward of the first vs the last `window` steps
-    (mean ± s.e. over steps) and every held-out pass@k at the first and last evaluation with the
-    paired change and its s.e., each with a plain word; says so when nothing moved beyond noise."""
-    lines = []
-    rewards = [r["reward"] for r in steps if r.get("reward") is not None]
-    if len(rewards) >= 2 * window:
-        r0, r1 = mean_se(rewards[:window]), mean_se(rewards[-window:])
-        diff = {"mean": r1["mean"] - r0["mean"], "se": math.hypot(r0["se"], r1["se"])}
-        lines.append(f"training reward (mean of the first vs last {window} steps ± s.e. over steps): "
-                     f"{_fmt(r0)} -> {_fmt(r1)}, change {_fmt(diff, signed=True)}: {verdict(diff)}")
-    evals = [e for e in evals if "correct" in e]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        ks = sorted(int(k.split("@")[1]) for k in first if k.startswith("eval/pass@"))
-        change = held_out_change(first, last, n, ks)
-        lines.append(f"held-out ({len(first['correct'])} problems x {n} samples, ± s.e. over problems), "
-                     f"step {first['step']} -> {last['step']}:")
-        lines += [f"  pass@{k}: {_fmt(c['first'])} -> {_fmt(c['last'])}, paired change "
-                  f"{_fmt(c['change'], signed=True)}: {c['verdict']}" for k, c in change.items()]
-        if all(c["verdict"] == "within noise" for c in change.values()):
-            lines.append("held-out pass@k did not change beyond noise: a run this short shows the pipeline, "
-                         "not a method's effect; the comparison of methods with its uncertainty is "
-                         "`python -m paper_figures.llm_miniature` (docs/results.md)")
-    return "\n".join(lines)
-
-
-def _fmt(stat: Optional[dict], signed: bool = False) -> str:
-    if not stat:
-        return "-"
-    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
-    return mean + ("" if stat["se"] is None else f" ± {stat['se']:.3f}")
-
-
-def markdown_table(summary: dict, ks: Sequence[int]) -> str:
-    """One row per model: problems, greedy pass@1, mean@n, pass@k for each k (mean ± SE)."""
-    head = ["model", "problems", "greedy pass@1", "mean@n"] + [f"pass@{k}" for k in ks] + ["truncated"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, e in summary.items():
-        cells = [label, str(e["problems"]), _fmt(e.get("greedy_pass@1")), _fmt(e.get("mean@n"))]
-        cells += [_fmt(e["pass@k"].get(str(k))) for k in ks]
-        cells.append("-" if "truncated_frac" not in e else f"{100 * e['truncated_frac']:.1f}%")
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def markdown_deltas(deltas: dict, ks: Sequence[int]) -> str:
-    """Paired differences to the reference model, one row per other model (mean ± SE)."""
-    head = ["model - reference", "problems"] + [f"Δ pass@{k}" for k in ks]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, d in deltas.items():
-        cells = [f"{label} - {d['reference']}", str(d["problems"])] + [_fmt(d["pass@k"][str(k)], signed=True) for k in ks]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def plot_pass_at_k(summary: dict, ks: Sequence[int], path: str | Path, title: str = "") -> None:
-    """pass@k against k on a log2 axis, one curve per model, error bars = 1 SE across problems."""
-    import matplotlib.pyplot as plt  # the backend is the caller's: a notebook keeps its inline plots
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, e in summary.items():
-        stats = [e["pass@k"][str(k)] for k in ks]
-        ax.errorbar(ks, [s["mean"] for s in stats], yerr=[s["se"] or 0.0 for s in stats],
-                    marker="o", capsize=3, label=f"{label} (P={e['problems']})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ks), [str(k) for k in ks])
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (unbiased)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
 
 def write_summary(out_dir: Path, cfg: EvalConfig, labels: Optional[Sequence[str]],
                   problem_ids: Optional[Sequence[str]]) -> dict:
@@ -500,57 +186,14 @@ def write_summary(out_dir: Path, cfg: EvalConfig, labels: Optional[Sequence[str]
     for label, e in summary.items():
         if e.get("truncated_frac", 0.0) > 0.5:
             warnings.warn(f"{label}: {100 * e['truncated_frac']:.0f}% of the samples hit max_new_tokens without "
-                          f"an EOS; their answers are likely cut off (raise --max-new-tokens)")
+                          f"an EOS; their answers are likely cut off (raise --max_new_tokens)")
     return payload
+
 
 
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-
-
-def _same_model(a: Optional[str], b: str) -> bool:
-    if a is None:
-        return True  # the adapter does not say; nothing to check
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/") == b.rstrip("/")
-
-
-def load_adapters(model: Any, specs: Sequence[str], labels: Sequence[str], model_path: str = "") -> Any:
-    """Wrap `model` with every adapter (peft PeftModel.from_pretrained / load_adapter), by label.
-
-    Warns when an adapter says it was trained on another base model than the one evaluated."""
-    from peft import PeftConfig, PeftModel
-
-    peft_model = model
-    for i, (spec, label) in enumerate(zip(specs, labels)):
-        try:
-            trained_on = PeftConfig.from_pretrained(spec).base_model_name_or_path
-        except Exception:  # unreadable config: the load below reports it
-            trained_on = None
-        if model_path and not _same_model(trained_on, model_path):
-            warnings.warn(f"adapters: {spec!r} was trained on {trained_on!r} but the base model is {model_path!r}")
-        try:
-            if i == 0:
-                with peft_trl_deprecation_quiet():
-                    peft_model = PeftModel.from_pretrained(model, spec, adapter_name=label, is_trainable=False)
-            else:
-                peft_model.load_adapter(spec, adapter_name=label, is_trainable=False)
-        except Exception as err:  # peft/hub errors vary; name the adapter that failed
-            raise ValueError(f"adapters: could not load {spec!r} ({type(err).__name__}: {err})") from err
-    return peft_model
-
-
-def model_context(model: Any, label: str) -> contextlib.AbstractContextManager:
-    """Select what `model` computes: the base weights (adapters disabled) or one adapter."""
-    if not hasattr(model, "disable_adapter"):
-        return contextlib.nullcontext()
-    if label == BASE_LABEL:
-        return model.disable_adapter()
-    model.set_adapter(label)
-    return contextlib.nullcontext()
-
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Validate, resolve adapters, load data and model, sample what is missing, summarize."""
@@ -600,9 +243,8 @@ def _sample_and_summarize(cfg: EvalConfig, out_dir: Path, labels: list, adapter_
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = build_parser(EvalConfig, "Unbiased pass@k evaluation of a base model and LoRA adapters.",
-                          "python -m apo_llm.evaluate")
-    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    cfg = parse_command(EvalConfig, argv, prog="python -m apo_llm.evaluate",
+                        description="Unbiased pass@k evaluation of a base model and LoRA adapters.")
     return run_eval(cfg)
 
 
@@ -613,4 +255,4 @@ if __name__ == "__main__":
 
     matplotlib.use("Agg")  # an entry point may choose the backend; the library never does
 
-    run_or_exit(main, catch=(ValueError,))  # one line naming the field or file, exit code 2
+    run_or_exit(main, catch=(ValueError,))  # UserError is one; one line naming the field or file, exit code 2

@@ -15,12 +15,11 @@ Builds are seeded and bit-identical on one machine (not across CPUs or library b
 records both), run under a file lock, and are written to a temporary
 directory renamed into place, so parallel processes (pytest-xdist workers) never see half a model.
 
-    python -m apo_llm.tiny [--quick] [--rebuild] [--cache-dir DIR]
+    python -m apo_llm.tiny [--quick] [--rebuild] [--cache_dir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,10 +31,12 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from apo_llm.data import Problem, synthetic_problems
+from apo_llm.options import option, parse_command
 from apo_llm.rewards import gsm8k_strict
 
 VERSION = "v3"  # bump when the task, tokenizer or model format changes: cached builds are rebuilt
@@ -321,18 +322,24 @@ def ensure_random_tiny_model(cache_dir: str | Path | None = None, *, quick: bool
     return _build_atomically(final, make, rebuild=False)
 
 
+@dataclass
+class TinyCommand:
+    """What `python -m apo_llm.tiny` takes; each field is one flag (--field_name)."""
+
+    quick: bool = option(False, "the small test build")
+    rebuild: bool = option(False, "rebuild even when cached (replaces the cached build, which every run on it uses)")
+    cache_dir: Optional[str] = option(None, f"default {DEFAULT_CACHE} (env APO_CACHE_DIR)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m apo_llm.tiny", description="Build (or locate) the offline tiny "
-                                 f"model: {FULL.name}-{VERSION} (default) or {QUICK.name}-{VERSION} (--quick).")
-    ap.add_argument("--quick", action="store_true", help="the small test build")
-    ap.add_argument("--rebuild", action="store_true",
-                    help="rebuild even when cached (replaces the cached build, which every run on it uses)")
-    ap.add_argument("--cache-dir", default=None, help=f"default {DEFAULT_CACHE} (env APO_CACHE_DIR)")
-    args = ap.parse_args(argv)
+    args = parse_command(TinyCommand, argv, prog="python -m apo_llm.tiny", description="Build (or locate) the "
+                         f"offline tiny model: {FULL.name}-{VERSION} (default) or {QUICK.name}-{VERSION} (--quick).")
     path = ensure_tiny_model(args.cache_dir, rebuild=args.rebuild, quick=args.quick)
     print(path)
     print((path / "build_info.json").read_text())
 
 
 if __name__ == "__main__":
-    main()
+    from apo_llm.cli import run_or_exit
+
+    run_or_exit(main)  # a flag mistake: one line, exit code 2

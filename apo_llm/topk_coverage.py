@@ -29,9 +29,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from apo_llm.cli import build_parser, check_model_spec, check_shared_fields, cli_field, parse_ks
+from apo_llm.cli import check_model_spec, check_shared_fields, parse_ks
 from apo_llm.data import load_eval_problems
 from apo_llm.modeling import load_base_model
+from apo_llm.options import option, parse_command
 from apo_llm.prompts import format_prompts
 
 PAPER_COVERAGE = {1: 0.8384, 4: 0.9552, 8: 0.9747, 16: 0.9846}  # Qwen2.5-Math-7B on MATH (paper)
@@ -40,26 +41,26 @@ SOLUTION_PREFIXES = {"newline": "\n", "space": " ", "none": ""}  # text between 
 
 @dataclass
 class CoverageConfig:
-    """Everything `python -m apo_llm.topk_coverage` takes; each field is one CLI flag."""
+    """Everything `python -m apo_llm.topk_coverage` takes; each field is one flag (--field_name)."""
 
-    model: Optional[str] = cli_field(None, "reference model: hub id or local dir (default: the embedded tiny model)")
-    dataset: str = cli_field("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
-    split: str = cli_field("test", "dataset split (test: problems the model was not fine-tuned on)")
-    limit: Optional[int] = cli_field(None, "use only the first LIMIT problems")
-    k: str = cli_field("1,4,8,16", "comma-separated K values")
-    buckets: str = cli_field("16,64,256", "position bucket edges: '16,64,256' -> 0-15, 16-63, 64-255, 256+")
-    max_target_tokens: int = cli_field(1024, "longer solutions are cut to this many tokens (counted)")
-    solution_prefix: str = cli_field("auto", "text between prompt and solution: auto (a newline after a raw "
+    model: Optional[str] = option(None, "reference model: hub id or local dir (default: the embedded tiny model)")
+    dataset: str = option("synthetic", "gsm8k | math500 | math | synthetic | jsonl:PATH | parquet:PATH")
+    split: str = option("test", "dataset split (test: problems the model was not fine-tuned on)")
+    limit: Optional[int] = option(None, "use only the first LIMIT problems")
+    k: str = option("1,4,8,16", "comma-separated K values")
+    buckets: str = option("16,64,256", "position bucket edges: '16,64,256' -> 0-15, 16-63, 64-255, 256+")
+    max_target_tokens: int = option(1024, "longer solutions are cut to this many tokens (counted)")
+    solution_prefix: str = option("auto", "text between prompt and solution: auto (a newline after a raw "
                                      "prompt, nothing after a chat template) | newline | space | none")
-    append_eos: bool = cli_field(False, "also score the EOS token after each solution")
-    batch_size: int = cli_field(8, "problems per forward pass")
-    chunk_size: int = cli_field(256, "positions per log-softmax/Top-K chunk")
-    chat_template: str = cli_field("auto", "auto | on | off, as in training")
-    prompt_style: str = cli_field("gsm8k", "instruction suffix of jsonl:/parquet: prompts: gsm8k | math")
-    out: str = cli_field("runs/topk_coverage", "output directory (topk_coverage.json, .md, .png in it are overwritten)")
-    dtype: Optional[str] = cli_field(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    device: Optional[str] = cli_field(None, "cpu | cuda | ... (default: cuda if available)")
-    threads: int = cli_field(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
+    append_eos: bool = option(False, "also score the EOS token after each solution")
+    batch_size: int = option(8, "problems per forward pass")
+    chunk_size: int = option(256, "positions per log-softmax/Top-K chunk")
+    chat_template: str = option("auto", "auto | on | off, as in training")
+    prompt_style: str = option("gsm8k", "instruction suffix of jsonl:/parquet: prompts: gsm8k | math")
+    out: str = option("runs/topk_coverage", "output directory (topk_coverage.json, .md, .png in it are overwritten)")
+    dtype: Optional[str] = option(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    device: Optional[str] = option(None, "cpu | cuda | ... (default: cuda if available)")
+    threads: int = option(0, "torch CPU threads (0 = torch default; 1 is fastest for tiny models)")
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -316,9 +317,9 @@ def _run_coverage_locked(cfg: CoverageConfig) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = build_parser(CoverageConfig, "Teacher-forced Top-K coverage of reference solutions.",
-                          "python -m apo_llm.topk_coverage")
-    return run_coverage(CoverageConfig(**vars(parser.parse_args(argv))))
+    cfg = parse_command(CoverageConfig, argv, prog="python -m apo_llm.topk_coverage",
+                        description="Teacher-forced Top-K coverage of reference solutions.")
+    return run_coverage(cfg)
 
 
 if __name__ == "__main__":

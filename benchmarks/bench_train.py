@@ -15,24 +15,27 @@ apo <= 1.03x grpo_kl (step time).
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                     # tiny + random ~25M Llama
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --models tiny --steps 6
-    python benchmarks/bench_train.py --device cuda --models tiny,random25m --max-new-tokens 256
+    python benchmarks/bench_train.py --device cuda --models tiny,random25m --max_new_tokens 256
 
 Timings on a shared CPU are noisy: rerun, and compare only numbers from the same machine and run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
+from apo_llm.cli import UserError, fail  # noqa: E402  (after the path line: run as a script)
+from apo_llm.options import option, parse_command  # noqa: E402
 LOSSES = {"grpo": [], "grpo_kl": ["--loss.kl_coef", "0.001"], "apo": []}
 PHASES = ["timing/generate", "timing/old_logp", "timing/reference", "timing/update", "timing/step"]
 
@@ -141,31 +144,33 @@ def interleaved(model_path: str, args, work: Path) -> dict:
     return out
 
 
-class DefaultsAndRawDescription(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default."""
+@dataclass
+class BenchTrainCommand:
+    """What `python benchmarks/bench_train.py` takes; each field is one flag (--field_name)."""
+
+    models: str = option("tiny,random25m", "comma list: tiny | random25m | a model path")
+    losses: str = option("grpo,grpo_kl,apo", "comma list of losses")
+    steps: int = option(4, "steps per run (the first is dropped as warm-up)")
+    prompts: int = option(8, "prompts per step")
+    G: int = option(8, "completions per prompt")
+    max_new_tokens: int = option(64, "generation length limit")
+    micro: int = option(32, "sequences per forward/backward")
+    device: Optional[str] = option(None, "cpu | cuda (default: the accelerator's)")
+    dtype: Optional[str] = option(None, "float32 | bfloat16")
+    mode: str = option("interleaved", "interleaved: one process, losses alternate on the same rollouts, medians "
+                       "(default); loop: the full training loop per loss in separate processes",
+                       choices=("interleaved", "loop"))
+    repeats: int = option(5, "interleaved rounds after one warm-up round")
+    tiny_path: Optional[str] = option(None, "use this tiny model dir instead of ensure_tiny_model()")
+    out: Optional[str] = option(None, "keep the runs here (default: a temp dir)")
+    json: Optional[str] = option(None, "also write the results to this file")
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python benchmarks/bench_train.py", description=__doc__,
-                                 formatter_class=DefaultsAndRawDescription)
-    ap.add_argument("--models", default="tiny,random25m", help="comma list: tiny | random25m | a model path")
-    ap.add_argument("--losses", default="grpo,grpo_kl,apo")
-    ap.add_argument("--steps", type=int, default=4, help="steps per run (the first is dropped as warm-up)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--G", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--micro", type=int, default=32)
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: the accelerator's)")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16")
-    ap.add_argument("--mode", default="interleaved", choices=["interleaved", "loop"],
-                    help="interleaved: one process, losses alternate on the same rollouts, medians (default); "
-                         "loop: the full training loop per loss in separate processes")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one warm-up round")
-    ap.add_argument("--tiny-path", default=None, help="use this tiny model dir instead of ensure_tiny_model()")
-    ap.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
-    ap.add_argument("--json", default=None, help="also write the results to this file")
-    args = ap.parse_args(argv)
-
+    try:
+        args = parse_command(BenchTrainCommand, argv, prog="python benchmarks/bench_train.py", description=__doc__)
+    except UserError as e:
+        fail(str(e))
     work = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
     results: dict[str, dict] = {}
     tiny_path = args.tiny_path

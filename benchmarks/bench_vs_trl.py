@@ -21,7 +21,6 @@ trl_engine_grpo.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,11 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from apo_llm.cli import UserError, fail, parse_hiding_internal  # noqa: E402  (after the path line)
+from apo_llm.options import option  # noqa: E402
+
 VARIANTS = ["native", "trl_stock", "trl_engine_grpo", "trl_engine_apo"]
 
 
@@ -102,23 +106,37 @@ def stock_trainer(cfg):
                        train_dataset=te.build_dataset(cfg, tok, problems), processing_class=tok)
 
 
+@dataclass
+class BenchVsTrlCommand:
+    """What `python benchmarks/bench_vs_trl.py` takes; each field is one flag (--field_name)."""
+
+    model: str = option("tiny", "model dir or 'tiny' (the project's tiny Llama)")
+    device: str = option("cpu", "cpu | cuda", choices=("cpu", "cuda"))
+    dtype: Optional[str] = option(None, "default: float32 on cpu, bfloat16 on cuda")
+    G: int = option(8, "completions per prompt")
+    prompts: int = option(4, "prompts per step")
+    max_new_tokens: int = option(32, "generation length limit")
+    lora_r: int = option(8, "LoRA rank")
+    lr: float = option(1e-5, "learning rate")
+    steps: int = option(5, "steps per run (the first is dropped)")
+    rounds: int = option(4, "interleaved rounds")
+    threads: int = option(1, "torch CPU threads per run")
+    variants: str = option(",".join(VARIANTS), f"comma list of {' | '.join(VARIANTS)}")
+
+
+@dataclass
+class _WorkerCommand(BenchVsTrlCommand):
+    """The command plus the internal flag the parent passes to each variant's process (not in --help)."""
+
+    worker: Optional[str] = option(None, "internal: run this one variant and print its RESULT line")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python benchmarks/bench_vs_trl.py", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="model dir or 'tiny' (the project's tiny Llama)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--G", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=5, help="steps per run (the first is dropped)")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    try:
+        a = parse_hiding_internal(_WorkerCommand, BenchVsTrlCommand, prog="python benchmarks/bench_vs_trl.py",
+                                  description=__doc__.splitlines()[0])
+    except UserError as e:
+        fail(str(e))
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
     if a.worker:
         print("RESULT " + json.dumps(worker(a, a.worker)), flush=True)

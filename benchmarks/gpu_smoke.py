@@ -25,7 +25,7 @@ a crash or hang costs only that phase; typical times on one H100/H200, and the h
 The whole run stops at --budget seconds (default 560): each phase's limit is cut to what is left,
 and phases that no longer fit are recorded as {"skipped": "budget"}. The typical times are
 estimates (written on a CPU-only machine, where tests/llm/test_gpu_smoke.py runs every phase on
-the tiny model through the hidden --cpu-test-model flag); the first GPU run replaces them.
+the tiny model through the hidden --cpu_test_model flag); the first GPU run replaces them.
 
 The JSON file: {"meta": {...}, "phases": [record, ...], "failed": n}. An engine record has
 steps, first_step_s (CUDA warm-up, reported apart), s_per_step, phases_s (mean seconds per phase
@@ -38,7 +38,6 @@ the script refuses before building anything: one line on stderr, exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -46,11 +45,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
+from apo_llm.cli import UserError, fail, parse_hiding_internal  # noqa: E402  (after the path line)
+from apo_llm.options import help_text, option  # noqa: E402
+
 ENGINES = ["native", "trl_hf", "trl_vllm"]
 PLAN = [("native", "apo"), ("trl_hf", "apo"), ("precision", "apo"), ("native", "grpo"), ("trl_hf", "grpo"),
         ("trl_vllm", "apo")]  # the order is the priority when the budget runs short
@@ -366,7 +370,7 @@ def run_plan(a, argv, model_dir: Path, out: Path, result: dict, deadline: float)
 
 def run_worker(argv, phase: str, loss: str, model_dir: Path, env: dict, limit: int, chat: bool = False) -> dict:
     cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", phase,
-           "--worker-loss", loss, "--model-dir", str(model_dir)] + (["--chat"] if chat else [])
+           "--worker_loss", loss, "--model_dir", str(model_dir)] + (["--chat"] if chat else [])
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -377,45 +381,61 @@ def run_worker(argv, phase: str, loss: str, model_dir: Path, env: dict, limit: i
         return {"engine": phase, "loss": loss, "failed": f"timed out after {limit} s"}
 
 
-class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The run book (the docstring) as written, and every option's default."""
+PROG = "python benchmarks/gpu_smoke.py"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/gpu_smoke.py", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=_HelpFormat)
-    p.add_argument("--out", default="gpu_smoke.json", help="the result file")
-    p.add_argument("--engines", default=",".join(ENGINES))
-    p.add_argument("--losses", default="apo,grpo")
-    p.add_argument("--no-precision", action="store_true", help="skip the bf16-vs-fp32 gap phase")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--G", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--micro", type=int, default=16, help="sequences per forward/backward")
-    p.add_argument("--budget", type=int, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S})")
-    p.add_argument("--timeout", type=int, default=None,
-                   help=f"seconds per phase before it is reported as failed (default {TIMEOUT_S})")
-    # hidden: tests/llm/test_gpu_smoke.py runs the phases on CPU with the tiny model
-    p.add_argument("--cpu-test-model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cpu-dtype", default="bfloat16", help=argparse.SUPPRESS)
-    p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker-loss", default="apo", help=argparse.SUPPRESS)
-    return p
+@dataclass
+class SmokeCommand:
+    """What `python benchmarks/gpu_smoke.py` takes; each field is one flag (--field_name)."""
+
+    out: str = option("gpu_smoke.json", "the result file")
+    engines: str = option(",".join(ENGINES), f"comma list of {' | '.join(ENGINES)}")
+    losses: str = option("apo,grpo", "comma list of apo | grpo")
+    no_precision: bool = option(False, "skip the bf16-vs-fp32 gap phase")
+    steps: int = option(3, "RL steps per engine phase")
+    prompts: int = option(8, "prompts per step")
+    G: int = option(8, "completions per prompt")
+    max_new_tokens: int = option(256, "generation length limit")
+    micro: int = option(16, "sequences per forward/backward")
+    budget: int = option(BUDGET_S, "seconds for the whole run")
+    timeout: Optional[int] = option(None, f"seconds per phase before it is reported as failed (default {TIMEOUT_S})")
+
+
+@dataclass
+class _SmokeArgs(SmokeCommand):
+    """The command plus internal flags, never shown by --help: what the parent passes to each phase's
+    process, and tests/llm/test_gpu_smoke.py's --cpu_test_model (run the phases on CPU, tiny model)."""
+
+    cpu_test_model: Optional[str] = option(None, "internal (tests): run on CPU with this model dir")
+    cpu_dtype: str = option("bfloat16", "internal (tests): the CPU phases' dtype")
+    chat: bool = option(False, "internal: the phases use the chat template")
+    model_dir: Optional[str] = option(None, "internal: the model dir the parent built")
+    worker: Optional[str] = option(None, "internal: run this one phase and print its RESULT line")
+    worker_loss: str = option("apo", "internal: the loss of the worker's phase")
+
+
+def help_page() -> str:
+    """--help: the run book (the docstring) and the user's flags with their defaults."""
+    return help_text(SmokeCommand, PROG, __doc__)
+
+
+def parse(argv=None) -> _SmokeArgs:
+    """The command line (UserError on a mistake); --help prints help_page() and exits 0."""
+    return parse_hiding_internal(_SmokeArgs, SmokeCommand, argv, prog=PROG, description=__doc__)
 
 
 def main(argv=None) -> None:
-    p = parser()
-    a = p.parse_args(argv)
+    try:
+        a = parse(argv)
+    except UserError as e:
+        fail(str(e))
     if not a.cpu_test_model:
         refuse_without_cuda()
     unknown = set(a.engines.split(",")) - set(ENGINES)
     if unknown:
-        p.error(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
+        fail(f"engines: unknown {sorted(unknown)}; choose from {ENGINES}")
     if set(a.losses.split(",")) - {"apo", "grpo"}:
-        p.error(f"--losses: choose from apo, grpo; got {a.losses!r}")
+        fail(f"losses: choose from apo, grpo; got {a.losses!r}")
     if a.worker:
         print("RESULT " + json.dumps(worker(a, a.worker, a.worker_loss)), flush=True)
         return

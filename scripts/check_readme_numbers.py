@@ -21,15 +21,21 @@ not rerun: the docs give their date and commit instead.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+from apo_llm.cli import UserError, fail  # noqa: E402  (after the path line)
+from apo_llm.options import option, parse_command  # noqa: E402
+
 SUMMARY_START = "training reward"  # first line of apo_llm.evaluate.training_report's text
 COUNT = re.compile(r"\b(\d+) (?:formula )?(?:tests|passed)\b")
 
@@ -168,22 +174,29 @@ def check(got: dict[str, str], doc_lines: list[str]) -> list[tuple[str, str, str
     return bad
 
 
+@dataclass
+class CheckCommand:
+    """What `python scripts/check_readme_numbers.py` takes; each field is one flag (--field_name)."""
+
+    only: str = option("demo,sim,tests", "comma list of demo | sim | tests")
+    outputs: Optional[str] = option(None, "folder for the commands' outputs; outputs already there are reused, "
+                                    "not rerun (default: a fresh temporary folder)")
+    docs: list[str] = option([], "files searched (default: README.md docs/*.md)")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python scripts/check_readme_numbers.py", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--only", default="demo,sim,tests", help="comma list of demo | sim | tests")
-    ap.add_argument("--outputs", type=Path, default=None,
-                    help="folder for the commands' outputs; outputs already there are reused, not rerun "
-                         "(default: a fresh temporary folder)")
-    ap.add_argument("--docs", nargs="*", type=Path, default=None, help="files searched (default: README.md docs/*.md)")
-    args = ap.parse_args(argv)
+    try:
+        args = parse_command(CheckCommand, argv, prog="python scripts/check_readme_numbers.py",
+                             description=__doc__.split("\n")[0])
+    except UserError as e:
+        fail(str(e))
     which = [w for w in args.only.split(",") if w]
     unknown = set(which) - {"demo", "sim", "tests"}
     if unknown:
-        ap.error(f"--only: unknown {sorted(unknown)}")
-    docs = args.docs or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        fail(f"only: unknown {sorted(unknown)}")
+    docs = [Path(d) for d in args.docs] or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     doc_lines = [ln for p in docs for ln in p.read_text().splitlines()]
-    out = args.outputs or Path(tempfile.mkdtemp(prefix="readme_numbers_"))
+    out = Path(args.outputs) if args.outputs else Path(tempfile.mkdtemp(prefix="readme_numbers_"))
     try:
         got = outputs(which, out)
     except RuntimeError as e:

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_llm import evaluate as ev
+from apo_llm.options import UserError
 from apo_llm.data import Problem
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +250,23 @@ def test_missing_model_fails_early(tmp_path, monkeypatch):
     ev.check_model_spec(str(tmp_path))  # an existing directory passes
 
 
+def test_command_line_lists_bools_and_old_spellings(monkeypatch, capsys):
+    """main() parses through apo_llm.options: list fields take several tokens or a comma list,
+    bare bools mean true, the old dash spellings still work (one deprecation line each)."""
+    seen = []
+    monkeypatch.setattr(ev, "run_eval", lambda cfg: seen.append(cfg) or {})
+    ev.main(["--adapters", "a", "b", "--labels", "x,y", "--no_base", "--max-new-tokens", "9", "--summary-only"])
+    cfg = seen[-1]
+    assert (cfg.adapters, cfg.labels, cfg.no_base, cfg.max_new_tokens, cfg.summary_only) == (["a", "b"], ["x", "y"],
+                                                                                             True, 9, True)
+    assert cfg.n == ev.EvalConfig().n and cfg.k == "1,4,16"  # the rest at their defaults
+    assert [ln.split(" is ")[0] for ln in capsys.readouterr().err.splitlines()] == [
+        "warning: --max-new-tokens", "warning: --summary-only"]
+    with pytest.raises(UserError, match=r"^temprature: unknown option; choose from \[.*'temperature'"):
+        ev.main(["--temprature", "0.5"])
+    assert len(seen) == 1  # nothing ran
+
+
 def test_k_larger_than_n_fails(tmp_path):
     with pytest.raises(ValueError, match="k: pass@16 needs n >= 16"):
         ev.main(["--n", "4", "--k", "1,16", "--out", str(tmp_path / "o")])
@@ -311,8 +329,8 @@ def test_paired_deltas_against_direct_differences():
 
 
 def cli(model_dir, out, *extra, limit=3):
-    return ["--model", str(model_dir), "--dataset", "synthetic", "--n", "4", "--k", "1,2,4", "--max-new-tokens", "48",
-            "--limit", str(limit), "--batch-size", "8", "--seed", "3", "--out", str(out), "--save-completions", *extra]
+    return ["--model", str(model_dir), "--dataset", "synthetic", "--n", "4", "--k", "1,2,4", "--max_new_tokens", "48",
+            "--limit", str(limit), "--batch_size", "8", "--seed", "3", "--out", str(out), "--save_completions", *extra]
 
 
 def test_tiny_model_reproducible_and_rescored(tiny_model_dir, one_thread, tmp_path):
@@ -405,6 +423,6 @@ def test_tiny_model_base_and_adapter_side_by_side(tiny_model_dir, one_thread, tm
         warnings.simplefilter("error", UserWarning)
         ev.load_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), [str(cfg_path.parent)], ["apo"],
                          "someone/other-model")
-    # --summary-only recomputes other k from the saved counts without sampling
-    only = ev.main(["--summary-only", "--out", str(tmp_path / "both"), "--n", "4", "--k", "1,3"])
+    # --summary_only recomputes other k from the saved counts without sampling
+    only = ev.main(["--summary_only", "--out", str(tmp_path / "both"), "--n", "4", "--k", "1,3"])
     assert set(only["models"]["apo"]["pass@k"]) == {"1", "3"}

@@ -1,7 +1,7 @@
 """benchmarks/gpu_smoke.py (the device run book) on a machine without a GPU: the CLI's refusal and
 --help, the per-phase records and the one JSON file (budget, failures), the tokenizers, the
 per-step timing of both engines and the precision phase on the tiny model (CPU, bf16), and the
-whole script end to end on the tiny model through its hidden --cpu-test-model flag.
+whole script end to end on the tiny model through its hidden --cpu_test_model flag.
 
 The GPU run itself (Qwen2.5-0.5B shape on CUDA, vLLM) cannot run here; these tests check every part
 of it that does not need CUDA."""
@@ -9,6 +9,7 @@ of it that does not need CUDA."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -126,7 +127,7 @@ def test_plan_writes_one_json_file_and_keeps_to_the_budget(tmp_path, monkeypatch
         return {"engine": phase, "loss": loss, "s_per_step": 1.0}
 
     monkeypatch.setattr(G, "run_worker", fake_worker)
-    a = G.parser().parse_args(["--engines", "native,trl_hf", "--timeout", "50"])
+    a = G.parse(["--engines", "native,trl_hf", "--timeout", "50"])
     a.chat = False
     out = tmp_path / "r.json"
     result = {"meta": {}, "phases": [], "failed": 0}
@@ -144,11 +145,25 @@ def test_plan_writes_one_json_file_and_keeps_to_the_budget(tmp_path, monkeypatch
 
 
 def test_help_is_the_run_book():
-    text = G.parser().format_help()
+    text = G.help_page()
     for words in ("RUN BOOK", "HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py", "10 minutes", "--budget",
                   "native/apo", "trl_hf/grpo", "trl_vllm/apo", "precision", "exit code 2"):
         assert words in text, words
-    assert "--cpu-test-model" not in G.parser().format_usage()  # test-only, not offered
+    for f in dataclasses.fields(G.SmokeCommand):  # every user flag with its default
+        assert f"  --{f.name} (default " in text, f.name
+    for f in set(dataclasses.fields(G._SmokeArgs)) - set(dataclasses.fields(G.SmokeCommand)):
+        assert f"  --{f.name} (default " not in text, f.name  # internal / test-only: no flag line
+
+
+def test_cli_parses_internal_flags_and_warns_on_dash_spellings(capsys):
+    a = G.parse(["--cpu-test-model", "m", "--max-new-tokens", "4", "--no_precision", "--worker_loss", "grpo"])
+    assert (a.cpu_test_model, a.max_new_tokens, a.no_precision, a.worker_loss) == ("m", 4, True, "grpo")
+    assert a.steps == G.SmokeCommand().steps  # the rest at their defaults
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: --{d} is deprecated; use --{d.replace('-', '_')} (the dash spelling goes in the "
+                   "next release)" for d in ("cpu-test-model", "max-new-tokens")]
+    with pytest.raises(G.UserError, match="^budget: expected an integer, got 'soon'$"):
+        G.parse(["--budget", "soon"])
 
 
 @pytest.mark.slow
@@ -165,9 +180,9 @@ def test_whole_script_on_cpu_through_the_test_flag(random_tiny_model_dir, tmp_pa
     """main() end to end (worker processes, the JSON file, exit code) on the tiny model, one phase."""
     out = tmp_path / "smoke.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--cpu-test-model",
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--cpu_test_model",
                            str(random_tiny_model_dir), "--out", str(out), "--engines", "native,trl_vllm",
-                           "--losses", "grpo", "--no-precision", "--prompts", "2", "--G", "2", "--max-new-tokens", "4",
+                           "--losses", "grpo", "--no_precision", "--prompts", "2", "--G", "2", "--max_new_tokens", "4",
                            "--micro", "2", "--steps", "2"], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())

@@ -185,7 +185,7 @@ def test_cli_on_tiny_model(tiny_model_dir, one_thread, tmp_path):
 
     out = tmp_path / "cov"
     report = main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--limit", "6", "--k", "1,2,4,8",
-                   "--buckets", "8,16", "--batch-size", "4", "--chunk-size", "32", "--out", str(out)])
+                   "--buckets", "8,16", "--batch_size", "4", "--chunk_size", "32", "--out", str(out)])
     saved = json.loads((out / "topk_coverage.json").read_text())
     assert saved["coverage"] == report["coverage"]
     assert (out / "topk_coverage.md").read_text().count("\n|") >= 5
