@@ -59,6 +59,11 @@ def quiet_progress_unless_tty() -> bool:
     return tty
 
 
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def looks_local(spec: str) -> bool:
     """A path-like spec (absolute, ./ ../ ~, a backslash, more than one '/', or 'dir/x' with an existing
     ./dir): never a hub id.

@@ -21,6 +21,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
+from apo_llm.cli import world_size
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -81,5 +83,5 @@ def resume_command(argv: Optional[Sequence[str]] = None, module: str = "apo_llm.
             continue
         out.append(args[i])
         i += 1
-    launcher = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "<the same launcher>"
+    launcher = "python" if world_size() == 1 else "<the same launcher>"
     return f"{launcher} -m {module} " + " ".join(shlex.quote(a) for a in out + ["--resume", "auto"])

@@ -23,7 +23,7 @@ from apo_llm.checkpoint import (
     NATIVE, NO_RESUME, Layout, changed_inputs, checkpoint_root, file_fingerprint, problems_fingerprint,
     read_trainer_state, resolve_resume, unused_path, weights_fingerprint,
 )
-from apo_llm.cli import UserError, looks_local
+from apo_llm.cli import UserError, looks_local, world_size  # noqa: F401  (world_size: both engines)
 from apo_llm.config import TINY_MODEL, RunConfig
 from apo_llm.data import FILE_SOURCES
 from apo_llm.modeling import load_model_and_tokenizer, want_lm_head_fp32, wrap_lora
@@ -242,11 +242,6 @@ def drop_long_prompts(cfg: RunConfig, tokenizer, problems: list, window: Optiona
         raise UserError(f"{field_name}: every prompt is longer than {room} tokens (context window {window} - "
                         f"{max_new_tokens} new tokens); lower rollout.max_new_tokens or use a longer-context model")
     return keep
-
-def world_size() -> int:
-    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 # --------------------------------------------------------------------------------------------
 # The run directory

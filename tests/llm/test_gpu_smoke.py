@@ -84,7 +84,7 @@ def test_padded_tokenizer_has_qwen_size_and_decodes_every_id():
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["native", "trl_hf"])
 def test_engine_timings_on_the_tiny_model(random_tiny_model_dir, tmp_path, engine):
-    """The real run_native / run_trl (trainer setup + rl_step, TRL build_trainer + train) on CPU in bf16."""
+    """The real run_native / run_trl (the native loop, TRL build_trainer + train) on CPU in bf16."""
     from apo_llm.config import load_config
 
     a = argparse.Namespace(prompts=2, G=2, max_new_tokens=8, micro=2, steps=2)
