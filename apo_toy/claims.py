@@ -36,7 +36,7 @@ import torch
 from .coupled import CoupledPolicy, CoupledSpec, build_coupled_suite
 from .measures import measure
 from .methods import get_method, report_label
-from .presets import RunConfig, train_method
+from .training import SimConfig, train_method
 
 VAL_KEYS = ("pass@1", "pass@256", "coverage")  # what selection may read, prefixed "val/"
 TEST_KEYS = ("pass@1", "pass@256", "coverage", "manifold_mass", "entropy")
@@ -107,7 +107,7 @@ class ClaimsPlan:
     tune_seeds: int = 2
     seeds: int = 5
     spec: CoupledSpec = field(default_factory=lambda: CoupledSpec(n_train=8, n_heldout=144, n_val=48))
-    run: RunConfig = field(default_factory=lambda: RunConfig(steps=60, eval_every=4, optimizer="adam", lr=0.05))
+    run: SimConfig = field(default_factory=lambda: SimConfig(steps=60, eval_every=4, optimizer="adam", lr=0.05))
     n_correct_per_leaves: float = 0.05  # m = this share of b^D leaves (50 of 1000 at b=10, D=3)
     tol: float = 0.01  # non-inferiority margin of claim 3
     alpha: float = 0.05

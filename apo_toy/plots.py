@@ -15,7 +15,7 @@ import numpy as np
 
 from . import palette
 from .measures import PASS_KS
-from .presets import Table
+from .table import Table
 
 CURVE_KEYS = ("pass@1", "pass@256", "coverage", "manifold_mass", "entropy")
 NULL = "grpo"

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from apo_llm.objectives import policy_loss
 from apo_toy import SuiteSpec, build_suite, get_method
-from apo_toy.dynamics import exact_batch, exact_update, sampled_update
+from apo_toy.dynamics import exact_batch
+from apo_toy.training import exact_update, sampled_update
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
 
 SIZES = [(16, 1), (16, 2), (16, 3), (8, 5), (16, 4)]  # (branching, depth): 16 .. 65,536 leaves
@@ -77,7 +78,7 @@ def bench_coupled(steps: int) -> None:
     measures (held-out and training prompts) are timed separately, as the runner evaluates them.
     """
     from apo_toy import CoupledPolicy, CoupledSpec, build_coupled_suite, get_preset
-    from apo_toy.presets import measure_policy
+    from apo_toy.training import measure_policy
 
     m = get_method("apo")
     cfg = m.loss_config()
