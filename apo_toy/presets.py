@@ -131,12 +131,6 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"preset: unknown {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
-
-
 @dataclass
 class Resolved:
     """A preset with its overrides applied: what `run_methods` takes."""
