@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import palette
+from .palette import family  # the one family rule (paper_figures/style.py uses it too)
 from .measures import PASS_KS
 from .table import Table
 
@@ -26,11 +27,6 @@ def _plt():
     import matplotlib.pyplot as plt  # the backend is the caller's (library code never sets it)
 
     return plt
-
-
-def family(method: str) -> str:
-    """'apo_old_mass@beta=0.1' -> 'apo_old_mass'; 'grpo@lr_x0.5' -> 'grpo_low_lr' (apo_toy.palette)."""
-    return palette.family(method)
 
 
 def color(method: str) -> str:
