@@ -6,13 +6,13 @@ clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation 
 exactly as there. The optimizer steps are apo_toy/training.py's loop.
 
 Sampled mode (`sample_rollouts`, `sampled_inputs`): ancestral sampling of G responses per prompt
-from pi_old, rewards, `group_advantages`, token tensors [B = P*G, T = D] (logp of each chosen child, old logp, ref logp,
-anchors = log pi_theta at the reference Top-K children of each visited node [B, D, K]), then
-`epochs` passes of `minibatches` optimizer steps each, as PPO does.
+from pi_old, rewards, `group_advantages`, token tensors [B = P*G, T = D] (logp of each chosen
+child, old logp, ref logp, anchors = log pi_theta at the reference Top-K children of each visited
+node [B, D, K]), then `epochs` passes of `minibatches` optimizer steps each, as PPO does.
 
 Exact mode (`exact_batch`, `exact_inputs`): the expected surrogate, with no sampling noise. For
-binary rewards and the GRPO-family estimators the sign of A_i is fixed by r_i (A >= 0 if correct, <= 0 if wrong)
-and every per-token loss is linear in A within a sign, so
+binary rewards and the GRPO-family estimators the sign of A_i is fixed by r_i (A >= 0 if correct,
+<= 0 if wrong) and every per-token loss is linear in A within a sign, so
 
     E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) sum_t loss_t(theta; leaf, c_{r(leaf)}(p, G)) / N
 
