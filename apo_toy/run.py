@@ -169,15 +169,21 @@ def main(argv=None) -> int:
 
     try:
         with RunLock(Path(args.out), "--out: the output directory", "--out"):
-            return _run(args, argv)
+            if args.preset in STUDIES:
+                return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
+                                            command="python -m apo_toy.run " + " ".join(argv))
+            try:
+                r = _resolve(args)  # the preset, --quick and the methods: the one registry lookup
+                table = run_methods(r.spec, r.methods, r.cfg, seeds=r.seeds, preset=r.name, progress=True)
+            except ValueError as e:
+                return _error(str(e))
+            return _write(table, r, args.out)
     except UserError as e:  # RunLockedError, or a lock file that cannot be created
         return _error(str(e))
 
 
-def _run(args: ToyOptions, argv: list) -> int:
-    if args.preset in STUDIES:
-        return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
-                                    command="python -m apo_toy.run " + " ".join(argv))
+def _resolve(args: ToyOptions):
+    """The preset with the flags applied (`resolve_preset`); --quick shortens it; sets torch's threads."""
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
         if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):
@@ -185,20 +191,20 @@ def _run(args: ToyOptions, argv: list) -> int:
     import torch
 
     torch.set_num_threads(max(args.threads, 1))
-    try:
-        p = get_preset(args.preset)
-        r = resolve_preset(args.preset, mode=args.mode, methods=[m for m in args.methods or [] if m],
-                           seeds=args.seeds, steps=args.steps, spec_overrides=parse_spec(p.spec, args.spec),
-                           optimizer=args.optimizer, lr=args.lr)
-        table = run_methods(r.spec, r.methods, r.cfg, seeds=r.seeds, preset=r.name, progress=True)
-    except ValueError as e:
-        return _error(str(e))
+    p = get_preset(args.preset)
+    return resolve_preset(args.preset, mode=args.mode, methods=[m for m in args.methods or [] if m],
+                          seeds=args.seeds, steps=args.steps, spec_overrides=parse_spec(p.spec, args.spec),
+                          optimizer=args.optimizer, lr=args.lr)
+
+
+def _write(table: Table, r, out: str) -> int:
+    p = get_preset(r.name)
     settings = {"spec": dataclasses.asdict(r.spec), "run": dataclasses.asdict(r.cfg), "seeds": r.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
-    write_outputs(table, Path(args.out), args.preset, settings)
-    print((Path(args.out) / "table.md").read_text())
+    write_outputs(table, Path(out), r.name, settings)
+    print((Path(out) / "table.md").read_text())
     extra = ", frontier.md, frontier.json, frontier.png" if p.frontier else ""
-    print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
+    print(f"wrote {out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
     return 0
 
 

@@ -80,3 +80,23 @@ def test_run_methods_is_not_shadowed_by_the_cli_module():
     code = "import apo_toy.run; from apo_toy import run_methods; print(callable(run_methods), type(run_methods).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "function"]
+
+
+def _calls_in(path, func: str) -> set:
+    """Names called (f(...) or mod.f(...)) in the body of top-level function `func` of `path`."""
+    import ast
+
+    fn = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == func)
+    return {(c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", ""))
+            for c in ast.walk(fn) if isinstance(c, ast.Call)}
+
+
+def test_the_cli_reaches_the_loss_in_four_calls():
+    """main -> run_methods -> train_method -> policy_loss (-> the registered term), the preset resolved before."""
+    from pathlib import Path
+
+    pkg = Path(training.__file__).parent
+    main_calls = _calls_in(pkg / "run.py", "main")
+    assert {"_resolve", "run_methods"} <= main_calls
+    assert "train_method" in _calls_in(pkg / "training.py", "run_methods")
+    assert "policy_loss" in _calls_in(pkg / "training.py", "train_method")
