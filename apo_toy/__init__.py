@@ -11,22 +11,24 @@ apo_toy/dynamics.py for what exact means).
 
 Python API (what the notebooks use)::
 
-    from apo_toy import build_suite, SuiteSpec, run, RunConfig, METHODS, PRESETS, base_measures, measure
+    from apo_toy import build_suite, SuiteSpec, run_methods, SimConfig, METHODS, PRESETS, base_measures, measure
 
     suite = build_suite(SuiteSpec(n_prompts=32, branching=10, depth=3, top_k=8, seed=0))
     base_measures(suite)                      # dict: pass@1..pass@256, coverage, distinct@256, ...
-    table = run(SuiteSpec(), ["grpo", "grpo_kl", "apo"], RunConfig(mode="exact", steps=200), seeds=5)
+    table = run_methods(SuiteSpec(), ["grpo", "grpo_kl", "apo"], SimConfig(mode="exact", steps=200), seeds=5)
     table.rows                                # list of dicts, one per (method, seed, step); "base" rows too
     table.where(method="apo").column("pass@1")
     table.summary()                           # final mean / std over seeds per method
     run_preset("rsc", seeds=5)                # a named experiment (PRESETS: squeeze, rsc (coupled),
                                               # rsc_tabular, tradeoff, recovery, ablation, frontier (coupled))
-    run(CoupledSpec(), ["grpo", "apo"], RunConfig(optimizer="adam", lr=0.05))   # held-out keys + train/...
+    run_methods(CoupledSpec(), ["grpo", "apo"], SimConfig(optimizer="adam", lr=0.05))   # held-out keys + train/...
     get_method("apo", apo_beta=0.3)           # a variant of a named method (METHODS)
 
-Lower level: `train_method(suite, method, cfg)` (one arm, returns rows and final logits),
-`exact_update` / `sampled_update` / `exact_loss` / `sampled_loss` (apo_toy.dynamics), `npg_update`
-(natural-PG yardstick, not a loss). CLI: `python -m apo_toy.run --preset rsc --out runs/rsc`.
+Modules: apo_toy/training.py (`SimConfig`, the loop `train_method(suite, method, cfg)`: one arm,
+rows and final logits; `run_methods`; the one-step `update` / `exact_update` / `sampled_update`),
+apo_toy/table.py (`Table`, the markdown writer), apo_toy/presets.py (`PRESETS`, `resolve_preset`),
+apo_toy/methods.py (`METHODS`), apo_toy/dynamics.py (`exact_loss` / `sampled_loss` and the loss
+inputs they build; `npg_update`, the natural-PG yardstick, not a loss). CLI: `python -m apo_toy.run --preset rsc --out runs/rsc`.
 The frontier study (iso-pass@1 gain over GRPO's own trajectory): apo_toy/frontier.py, figures:
 apo_toy/plots.py. The claims study (validation-selected arms, verdicts per setting):
 apo_toy/claims.py, `python -m apo_toy.run --preset claims --out DIR`.
@@ -35,16 +37,21 @@ Importing apo_toy never imports transformers, peft or datasets.
 """
 
 from .coupled import CoupledPolicy, CoupledSpec, CoupledSuite, TabularPolicy, build_coupled_suite
-from .dynamics import exact_batch, exact_loss, exact_update, npg_update, sample_rollouts, sampled_loss, sampled_update
+from .dynamics import exact_batch, exact_loss, npg_update, sample_rollouts, sampled_loss
 from .measures import PASS_KS, base_measures, measure, per_prompt_success
 from .methods import METHODS, Method, get_method
-from .presets import (PRESETS, Preset, RunConfig, Table, collapse, get_preset, make_policy, measure_policy, run,
-                      run_preset, train_method)
+from .presets import PRESETS, Preset, get_preset, resolve_preset, run_preset
+from .table import Table
+from .training import (RunConfig, SimConfig, collapse, exact_update, make_policy, measure_policy, run, run_methods,
+                       sampled_update, train_method, update)
 from .tree import BRANCH_NAMES, Suite, SuiteSpec, build_suite
 
+# `RunConfig` and `run` are the deprecated names of SimConfig and run_methods (paper_figures/sim.py
+# still imports them); `from apo_toy import run` gives the CLI module once apo_toy.run is imported.
 __all__ = [
-    "BRANCH_NAMES", "CoupledPolicy", "CoupledSpec", "CoupledSuite", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset", "RunConfig", "Suite", "SuiteSpec",
-    "Table", "base_measures", "build_suite", "collapse", "exact_batch", "exact_loss", "exact_update",
-    "get_method", "get_preset", "measure", "npg_update", "per_prompt_success", "run", "run_preset",
-    "sample_rollouts", "sampled_loss", "sampled_update", "TabularPolicy", "train_method",
+    "BRANCH_NAMES", "CoupledPolicy", "CoupledSpec", "CoupledSuite", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset",
+    "SimConfig", "Suite", "SuiteSpec", "Table", "base_measures", "build_suite", "collapse", "exact_batch",
+    "exact_loss", "exact_update", "get_method", "get_preset", "measure", "npg_update", "per_prompt_success",
+    "resolve_preset", "run_methods", "run_preset", "sample_rollouts", "sampled_loss", "sampled_update",
+    "TabularPolicy", "train_method", "update",
 ]

@@ -1,17 +1,18 @@
-"""Sampled and exact updates of tree policies (tabular or coupled), both through `policy_loss`.
+"""What the loss takes in the sampled and exact modes of tree policies (tabular or coupled).
 
-Both modes build token tensors and call `apo_llm.objectives.policy_loss`, the function the LLM
-trainer uses: clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation
-behave here exactly as there.
+Both modes build the token tensors of `apo_llm.objectives.policy_loss`, the function the LLM
+trainer uses (`sampled_inputs`, `exact_inputs`; `sampled_loss` / `exact_loss` call it on them):
+clipping, dual-clip, KL estimators, APO's rectified ratio and every aggregation behave here
+exactly as there. The optimizer steps are apo_toy/training.py's loop.
 
-Sampled mode (`sampled_update`): ancestral sampling of G responses per prompt from pi_old, rewards,
-`group_advantages`, token tensors [B = P*G, T = D] (logp of each chosen child, old logp, ref logp,
-anchors = log pi_theta at the reference Top-K children of each visited node [B, D, K]), then
-`epochs` passes of `minibatches` optimizer steps each, as PPO does.
+Sampled mode (`sample_rollouts`, `sampled_inputs`): ancestral sampling of G responses per prompt
+from pi_old, rewards, `group_advantages`, token tensors [B = P*G, T = D] (logp of each chosen
+child, old logp, ref logp, anchors = log pi_theta at the reference Top-K children of each visited
+node [B, D, K]), then `epochs` passes of `minibatches` optimizer steps each, as PPO does.
 
-Exact mode (`exact_update`): the expected surrogate, with no sampling noise. For binary rewards
-and the GRPO-family estimators the sign of A_i is fixed by r_i (A >= 0 if correct, <= 0 if wrong)
-and every per-token loss is linear in A within a sign, so
+Exact mode (`exact_batch`, `exact_inputs`): the expected surrogate, with no sampling noise. For
+binary rewards and the GRPO-family estimators the sign of A_i is fixed by r_i (A >= 0 if correct,
+<= 0 if wrong) and every per-token loss is linear in A within a sign, so
 
     E[sampled loss](theta) = sum_p sum_{leaf} pi_old(leaf) sum_t loss_t(theta; leaf, c_{r(leaf)}(p, G)) / N
 
@@ -248,17 +249,24 @@ def _rows(suite: Suite, batch: dict, shape: tuple) -> tuple[dict, Tensor]:
 
 def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
                diagnostics: bool = True) -> tuple[Tensor, dict]:
-    """Expected sampled surrogate at `logits` (differentiable), via `policy_loss`.
+    """Expected sampled surrogate at `logits` (differentiable): `policy_loss` on `exact_inputs`.
+
+    `diagnostics=False`: policy_loss skips its diagnostics (same loss and gradient, cheaper).
+    """
+    return policy_loss(cfg, **exact_inputs(suite, cfg, logits, batch), diagnostics=diagnostics)
+
+
+def exact_inputs(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict) -> dict:
+    """The keyword arguments of `policy_loss` for the expected surrogate at `logits` (differentiable).
 
     Edge path: one "sequence" of length 1 per (reward class, edge) of nonzero weight (`_rows`).
     Leaf path: one sequence of length D per (reward class, leaf) of nonzero weight (`_leaf_rows`),
-    through `sampled_loss`.
-    `diagnostics=False`: policy_loss skips its diagnostics (same loss and gradient, cheaper).
+    as `sampled_inputs` builds them.
     """
     if batch.get("path") == "leaf":
         r = _leaf_rows(suite, batch)
-        return sampled_loss(suite, cfg, logits, r["roll"], r["old_logp"], r["adv"], weights=r["weight"],
-                            old_logpi=batch["logpi_old"], diagnostics=diagnostics, **batch["norm"])
+        return sampled_inputs(suite, cfg, logits, r["roll"], r["old_logp"], r["adv"], weights=r["weight"],
+                              old_logpi=batch["logpi_old"], **batch["norm"])
     logpi = torch.log_softmax(logits, -1)  # [P, N, b]
     P, N, b = logpi.shape
     ix, weight = _rows(suite, batch, (P, N, b))
@@ -304,8 +312,8 @@ def exact_loss(suite: Suite, cfg: LossConfig, logits: Tensor, batch: dict,
     C = batch["adv"].shape[0]
     adv = batch["adv"].reshape(-1).index_select(0, fixed(("adv_flat", C), lambda: ix["cls"] * P + ix["prompt"]))  # [R]
     mask = torch.ones(R, 1, dtype=torch.bool)
-    return policy_loss(cfg, per_edge(logpi), per_edge(batch["logpi_old"]), adv, mask, weights=weight,
-                       **kw, **batch["norm"], diagnostics=diagnostics)
+    return dict(logp=per_edge(logpi), old_logp=per_edge(batch["logpi_old"]), advantages=adv, mask=mask,
+                weights=weight, **kw, **batch["norm"])
 
 
 def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Tensor]:
@@ -315,26 +323,6 @@ def as_logits_fn(logits: Union[Tensor, Callable[[], Tensor]]) -> Callable[[], Te
     edge logits it returns, so autograd carries the gradient to whatever parameters produced them.
     """
     return logits if callable(logits) else (lambda: logits)
-
-
-def exact_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
-                 opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, epochs: int = 1,
-                 diagnostics: bool = True) -> dict:
-    """One RL step in exact mode: `epochs` full-batch steps on the expected surrogate.
-
-    `diagnostics=False` (steps that are not measured) skips the loss diagnostics: same update.
-    `logits`: the [P, N, b] tensor the optimizer updates, or a callable returning the edge logits
-    from the optimizer's parameters (`as_logits_fn`).
-    """
-    fn = as_logits_fn(logits)
-    batch = exact_batch(suite, cfg, fn().detach(), group_size, adv_kwargs)
-    metrics: dict = {}
-    for _ in range(epochs):
-        opt.zero_grad(set_to_none=True)
-        loss, metrics = exact_loss(suite, cfg, fn(), batch, diagnostics)
-        loss.backward()
-        opt.step()
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +362,16 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
                  idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                  old_logpi: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  diagnostics: bool = True, **norm) -> tuple[Tensor, dict]:
-    """policy_loss on token tensors [B, D] built from rollouts (rows `idx` of them if given).
+    """policy_loss on token tensors [B, D] built from rollouts (`sampled_inputs`)."""
+    return policy_loss(cfg, **sampled_inputs(suite, cfg, logits, roll, old_logp, adv, idx, weights, old_logpi,
+                                             generator, **norm), diagnostics=diagnostics)
+
+
+def sampled_inputs(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_logp: Tensor, adv: Tensor,
+                   idx: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                   old_logpi: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                   **norm) -> dict:
+    """The keyword arguments of `policy_loss`: token tensors [B, D] from rollouts (rows `idx` if given).
 
     `weights` [B] (per-sequence) and `norm` (global_tokens / global_seqs) go to policy_loss as is.
     `old_logpi` [P, N, b], the behaviour policy's log-probabilities, is needed only by the APO
@@ -408,45 +405,8 @@ def sampled_loss(suite: Suite, cfg: LossConfig, logits: Tensor, roll: dict, old_
     mask = torch.ones_like(act, dtype=torch.bool)
     if weights is not None:
         kw["weights"] = weights[idx]
-    return policy_loss(cfg, logpi[flat, act], old_logp[idx], adv[idx], mask, **kw, **norm, generator=generator,
-                       diagnostics=diagnostics)
-
-
-def sampled_update(suite: Suite, cfg: LossConfig, logits: Union[Tensor, Callable[[], Tensor]],
-                   opt: torch.optim.Optimizer, group_size: int, adv_kwargs: dict, generator: torch.Generator,
-                   epochs: int = 1, minibatches: int = 1, diagnostics: bool = True) -> dict:
-    """One RL step in sampled mode: rollouts, advantages, then PPO epochs x minibatches.
-
-    `logits`: a tensor or a callable returning the edge logits (as in `exact_update`).
-    """
-    fn = as_logits_fn(logits)
-    with torch.no_grad():
-        z_old = fn().detach()
-    roll = sample_rollouts(suite, z_old, group_size, generator)
-    adv = group_advantages(roll["reward"], group_size, **adv_kwargs)  # [B]
-    P, N, b = z_old.shape
-    with torch.no_grad():
-        old = torch.log_softmax(z_old, -1).reshape(P * N, b)
-        old_logp = old[roll["prompt"][:, None] * N + roll["nodes"], roll["actions"]]  # [B, D]
-    B = adv.numel()
-    sums: dict = {}
-    n = 0
-    for _ in range(epochs):
-        perm = torch.randperm(B, generator=generator)
-        for idx in perm.chunk(minibatches):
-            opt.zero_grad(set_to_none=True)
-            loss, m = sampled_loss(suite, cfg, fn(), roll, old_logp, adv, idx, old_logpi=old, generator=generator,
-                                   diagnostics=diagnostics)
-            loss.backward()
-            opt.step()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-    out = {k: v / n for k, v in sums.items()}
-    r = roll["reward"].view(P, group_size)
-    out["zero_var_frac"] = float((r.std(-1) == 0).double().mean())
-    out["reward"] = float(r.mean())
-    return out
+    return dict(logp=logpi[flat, act], old_logp=old_logp[idx], advantages=adv[idx], mask=mask, **kw, **norm,
+                generator=generator)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .presets import Table
+from .table import Table, markdown
 
 GAIN_KEYS = ("pass@256", "coverage")
 
@@ -73,15 +73,15 @@ def frontier_rows(table: Table, null: str = "grpo", labels: Optional[dict] = Non
 
 def frontier_markdown(rows: list[dict], cost: str = "") -> str:
     """The frontier table: final held-out pass@1 / pass@256 / coverage and the iso-pass@1 gains."""
-    head = ("| arm | n | pass@1 | pass@256 | coverage | iso-pass@1 gain pass@256 | iso-pass@1 gain coverage "
-            "| pass@1 vs GRPO range |\n|---|---|---|---|---|---|---|---|\n")
+    header = ["arm", "n", "pass@1", "pass@256", "coverage", "iso-pass@1 gain pass@256", "iso-pass@1 gain coverage",
+              "pass@1 vs GRPO range"]
     lines = []
     for r in rows:
         cells = [f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in ("pass@1",) + GAIN_KEYS]
         gains = [f"{r[f'gain_{k}']:+.4f} ± {r[f'gain_{k}_se']:.4f}" for k in GAIN_KEYS]
-        lines.append(f"| {r['label']} | {r['n_seeds']} | " + " | ".join(cells + gains) + f" | {r['range']} |")
+        lines.append([r["label"], r["n_seeds"], *cells, *gains, r["range"]])
     note = ("\nmean ± std over seeds (values); gains: mean ± standard error over seeds of the per-seed gain over "
             "GRPO's own trajectory at the arm's pass@1 (apo_toy/frontier.py). range: in = inside GRPO's "
             "pass@1 range, below = under the base policy's pass@1, above = beyond GRPO's best pass@1 (gain "
             "against that end point).\n")
-    return head + "\n".join(lines) + "\n" + note + (f"\n{cost}\n" if cost else "")
+    return markdown(header, lines) + note + (f"\n{cost}\n" if cost else "")

@@ -92,6 +92,8 @@ def split(name: str) -> tuple[str, str]:
 
 
 def family(name: str) -> str:
+    """The family of an arm name (its colour): 'apo_old_mass@beta=0.1' -> 'apo_old_mass', 'grpo@lr_x0.5' ->
+    'grpo_low_lr', 'apo-tiny' -> 'apo'. The one rule: apo_toy/plots.py and paper_figures/style.py use this."""
     return split(name)[0]
 
 

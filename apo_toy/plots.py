@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import palette
+from .palette import family  # the one family rule (paper_figures/style.py uses it too)
 from .measures import PASS_KS
-from .presets import Table
+from .table import Table
 
 CURVE_KEYS = ("pass@1", "pass@256", "coverage", "manifold_mass", "entropy")
 NULL = "grpo"
@@ -26,11 +27,6 @@ def _plt():
     import matplotlib.pyplot as plt  # the backend is the caller's (library code never sets it)
 
     return plt
-
-
-def family(method: str) -> str:
-    """'apo_old_mass@beta=0.1' -> 'apo_old_mass'; 'grpo@lr_x0.5' -> 'grpo_low_lr' (apo_toy.palette)."""
-    return palette.family(method)
 
 
 def color(method: str) -> str:

@@ -2,7 +2,7 @@
 
     python -m apo_toy.run --preset rsc --out runs/rsc [--mode exact|sampled] [--methods a,b]
                           [--seeds N] [--steps N] [--optimizer sgd|adam] [--lr X] [--spec FIELD=VALUE ...]
-                          [--quick]
+                          [--quick] [--workers N] [--threads N]
     python -m apo_toy.run --replot runs/rsc      # tables and figures again from metrics.jsonl
     python -m apo_toy.run --preset claims --out runs/claims [--quick] [--workers 2]   # apo_toy/claims.py
 
@@ -14,19 +14,29 @@ coupled preset (`rsc`) the plain keys (pass@1 ... pass@1024, crossover_k, frac_p
 coverage, ...) are measured on the held-out prompts and `train/...` on the training prompts.
 summary.json: the resolved settings, the base measures per seed, and per method the final mean /
 std over seeds of every measure.
+
+The path to the loss: `main` resolves the preset and its methods (`resolve_preset`, the one
+registry lookup), then main -> run_methods -> train_method -> policy_loss -> the loss's term
+(apo_toy/training.py). The flags are the fields of `ToyOptions` (apo_llm/options.py's parser).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from apo_llm.options import UserError as OptionError
+from apo_llm.options import option, parse_command
 
 from .coupled import CoupledSpec
 from .methods import METHODS
-from .presets import PRESETS, SUMMARY_KEYS, Table, get_preset, run_preset
+from .presets import PRESETS, get_preset, resolve_preset
+from .table import SUMMARY_KEYS, Table, summary_markdown
+from .training import MODES, run_methods
 
 
 def _claims_study(*args, **kw) -> int:
@@ -55,7 +65,7 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
     }
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    (out / "table.md").write_text(markdown_table(summary))
+    (out / "table.md").write_text(summary_markdown(summary))
     plot(table, out, preset)
     if preset in PRESETS and PRESETS[preset].frontier:
         if "grpo" in table.unique("method"):
@@ -63,27 +73,6 @@ def write_outputs(table: Table, out: Path, preset: str, settings: dict) -> None:
         else:  # the gains are measured against GRPO's trajectory
             print("note: frontier.md / frontier.png need the 'grpo' arm (the null trajectory); not written",
                   file=sys.stderr)
-
-
-TABLE_KEYS = ("pass@1", "pass@256", "pass@1024", "crossover_k", "frac_prompts_below_base", "coverage", "distinct@256")
-
-
-def markdown_table(summary: dict, keys: tuple = TABLE_KEYS) -> str:
-    """Final mean +- std over seeds per method, with the base policy first (README format)."""
-    head = "| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    rows = []
-    for r in [dict(summary["base"], method="base (reference)")] + summary["methods"]:
-        cells = [_cell(r, k) for k in keys]
-        rows.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
-
-
-def _cell(r: dict, k: str) -> str:
-    """mean ± std; the crossover k* as its median over the seeds that have one, and how many do."""
-    if k == "crossover_k":
-        med = r.get("crossover_k_median")
-        return "none" if med is None else f"{med:g} ({r['crossover_seeds']}/{r['n_seeds']} seeds)"
-    return f"{r[k]:.3f} ± {r.get(k + '_std', 0.0):.3f}" if k in r else "n/a"
 
 
 def plot(table: Table, out: Path, preset: str) -> list[Path]:
@@ -128,58 +117,73 @@ def parse_spec(spec, items: list) -> dict:
     return out
 
 
+PRESET_HELP = "; ".join([f"{n}: {p.seeds} seed{'s' * (p.seeds > 1)}, {p.cfg.steps} steps, {p.cfg.mode}"
+                         for n, p in sorted(PRESETS.items())] + [f"{n}: a study (docs/simulator.md)" for n in sorted(STUDIES)])
+
+
+@dataclass
+class ToyOptions:
+    """The flags of `python -m apo_toy.run` (None: the preset's own value)."""
+
+    preset: Optional[str] = option(None, PRESET_HELP)
+    out: Optional[str] = option(None, "output directory (its metrics.jsonl, summary.json, table.md and figures are "
+                                "overwritten)")
+    replot: Optional[str] = option(None, "DIR: rewrite tables and figures of DIR from its metrics.jsonl and "
+                                   "summary.json (no training)")
+    quick: bool = option(False, "smoke run: 2 seeds, 20 steps, small coupled suites")
+    mode: Optional[str] = option(None, "exact | sampled (default: the preset's)", choices=MODES)
+    methods: Optional[list[str]] = option(None, "method names (a,b or a b), variants as name@field=value "
+                                          f"(default: the preset's); one of {', '.join(METHODS)}")
+    seeds: Optional[int] = option(None, "seeds, each a different suite (default: the preset's)")
+    steps: Optional[int] = option(None, "RL steps per method (default: the preset's)")
+    optimizer: Optional[str] = option(None, "sgd | adam (default: the preset's)", choices=("sgd", "adam"))
+    lr: Optional[float] = option(None, "learning rate (default: the preset's)")
+    spec: list[str] = option([], "FIELD=VALUE ...: override fields of the preset's suite spec, e.g. kappa=1.0 "
+                             "peaked_frac=0")
+    workers: int = option(2, "claims study: worker processes (one torch thread each)")
+    threads: int = option(1, "torch CPU threads (1 is fastest for these small tensors on a shared machine)")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default=None, metavar="PRESET",
-                    help="; ".join([f"{n}: {p.seeds} seed{'s' * (p.seeds > 1)}, {p.cfg.steps} steps, {p.cfg.mode}"
-                                    for n, p in sorted(PRESETS.items())]
-                                   + [f"{n}: a study (docs/simulator.md)" for n in sorted(STUDIES)]))
-    ap.add_argument("--out", default=None, help="output directory (its metrics.jsonl, summary.json, table.md and "
-                    "figures are overwritten)")
-    ap.add_argument("--replot", default=None, metavar="DIR",
-                    help="rewrite tables and figures of DIR from its metrics.jsonl and summary.json (no training)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 20 steps, small coupled suites")
-    ap.add_argument("--mode", choices=("exact", "sampled"), default=None, help="default: the preset's")
-    ap.add_argument("--methods", default=None, help="comma-separated method names, variants as name@field=value "
-                    f"(default: the preset's); one of {', '.join(METHODS)}")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds, each a different suite (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=None, help="RL steps per method (default: the preset's)")
-    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the preset's")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    ap.add_argument("--spec", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="override fields of the preset's suite spec, e.g. kappa=1.0 peaked_frac=0")
-    ap.add_argument("--workers", type=int, default=2,
-                    help="claims study: worker processes (one torch thread each)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 is fastest for these small tensors on a shared machine)")
-    args = ap.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])  # recorded in the study's output
+    argv = list(argv if argv is not None else sys.argv[1:])
+    try:
+        args = parse_command(ToyOptions, argv, prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
+    except OptionError as e:
+        return _error(str(e))
     if args.replot:
         return replot(Path(args.replot))
     if not args.preset or not args.out:
-        ap.error("--preset and --out are required (or --replot DIR)")
+        return _error("--preset and --out are required (or --replot DIR)")
     for name in ("seeds", "steps"):  # 0 would silently mean "the preset's"
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"error: --{name}: must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
+            return _error(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found out before training, not after
-        print(f"error: --out: {args.out!r} is an existing file, not a directory", file=sys.stderr)
-        return 2
+        return _error(f"--out: {args.out!r} is an existing file, not a directory")
     from apo_llm.cli import UserError  # both standard library only
     from apo_llm.runlock import RunLock
 
     try:
         with RunLock(Path(args.out), "--out: the output directory", "--out"):
-            return _run(args)
+            if args.preset in STUDIES:
+                return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
+                                            command="python -m apo_toy.run " + " ".join(argv))
+            try:
+                r = _resolve(args)  # the preset, --quick and the methods: the one registry lookup
+                table = run_methods(r.spec, r.methods, r.cfg, seeds=r.seeds, preset=r.name, progress=True)
+            except ValueError as e:
+                return _error(str(e))
+            return _write(table, r, args.out)
     except UserError as e:  # RunLockedError, or a lock file that cannot be created
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
 
 
-def _run(args) -> int:
-    if args.preset in STUDIES:
-        return STUDIES[args.preset](args.out, quick=args.quick, workers=args.workers,
-                                    command="python -m apo_toy.run " + " ".join(args.argv))
+def _resolve(args: ToyOptions):
+    """The preset with the flags applied (`resolve_preset`); --quick shortens it; sets torch's threads."""
     if args.quick:
         args.seeds, args.steps = args.seeds or 2, args.steps or 20
         if args.preset in PRESETS and isinstance(get_preset(args.preset).spec, CoupledSpec):
@@ -187,24 +191,20 @@ def _run(args) -> int:
     import torch
 
     torch.set_num_threads(max(args.threads, 1))
-    try:
-        p = get_preset(args.preset)
-        methods = [m for m in args.methods.split(",") if m] if args.methods else None
-        spec_over = parse_spec(p.spec, args.spec)
-        table = run_preset(args.preset, mode=args.mode, methods=methods, seeds=args.seeds, steps=args.steps,
-                           progress=True, spec_overrides=spec_over, optimizer=args.optimizer, lr=args.lr)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    over = (("mode", args.mode), ("steps", args.steps), ("optimizer", args.optimizer), ("lr", args.lr))
-    cfg = dataclasses.replace(p.cfg, **{k: v for k, v in over if v is not None})
-    spec = dataclasses.replace(p.spec, **spec_over)
-    settings = {"spec": dataclasses.asdict(spec), "run": dataclasses.asdict(cfg), "seeds": args.seeds or p.seeds,
+    p = get_preset(args.preset)
+    return resolve_preset(args.preset, mode=args.mode, methods=[m for m in args.methods or [] if m],
+                          seeds=args.seeds, steps=args.steps, spec_overrides=parse_spec(p.spec, args.spec),
+                          optimizer=args.optimizer, lr=args.lr)
+
+
+def _write(table: Table, r, out: str) -> int:
+    p = get_preset(r.name)
+    settings = {"spec": dataclasses.asdict(r.spec), "run": dataclasses.asdict(r.cfg), "seeds": r.seeds,
                 "methods": table.unique("method")[1:], "description": p.description}
-    write_outputs(table, Path(args.out), args.preset, settings)
-    print((Path(args.out) / "table.md").read_text())
+    write_outputs(table, Path(out), r.name, settings)
+    print((Path(out) / "table.md").read_text())
     extra = ", frontier.md, frontier.json, frontier.png" if p.frontier else ""
-    print(f"wrote {args.out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
+    print(f"wrote {out}/metrics.jsonl, summary.json, table.md, curves.png, pass_at_k.png{extra}")
     return 0
 
 

@@ -18,11 +18,12 @@ import torch
 from apo_llm.objectives import LossConfig, anchor_ratio, policy_loss
 
 from .coupled import CoupledSpec, build_coupled_suite
-from .dynamics import exact_batch, exact_loss, exact_update
+from .dynamics import exact_batch, exact_loss
 from .measures import PASS_KS, per_prompt_success
 from .methods import get_method
 from .node import squeeze_step
-from .presets import RSC_RUN, RunConfig, _optimizer, get_preset, make_policy, run
+from .presets import RSC_RUN, get_preset
+from .training import SimConfig, _optimizer, exact_update, make_policy, run_methods
 from .tree import SuiteSpec, build_suite, reach_and_leaf_logp, success_q
 
 # the arms each lesson draws in one figure (tests/toy/test_palette.py checks they look distinct)
@@ -74,10 +75,10 @@ def repeated_push(eta: float = 0.3, ybar: int = 3, steps: int = 30, pi: Sequence
 
 def contraction(steps: int = 100, lr: Optional[float] = None, n_prompts: int = 16, seed: int = 0) -> dict:
     """GRPO (exact) on the tabular tree: pass@1, coverage and distinct@256 per step, and the base."""
-    cfg = RunConfig(mode="exact", steps=steps, eval_every=max(1, steps // 20))
+    cfg = SimConfig(mode="exact", steps=steps, eval_every=max(1, steps // 20))
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
-    table = run(SuiteSpec(n_prompts=n_prompts, seed=seed), ["grpo"], cfg)
+    table = run_methods(SuiteSpec(n_prompts=n_prompts, seed=seed), ["grpo"], cfg)
     g, base = table.where(method="grpo"), table.where(method="base").rows[0]
     keys = ("pass@1", "coverage", "distinct@256")
     return {"step": g.column("step"), **{k: g.column(k) for k in keys}, "base": {k: base[k] for k in keys}}
@@ -124,7 +125,7 @@ def crossover(steps: int = 150, arms: Sequence[str] = ("grpo", "apo_old_token"),
     pre = get_preset("rsc")
     spec = dataclasses.replace(pre.spec, n_train=n_train, n_heldout=n_heldout)
     cfg = dataclasses.replace(pre.cfg, steps=steps, eval_every=steps)
-    table = run(spec, list(arms), cfg, seeds=seeds, preset="rsc")
+    table = run_methods(spec, list(arms), cfg, seeds=seeds, preset="rsc")
     ks = np.array(PASS_KS)
     fin = table.final()
 
@@ -178,7 +179,7 @@ def tradeoff(kl_coef: float = 0.2, beta: float = 0.2, steps: int = 60, seeds: in
             get_method("apo", name="apo", apo_beta=min(beta, 0.2)),  # rectified A: beta > 0.25 silences it
             get_method("apo_old_mass", name="apo_old_mass", apo_beta=min(beta, 0.2)),
             get_method("apo_old_token", name="apo_old_token", apo_beta=min(beta, 0.2))]
-    table = run(SuiteSpec(n_prompts=n_prompts), arms, RunConfig(mode="exact", steps=steps, eval_every=steps),
+    table = run_methods(SuiteSpec(n_prompts=n_prompts), arms, SimConfig(mode="exact", steps=steps, eval_every=steps),
                 seeds=seeds)
     fin = table.final()
 

@@ -1,13 +1,13 @@
 """apo_toy speed: time per exact and per sampled step against the number of leaves per prompt.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_toy.py [--steps 20] [--full] [--loop-leaves 256]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_toy.py [--steps 20] [--full] [--loop_leaves 256]
 
 For each tree size (one prompt, branching 16, K = 8, float64) it prints
   exact_ms    one exact APO step (exact_batch + exact_loss through policy_loss + backward + SGD)
   sampled_ms  one sampled APO step (G = 8 rollouts, 1 epoch)
   loop_ms     the same exact APO loss computed by a straightforward per-leaf Python loop (one
               policy_loss call per leaf, kept here only as the yardstick); timed on the first
-              `--loop-leaves` leaves and scaled linearly to all leaves
+              `--loop_leaves` leaves and scaled linearly to all leaves
   speedup     loop_ms / exact_ms
 and the projected (or, with --full, measured) time of 1,000 exact APO steps on the 65,536-leaf
 prompt (target: < 20 s on 2 CPU cores), then the cost of one exact step on the coupled model
@@ -17,18 +17,21 @@ wall-clock and noisy on a shared machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from apo_llm.cli import fail
 from apo_llm.objectives import policy_loss
+from apo_llm.options import UserError, option, parse_command
 from apo_toy import SuiteSpec, build_suite, get_method
-from apo_toy.dynamics import exact_batch, exact_update, sampled_update
+from apo_toy.dynamics import exact_batch
+from apo_toy.training import exact_update, sampled_update
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
 
 SIZES = [(16, 1), (16, 2), (16, 3), (8, 5), (16, 4)]  # (branching, depth): 16 .. 65,536 leaves
@@ -77,7 +80,7 @@ def bench_coupled(steps: int) -> None:
     measures (held-out and training prompts) are timed separately, as the runner evaluates them.
     """
     from apo_toy import CoupledPolicy, CoupledSpec, build_coupled_suite, get_preset
-    from apo_toy.presets import measure_policy
+    from apo_toy.training import measure_policy
 
     m = get_method("apo")
     cfg = m.loss_config()
@@ -95,14 +98,21 @@ def bench_coupled(steps: int) -> None:
         print(f"{label:>34} {suite.train.ref_logits.numel():>11} {te*1e3:>9.2f} {tm*1e3:>10.2f}")
 
 
+@dataclass
+class BenchOptions:
+    """The flags of benchmarks/bench_toy.py."""
+
+    steps: int = option(20, "timed steps per size")
+    loop_leaves: int = option(256, "leaves timed in the per-leaf loop")
+    full: bool = option(False, "really run 1,000 exact APO steps on 65,536 leaves")
+    threads: int = option(0, "torch threads (0: torch default)")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python benchmarks/bench_toy.py", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per size")
-    ap.add_argument("--loop-leaves", type=int, default=256, help="leaves timed in the per-leaf loop")
-    ap.add_argument("--full", action="store_true", help="really run 1,000 exact APO steps on 65,536 leaves")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    args = ap.parse_args()
+    try:
+        args = parse_command(BenchOptions, prog="python benchmarks/bench_toy.py", description=__doc__.split("\n")[0])
+    except UserError as e:
+        fail(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     m = get_method("apo")

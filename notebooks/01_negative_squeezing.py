@@ -154,10 +154,10 @@ plt.show()
 # squeezes a rare correct one inside the reference Top-K.
 
 # %%
-from apo_toy import RunConfig, SuiteSpec, run
+from apo_toy import SimConfig, SuiteSpec, run_methods
 
-table = run(SuiteSpec(n_prompts=16, branching=16, depth=1, n_extra_correct=0), ["grpo"],
-            RunConfig(mode="exact", steps=60, eval_every=5), seeds=1)
+table = run_methods(SuiteSpec(n_prompts=16, branching=16, depth=1, n_extra_correct=0), ["grpo"],
+                    SimConfig(mode="exact", steps=60, eval_every=5), seeds=1)
 g = table.where(method="grpo")
 dom, rare = g.column("branch_dominant"), g.column("branch_rare_in")
 fig, ax = plt.subplots(figsize=(6.5, 3.8))

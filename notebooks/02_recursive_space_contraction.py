@@ -147,7 +147,7 @@ widgets.interact(plot_contraction, steps=widgets.IntSlider(value=100, min=20, ma
 # float64) and train GRPO on *sampled* rollouts: the token is never drawn, its logit never moves.
 
 # %%
-from apo_toy import RunConfig, SuiteSpec, build_suite, get_method, train_method
+from apo_toy import SimConfig, SuiteSpec, build_suite, get_method, train_method
 from apo_toy.tree import success_q
 
 suite = build_suite(SuiteSpec(n_prompts=8, seed=1))
@@ -160,7 +160,7 @@ for p in range(suite.n_prompts):
     if a is not None:
         init[p, 0, a] = -1e4
         killed.append((p, a))
-_, final_logits = train_method(suite, get_method("grpo"), RunConfig(mode="sampled", steps=40, eval_every=40),
+_, final_logits = train_method(suite, get_method("grpo"), SimConfig(mode="sampled", steps=40, eval_every=40),
                                init_logits=init)
 moved = [float(final_logits[p, 0, a] - init[p, 0, a]) for p, a in killed]
 print(f"{len(killed)} valid branches at zero support; logit change after 40 sampled GRPO steps: {moved}")

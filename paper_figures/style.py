@@ -37,9 +37,8 @@ METHOD_LABELS = {
     "grpo_low_lr": "GRPO, lower lr",
 }
 
-def family(method: str) -> str:
-    """'apo@beta=0.3' -> 'apo', 'grpo_kl@0.05' -> 'grpo_kl', 'apo-tiny' -> 'apo' (apo_toy.palette)."""
-    return palette.family(method)
+# a method's family ('apo@beta=0.3' -> 'apo', 'grpo@lr_x0.5' -> 'grpo_low_lr'): the one rule, apo_toy.palette's
+family = palette.family
 
 
 def color(method: str) -> str:

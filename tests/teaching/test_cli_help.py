@@ -28,7 +28,7 @@ ENTRY_POINTS = [
      ["passk_curves", "llm_miniature", "OVERWRITES the committed figures"]),
     (["-m", "paper_figures.llm_miniature"], "python -m paper_figures.llm_miniature",
      ["test_hard", "apo_old_token", "(default: 120, --quick 2)", "overwrites the README's"]),
-    (["benchmarks/bench_toy.py"], "python benchmarks/bench_toy.py", ["(default:"]),
+    (["benchmarks/bench_toy.py"], "python benchmarks/bench_toy.py", ["(default 20)", "--loop_leaves"]),
     (["benchmarks/bench_train.py"], "python benchmarks/bench_train.py", ["interleaved", "(default 4)"]),
     (["benchmarks/bench_vs_trl.py"], "python benchmarks/bench_vs_trl.py", ["cpu", "cuda", "(default 'tiny')"]),
     (["benchmarks/gpu_smoke.py"], "python benchmarks/gpu_smoke.py", ["native", "(default 560)"]),

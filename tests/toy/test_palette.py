@@ -88,12 +88,10 @@ def test_run_plots_draw_each_arm_in_its_palette_look(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_hex
 
-    from apo_toy import RunConfig, SuiteSpec, plots
-    from apo_toy.presets import run  # not `from apo_toy import run`: once the CLI module apo_toy.run is
-    # imported (other tests do), the package attribute `run` is that module
+    from apo_toy import SimConfig, SuiteSpec, plots, run_methods
 
     arms = ["grpo", "apo", "grpo_kl"]
-    table = run(SuiteSpec(n_prompts=2, depth=2), arms, RunConfig(steps=2, eval_every=1))
+    table = run_methods(SuiteSpec(n_prompts=2, depth=2), arms, SimConfig(steps=2, eval_every=1))
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
     plots.plot_curves(table, tmp_path, "t")

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_llm.objectives import group_advantages
-from apo_toy import CoupledPolicy, CoupledSpec, RunConfig, build_coupled_suite, get_method, run
+from apo_toy import CoupledPolicy, CoupledSpec, SimConfig, build_coupled_suite, get_method, run_methods
 from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sampled_loss
 from apo_toy.measures import crossover
-from apo_toy.presets import train_method
+from apo_toy.training import train_method
 from apo_toy.tree import path_to_leaf, reach_and_leaf_logp
 from tests.toy.test_toy_dynamics import CASES, SEQ_CASES, case_method
 
@@ -173,7 +173,7 @@ def test_rewards_are_top_m_of_summed_token_quality():
 def test_heldout_rewards_never_reach_training():
     """Training is on training prompts only: scrambling the held-out rewards leaves theta unchanged."""
     suite = build_coupled_suite(dataclasses.replace(TINY, n_heldout=3))
-    cfg = RunConfig(steps=5, optimizer="adam", lr=0.05)
+    cfg = SimConfig(steps=5, optimizer="adam", lr=0.05)
     _, z1 = train_method(suite, get_method("grpo"), cfg)
     g = torch.Generator().manual_seed(0)
     r = suite.heldout.rewards
@@ -204,9 +204,9 @@ def test_invalid_coupled_spec_names_field(field, value):
 def test_npg_and_init_logits_rejected_on_coupled_model():
     suite = build_coupled_suite(TINY)
     with pytest.raises(ValueError, match="npg"):
-        train_method(suite, get_method("npg"), RunConfig(steps=1))
+        train_method(suite, get_method("npg"), SimConfig(steps=1))
     with pytest.raises(ValueError, match="init_logits"):
-        train_method(suite, get_method("grpo"), RunConfig(steps=1), init_logits=suite.train.ref_logits)
+        train_method(suite, get_method("grpo"), SimConfig(steps=1), init_logits=suite.train.ref_logits)
 
 
 def test_rsc_preset_shows_the_crossover_for_grpo():
@@ -215,7 +215,7 @@ def test_rsc_preset_shows_the_crossover_for_grpo():
     from apo_toy import get_preset
 
     p = get_preset("rsc")
-    t = run(p.spec, ["grpo"], p.cfg, seeds=2, eval_every=p.cfg.steps)
+    t = run_methods(p.spec, ["grpo"], p.cfg, seeds=2, eval_every=p.cfg.steps)
     base, fin = t.where(method="base"), t.final().where(method="grpo")
     assert np.mean(fin.column("pass@1")) > np.mean(base.column("pass@1")) + 0.05
     assert np.mean(fin.column("pass@256")) < np.mean(base.column("pass@256")) - 0.02

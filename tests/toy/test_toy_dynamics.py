@@ -20,7 +20,8 @@ import torch
 
 from apo_llm.objectives import group_advantages
 from apo_toy import METHODS, Suite, SuiteSpec, build_suite, get_method
-from apo_toy.dynamics import exact_batch, exact_loss, exact_update, leaf_rollouts, sample_rollouts, sampled_loss, sampled_update
+from apo_toy.dynamics import exact_batch, exact_loss, leaf_rollouts, sample_rollouts, sampled_loss
+from apo_toy.training import exact_update, sampled_update
 
 torch_default_dtype = torch.float64  # every test here runs in float64 (tests/conftest.py)
 

@@ -9,12 +9,13 @@ import warnings
 import pytest
 import torch
 
-from apo_toy import METHODS, CoupledSpec, RunConfig, SuiteSpec, build_suite, get_method
-from apo_toy.presets import run
+from apo_toy import METHODS, CoupledSpec, SimConfig, SuiteSpec, build_suite, get_method
+from apo_toy.training import run_methods
 from apo_toy.dynamics import exact_batch, optional_inputs
 from apo_toy.frontier import frontier_rows, grpo_record, iso_gain
 from apo_toy.methods import report_label
-from apo_toy.presets import PRESETS, Table
+from apo_toy.presets import PRESETS
+from apo_toy.table import Table
 
 
 def _rows(method, seed, points):
@@ -69,9 +70,9 @@ def test_lower_lr_arm_equals_grpo_at_scaled_lr():
     from apo_toy import train_method
 
     suite = build_suite(SuiteSpec(n_prompts=2, branching=3, depth=2, top_k=2, n_extra_correct=1))
-    _, low = train_method(suite, get_method("grpo_low_lr", lr_scale=0.25), RunConfig(steps=3, lr=10.0))
-    _, same = train_method(suite, get_method("grpo"), RunConfig(steps=3, lr=2.5))
-    _, full = train_method(suite, get_method("grpo"), RunConfig(steps=3, lr=10.0))
+    _, low = train_method(suite, get_method("grpo_low_lr", lr_scale=0.25), SimConfig(steps=3, lr=10.0))
+    _, same = train_method(suite, get_method("grpo"), SimConfig(steps=3, lr=2.5))
+    _, full = train_method(suite, get_method("grpo"), SimConfig(steps=3, lr=10.0))
     assert torch.allclose(low, same, rtol=1e-12, atol=1e-12) and not torch.allclose(low, full, atol=1e-6)
 
 
@@ -80,8 +81,8 @@ def test_exact_mode_refuses_batch_coupled_losses_and_sampled_runs_them():
     for name in ("clip_cov", "kl_cov"):
         with pytest.raises(ValueError, match="sampled"):
             exact_batch(suite, METHODS[name].loss_config(), suite.ref_logits, 4, {"estimator": "grpo"})
-    t = run(SuiteSpec(n_prompts=2, branching=3, depth=2, top_k=2), ["clip_cov", "kl_cov"],
-            RunConfig(mode="sampled", steps=2, lr=5.0))
+    t = run_methods(SuiteSpec(n_prompts=2, branching=3, depth=2, top_k=2), ["clip_cov", "kl_cov"],
+            SimConfig(mode="sampled", steps=2, lr=5.0))
     assert len(t.where(step=2)) == 2
 
 
@@ -99,8 +100,6 @@ def test_optional_inputs_builds_exactly_the_required_ones():
 
 def test_cli_frontier_quick_writes_table_and_figure(tmp_path):
     """The CI path: --quick (2 seeds, 20 steps, 8 + 8 prompts) on a subset of the sweep; < 60 s."""
-    # imported here, not at collection: importing the submodule apo_toy.run rebinds the package
-    # attribute `apo_toy.run` (the run() function) to the module for every later `from apo_toy import run`
     from apo_toy.run import main
     os.environ["MPLBACKEND"] = "Agg"
     out = tmp_path / "frontier"

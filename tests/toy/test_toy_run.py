@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from apo_toy import PRESETS, CoupledSpec, RunConfig, SuiteSpec, Table, run
+from apo_toy import PRESETS, CoupledSpec, SimConfig, SuiteSpec, Table, run_methods
 from apo_toy.run import main
 
 REQUIRED = ("preset", "method", "seed", "step", "pass@1", "pass@4", "pass@16", "pass@64", "pass@256", "pass@1024",
@@ -17,7 +17,7 @@ TINY = SuiteSpec(n_prompts=3, branching=6, depth=2, top_k=4)
 
 
 def test_run_returns_tidy_table_with_base_rows():
-    t = run(TINY, ["grpo", "npg"], RunConfig(steps=3), seeds=2)
+    t = run_methods(TINY, ["grpo", "npg"], SimConfig(steps=3), seeds=2)
     assert isinstance(t, Table)
     assert set(t.unique("method")) == {"base", "grpo", "npg"}
     assert len(t.where(method="grpo")) == 2 * 4  # steps 0..3 x 2 seeds
@@ -35,7 +35,7 @@ def test_run_returns_tidy_table_with_base_rows():
 
 
 def test_sampled_mode_logs_zero_variance_and_clip_fractions():
-    t = run(TINY, [dict_method()], RunConfig(mode="sampled", steps=2, epochs=2, minibatches=2, optimizer="adam",
+    t = run_methods(TINY, [dict_method()], SimConfig(mode="sampled", steps=2, epochs=2, minibatches=2, optimizer="adam",
                                              lr=0.1), seeds=1)
     row = t.where(step=2).rows[0]
     assert "zero_var_frac" in row and "clip_frac/neg" in row and "clip_ratio/high_mean" in row
@@ -49,7 +49,7 @@ def dict_method():
 
 def test_grpo_exact_raises_pass1_and_shrinks_distinct_correct_leaves():
     """A sanity check of the dynamics (not a tuned claim): GRPO improves Pass@1 on a small suite."""
-    t = run(SuiteSpec(n_prompts=8, branching=6, depth=2, top_k=4), ["grpo"], RunConfig(steps=40))
+    t = run_methods(SuiteSpec(n_prompts=8, branching=6, depth=2, top_k=4), ["grpo"], SimConfig(steps=40))
     first, last = t.where(method="grpo", step=0).rows[0], t.where(method="grpo", step=40).rows[0]
     assert last["pass@1"] > first["pass@1"] + 0.1
     assert last["entropy"] < first["entropy"]
@@ -59,7 +59,7 @@ def test_grpo_exact_raises_pass1_and_shrinks_distinct_correct_leaves():
                                       ({"optimizer": "lbfgs"}, "optimizer"), ({"group_size": 1}, "group_size")])
 def test_invalid_run_config_names_field(kw, field):
     with pytest.raises(ValueError, match=field):
-        run(TINY, ["grpo"], RunConfig(**kw))
+        run_methods(TINY, ["grpo"], SimConfig(**kw))
 
 
 def test_cli_writes_metrics_summary_and_figures(tmp_path, capsys):
@@ -114,7 +114,7 @@ def test_every_preset_runs_on_a_small_suite(name):
     small = {"n_train": 2, "n_heldout": 2} if isinstance(p.spec, CoupledSpec) else {"n_prompts": 2}
     spec = dataclasses.replace(p.spec, depth=min(p.spec.depth, 2), **small)
     for mode in ("exact", "sampled"):
-        t = run(spec, p.methods, dataclasses.replace(cfg, mode=mode), preset=name)
+        t = run_methods(spec, p.methods, dataclasses.replace(cfg, mode=mode), preset=name)
         assert len(t.where(step=1)) == len(p.methods)
 
 

@@ -1,4 +1,4 @@
-"""The claims study's selection rule, statistics and splits (apo_toy/claims.py): formulas, no training."""
+"""The claims study's selection rule and statistics (apo_toy/claims_verdicts.py) and its splits (apo_toy/coupled.py): formulas, no training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apo_toy import CoupledSpec, build_coupled_suite
-from apo_toy.claims import RULES, ValRows, holm, judge, p_greater, select, t_sf
+from apo_toy.claims_verdicts import RULES, ValRows, holm, judge, p_greater, select, t_sf
 
 
 def _rows(table):
