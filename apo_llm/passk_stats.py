@@ -135,7 +135,7 @@ def training_report(steps: Sequence[dict], evals: Sequence[dict], n: int, window
         if all(c["verdict"] == "within noise" for c in change.values()):
             lines.append("held-out pass@k did not change beyond noise: a run this short shows the pipeline, "
                          "not a method's effect; the comparison of methods with its uncertainty is "
-                         "`python -m paper_figures.llm_miniature` (docs/results.md)")
+                         "`python -m apo_llm.miniature` (docs/results.md)")
     return "\n".join(lines)
 
 

@@ -42,12 +42,11 @@ from .measures import PASS_KS, base_measures, measure, per_prompt_success
 from .methods import METHODS, Method, get_method
 from .presets import PRESETS, Preset, get_preset, resolve_preset, run_preset
 from .table import Table
-from .training import (RunConfig, SimConfig, collapse, exact_update, make_policy, measure_policy, run, run_methods,
-                       sampled_update, train_method, update)
+from .training import (SimConfig, collapse, exact_update, make_policy, measure_policy, run_methods, sampled_update,
+                       train_method, update)
 from .tree import BRANCH_NAMES, Suite, SuiteSpec, build_suite
 
-# `RunConfig` and `run` are the deprecated names of SimConfig and run_methods (paper_figures/sim.py
-# still imports them); `from apo_toy import run` gives the CLI module once apo_toy.run is imported.
+# No function is named `run`: `from apo_toy import run` is the command-line module apo_toy.run.
 __all__ = [
     "BRANCH_NAMES", "CoupledPolicy", "CoupledSpec", "CoupledSuite", "METHODS", "PASS_KS", "PRESETS", "Method", "Preset",
     "SimConfig", "Suite", "SuiteSpec", "Table", "base_measures", "build_suite", "collapse", "exact_batch",

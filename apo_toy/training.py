@@ -317,5 +317,3 @@ def _progress_bar(total: int, preset: str):
 
 
 # the old names, kept for paper_figures/sim.py until it imports the new ones (deprecated)
-RunConfig = SimConfig
-run = run_methods

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apo_toy import PASS_KS, RunConfig, SuiteSpec, get_method, get_preset, run
+from apo_toy import PASS_KS, SimConfig, SuiteSpec, get_method, get_preset, run_methods
 from apo_toy.node import squeeze_step
 from apo_toy.plots import steps_matrix
 from apo_toy.presets import APO_READINGS, Table, rsc_methods
@@ -111,8 +111,8 @@ def fig_squeezing(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
 
 def run_main(sz: Sizes, mode: str = "exact"):
     """GRPO vs KL variants vs APO on the default tabular suite (the rsc_tabular preset's arms)."""
-    cfg = RunConfig(mode=mode, steps=sz.steps, eval_every=sz.eval_every)
-    return run(_spec(sz), MAIN_METHODS, cfg, seeds=sz.seeds, preset="rsc_tabular")
+    cfg = SimConfig(mode=mode, steps=sz.steps, eval_every=sz.eval_every)
+    return run_methods(_spec(sz), MAIN_METHODS, cfg, seeds=sz.seeds, preset="rsc_tabular")
 
 
 def fig_rsc(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
@@ -145,7 +145,7 @@ def run_coupled(sz: Sizes):
     p = get_preset("rsc")
     spec = dataclasses.replace(p.spec, n_train=sz.n_prompts, n_heldout=2 * sz.n_prompts)
     cfg = dataclasses.replace(p.cfg, steps=sz.coupled_steps, eval_every=sz.coupled_steps)
-    return run(spec, rsc_methods(), cfg, seeds=sz.coupled_seeds, preset="rsc")
+    return run_methods(spec, rsc_methods(), cfg, seeds=sz.coupled_seeds, preset="rsc")
 
 
 def fig_passk(out: Path, sz: Sizes, table) -> tuple[list[Path], dict]:
@@ -204,7 +204,7 @@ def run_sweep(sz: Sizes, quick: bool = False):
     arms = [m for m in p.methods if not quick or m.name in QUICK_FRONTIER_ARMS]
     spec = dataclasses.replace(p.spec, n_train=8, n_heldout=8) if quick else p.spec
     cfg = dataclasses.replace(p.cfg, steps=sz.coupled_steps, eval_every=max(1, sz.coupled_steps // 30))
-    return run(spec, arms, cfg, seeds=sz.coupled_seeds, preset="frontier")
+    return run_methods(spec, arms, cfg, seeds=sz.coupled_seeds, preset="frontier")
 
 
 def read_frontier(run_dir: Path):
@@ -239,8 +239,8 @@ def fig_recovery(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
     """Start every arm from the same GRPO-collapsed policy and watch the squeezed branches."""
     import matplotlib.pyplot as plt
 
-    cfg = RunConfig(mode="exact", steps=sz.steps, eval_every=sz.eval_every, init_steps=sz.init_steps)
-    table = run(_spec(sz), RECOVERY_METHODS, cfg, seeds=sz.seeds, preset="recovery")
+    cfg = SimConfig(mode="exact", steps=sz.steps, eval_every=sz.eval_every, init_steps=sz.init_steps)
+    table = run_methods(_spec(sz), RECOVERY_METHODS, cfg, seeds=sz.seeds, preset="recovery")
     panels = [("branch_rare_in", "P(rare valid leaf inside Top-K)"), ("branch_secondary", "P(secondary valid leaf)"),
               ("coverage", "share of base-valid leaves kept"), ("pass@1", "Pass@1")]
     # top row: absolute means (they nearly coincide); bottom row: each arm minus GRPO on the same
@@ -288,8 +288,8 @@ def fig_ablation(out: Path, sz: Sizes) -> tuple[list[Path], dict]:
 
     arms = [get_method("grpo"), get_method("apo"), get_method("apo_push_only"), get_method("apo_inclusive"),
             get_method("apo", name="apo@K=2", apo_k=2), get_method("apo", name="apo@K=4", apo_k=4)]
-    cfg = RunConfig(mode="sampled", steps=sz.steps, eval_every=sz.eval_every, epochs=4)
-    table = run(_spec(sz), arms, cfg, seeds=sz.seeds, preset="ablation")
+    cfg = SimConfig(mode="sampled", steps=sz.steps, eval_every=sz.eval_every, epochs=4)
+    table = run_methods(_spec(sz), arms, cfg, seeds=sz.seeds, preset="ablation")
     names = [a.name for a in arms]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     info = {}

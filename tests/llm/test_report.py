@@ -49,7 +49,7 @@ def test_report_says_within_noise_and_points_to_the_miniature():
                                                                   [0.6, 0.62, 0.58, 0.61, 0.59])]
     text = training_report(steps, [_eval(0, c0, n), _eval(10, c0, n), _eval(30, c1, n)], n)
     assert "32 problems x 8 samples" in text and "step 0 -> 30" in text
-    assert text.count("within noise") >= 2 and "paper_figures.llm_miniature" in text
+    assert text.count("within noise") >= 2 and "apo_llm.miniature" in text
     assert "training reward" in text and ": up" in text  # 0.25 -> 0.60, s.e. ~0.02
 
 
