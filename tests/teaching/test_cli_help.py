@@ -26,6 +26,8 @@ ENTRY_POINTS = [
      ["rsc: 1 seed, 150 steps", "frontier: 5 seeds", "apo_old_mass", "kl_on_wrong", "npg", "overwritten"]),
     (["-m", "paper_figures"], "python -m paper_figures",
      ["passk_curves", "llm_miniature", "OVERWRITES the committed figures"]),
+    (["-m", "apo_llm.miniature"], "python -m apo_llm.miniature",
+     ["test_hard", "apo_old_token", "(default: 120, --quick 2)", "overwrites the README's"]),
     (["-m", "paper_figures.llm_miniature"], "python -m paper_figures.llm_miniature",
      ["test_hard", "apo_old_token", "(default: 120, --quick 2)", "overwrites the README's"]),
     (["benchmarks/bench_toy.py"], "python benchmarks/bench_toy.py", ["(default 20)", "--loop_leaves"]),

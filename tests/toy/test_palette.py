@@ -14,14 +14,15 @@ def _names(methods) -> list[str]:
 
 def _figure_arm_lists() -> dict[str, list[str]]:
     """Every arm list a preset, a paper figure or a lesson draws together."""
-    from paper_figures import llm_miniature, sim
+    from apo_llm import miniature
+    from paper_figures import sim
 
     lists = {f"preset {n}": _names(p.methods) for n, p in PRESETS.items()}
     lists.update({f"preset {n} curves": _names(p.curve_arms) for n, p in PRESETS.items() if p.curve_arms})
     lists["sim.rsc"] = _names(sim.rsc_methods())
     lists["sim.quick_frontier"] = _names(sim.QUICK_FRONTIER_ARMS)
     lists["sim.ablation"] = ["base", "grpo", "apo", "apo_push_only", "apo_inclusive", "apo@K=2", "apo@K=4"]
-    lists["llm_miniature"] = _names(llm_miniature.ARMS)
+    lists["llm_miniature"] = _names(miniature.ARMS)
     from apo_toy import teaching
 
     lists.update({f"lesson {k}": _names(v) for k, v in teaching.FIGURE_ARMS.items()})
