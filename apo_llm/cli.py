@@ -26,7 +26,8 @@ MIN_TEMPERATURE = 1e-3
 
 # the one user-error class of the project (apo_llm.options); re-exported for the entry points
 __all__ = ["UserError", "MIN_TEMPERATURE", "fail", "run_or_exit", "quiet_progress_unless_tty", "looks_local",
-           "parse_hiding_internal", "parse_ks", "check_out_dir", "check_shared_fields", "check_model_spec"]
+           "parse_hiding_internal", "parse_ks", "check_out_dir", "check_shared_fields", "check_model_spec",
+           "world_size"]
 
 
 def fail(message: str) -> NoReturn:

@@ -3,7 +3,8 @@
 Precedence: dataclass defaults < YAML file (`--config file.yaml`) < CLI flags (`--train.lr 2e-5`),
 parsed by the project's one parser (apo_llm.options); range checks live in apo_llm.validation, the
 run's provenance and resume policy in apo_llm.provenance. Unknown sections or keys and ill-typed or
-out-of-range values raise a one-line UserError (a ValueError) naming the field (`train.lr`). The loss section *is* `apo_llm.objectives.LossConfig` (its fields are not
+out-of-range values raise a one-line UserError (a ValueError) naming the field (`train.lr`). The
+loss section *is* `apo_llm.objectives.LossConfig` (its fields are not
 duplicated here).
 
 With no config file at all the defaults are the embedded tiny CPU run: the project's tiny Llama
@@ -20,7 +21,8 @@ from typing import Literal, Optional
 
 from apo_llm.objectives import LossConfig
 from apo_llm.options import UserError, build, help_text as _help_text, load_yaml, merge, option, parse_argv
-from apo_llm.validation import fill_loss_norm_len, validate  # noqa: F401  (fill_loss_norm_len: both engines import it from here)
+# fill_loss_norm_len: both engines import it from here
+from apo_llm.validation import fill_loss_norm_len, validate  # noqa: F401
 
 TINY_MODEL = "tiny"  # model.name_or_path value meaning: build/load apo_llm.tiny.ensure_tiny_model()
 

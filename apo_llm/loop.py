@@ -156,39 +156,38 @@ def train(cfg: RunConfig) -> dict:
     r, t = cfg.rollout, cfg.train
     with Preemption() as stop:
         s = setup(cfg)
-        run = RunState(s)
-        try:
-            while run.step < t.steps and not stop.requested:
-                t_step, timing = time.perf_counter(), {}
-                problems = run.next_problems()
-                # 1. generate G completions per prompt
-                with _timed(timing, "generate"):
-                    prompts = format_for_run(cfg, s.tokenizer, [p.prompt for p in problems])
-                    comp = generate_completions(s.policy, s.tokenizer, prompts, r.num_generations,
-                                                max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                                top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
-                # 2. score them, 3. advantages within each group of G
-                with _timed(timing, "reward"):
-                    golds = [problems[i].gold for i in comp.prompt_index]
-                    rewards, n_bad = finite_rewards(score_completions(s.reward_name, comp.texts, golds), s.reward_name)
-                    adv = group_advantages(rewards, r.num_generations, t.advantage, std=t.adv_std, k=t.passk_k)
-                # 4. the no-grad passes: reference (the anchors) and old (behaviour)
-                passes, timing["old_logp"], timing["reference"] = behaviour_and_reference(cfg, s.policy, comp, s.device)
-                # 5. the update: policy_loss over ppo_epochs x minibatches x micro-batches
-                with _timed(timing, "update"):
-                    upd = update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, s.device)
-                m = step_metrics(cfg, comp, rewards, passes, upd, s.optimizer)
-                m.update({f"timing/{k}": v for k, v in timing.items()})
-                m["nonfinite/rewards"] = float(n_bad)
-                # 6. log, evaluate, checkpoint
-                if run.after_step(m, time.perf_counter() - t_step):
-                    break
-            if stop.requested:
-                run.preempted(stop)
-        finally:
-            run.close()
-            s.lock.release()
-        return run.finish()
+        with s.lock:  # held until the summary is written, released on any exit
+            with RunState(s) as run:  # closes the progress bar and metrics log on any exit
+                while run.step < t.steps and not stop.requested:
+                    t_step, timing = time.perf_counter(), {}
+                    problems = run.next_problems()
+                    # 1. generate G completions per prompt
+                    with _timed(timing, "generate"):
+                        prompts = format_for_run(cfg, s.tokenizer, [p.prompt for p in problems])
+                        comp = generate_completions(s.policy, s.tokenizer, prompts, r.num_generations,
+                                                    max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                                    top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
+                    # 2. score them, 3. advantages within each group of G
+                    with _timed(timing, "reward"):
+                        golds = [problems[i].gold for i in comp.prompt_index]
+                        raw = score_completions(s.reward_name, comp.texts, golds)
+                        rewards, n_bad = finite_rewards(raw, s.reward_name)
+                        adv = group_advantages(rewards, r.num_generations, t.advantage, std=t.adv_std, k=t.passk_k)
+                    # 4. the no-grad passes: reference (the anchors) and old (behaviour)
+                    passes, timing["old_logp"], timing["reference"] = behaviour_and_reference(cfg, s.policy, comp,
+                                                                                              s.device)
+                    # 5. the update: policy_loss over ppo_epochs x minibatches x micro-batches
+                    with _timed(timing, "update"):
+                        upd = update(cfg, s.model, s.optimizer, s.scheduler, s.accelerator, comp, adv, passes, s.device)
+                    m = step_metrics(cfg, comp, rewards, passes, upd, s.optimizer)
+                    m.update({f"timing/{k}": v for k, v in timing.items()})
+                    m["nonfinite/rewards"] = float(n_bad)
+                    # 6. log, evaluate, checkpoint
+                    if run.after_step(m, time.perf_counter() - t_step):
+                        break
+                if stop.requested:
+                    run.preempted(stop)
+            return run.finish()
 
 
 @contextlib.contextmanager
@@ -299,7 +298,8 @@ def update(cfg: RunConfig, model, optimizer, scheduler, accelerator, comp: Compl
                 m = mask[rows, :t].to(device)
                 finite = bool(torch.isfinite(st.logp[m.bool()]).all())
                 if finite:
-                    kw = loss_inputs(lc, st, stored, lambda x, r=rows, t=t: x[r, :t].to(device), old_is_current=fill_old)
+                    take = lambda x, r=rows, t=t: x[r, :t].to(device)  # noqa: E731  a stored tensor, this forward's part
+                    kw = loss_inputs(lc, st, stored, take, old_is_current=fill_old)
                     loss, metrics = policy_loss(
                         lc, st.logp, passes.old_logp[rows, :t].to(device), adv[rows].to(device), m,
                         global_tokens=max(mb_tokens, 1.0), global_seqs=len(mb_rows), sync_metrics=False, **kw)

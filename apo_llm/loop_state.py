@@ -80,6 +80,12 @@ class RunState:
         self.bar.close()
         self.mlog.close()
 
+    def __enter__(self) -> "RunState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def finish(self) -> dict:
         return _finish(self.s, self.state, self.evaluator, self.last_ckpt)
 

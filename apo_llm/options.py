@@ -310,16 +310,15 @@ def _put(raw: dict, key: str, value: Any) -> None:
 
 
 def parse_command(cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: str, description: str = "",
-                  aliases: Optional[dict[str, str]] = None, defaults: Optional[dict] = None,
-                  config_path: Optional[str] = None) -> T:
-    """An instance of `cls` from the command line: `defaults` (a nested mapping) < YAML (`--config` or
-    `config_path`) < flags. `-h/--help` prints `help_text` and exits 0; mistakes raise UserError."""
+                  aliases: Optional[dict[str, str]] = None, config_path: Optional[str] = None) -> T:
+    """An instance of `cls` from the command line: its defaults < YAML (`--config` or `config_path`) <
+    flags. `-h/--help` prints `help_text` and exits 0; mistakes raise UserError."""
     path, raw, want_help = parse_argv(cls, sys.argv[1:] if argv is None else argv, aliases)
     if want_help:
         print(help_text(cls, prog, description, aliases))
         raise SystemExit(0)
     path = path or config_path
-    merged = merge(merge(defaults or {}, load_yaml(path) if path else {}), raw)
+    merged = merge(load_yaml(path) if path else {}, raw)
     return build(cls, merged)
 
 

@@ -205,9 +205,11 @@ class APOGRPOTrainer(GRPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         was_training = self.model.training
         self.model.eval()
-        out = reference_pass(self.loss_cfg, policy, lambda rows, topk: self._token_stats(self.model, batch, rows, topk=topk),
-                             batch["completion_ids"], [slice(s, min(s + mb, B)) for s in range(0, B, mb)],
-                             batch["completion_ids"].device)
+        def stats_of(rows, topk):
+            return self._token_stats(self.model, batch, rows, topk=topk)
+
+        out = reference_pass(self.loss_cfg, policy, stats_of, batch["completion_ids"],
+                             [slice(s, min(s + mb, B)) for s in range(0, B, mb)], batch["completion_ids"].device)
         self.model.train(was_training)
         return out
 
@@ -421,7 +423,8 @@ def train_trl(cfg: RunConfig) -> dict:
                 result = _restore_finished(trainer)
             else:
                 with peft_trl_deprecation_quiet():  # TRL reads the deprecated alias around every generation
-                    result = trainer.train(resume_from_checkpoint=str(trainer.resume_from) if trainer.resume_from else None)
+                    resume = str(trainer.resume_from) if trainer.resume_from else None
+                    result = trainer.train(resume_from_checkpoint=resume)
             if trainer.guard.preempted:
                 _preempted(cfg, trainer, stop)
             return _finish(cfg, trainer, result)

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from apo_llm.options import UserError as OptionError
-from apo_llm.options import option, parse_command
+from apo_llm.options import UserError, option, parse_command
 
 from .coupled import CoupledSpec
 from .methods import METHODS
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     try:
         args = parse_command(ToyOptions, argv, prog="python -m apo_toy.run", description=__doc__.split("\n")[0])
-    except OptionError as e:
+    except UserError as e:
         return _error(str(e))
     if args.replot:
         return replot(Path(args.replot))
@@ -164,8 +163,7 @@ def main(argv=None) -> int:
             return _error(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found out before training, not after
         return _error(f"--out: {args.out!r} is an existing file, not a directory")
-    from apo_llm.cli import UserError  # both standard library only
-    from apo_llm.runlock import RunLock
+    from apo_llm.runlock import RunLock  # standard library only
 
     try:
         with RunLock(Path(args.out), "--out: the output directory", "--out"):

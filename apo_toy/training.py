@@ -314,6 +314,3 @@ def _progress_bar(total: int, preset: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"apo_toy {preset}", unit="step")
-
-
-# the old names, kept for paper_figures/sim.py until it imports the new ones (deprecated)
