@@ -13,10 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from . import selection
-from .design import BASE, CURVE_KEYS, DIAG_KEYS, SPLITS, SUFFIX, VALIDATION, Sizes, eval_steps, label_of, run_name
+from .design import (BASE, CURVE_KEYS, DIAG_KEYS, NULL_ARM, SPLITS, SUFFIX, VALIDATION, Sizes, eval_steps, label_of,
+                     run_name)
 from .layout import split_counts, train_steps, write_atomic
 from .selection import complete, seeds_of
-from .stats import crossover_k, gap_ks, gap_vs_base, p_shift, passk_curve
+from .stats import crossover_k, gain_over_null, gap_ks, gap_vs_base, p_shift, passk_curve
 
 
 def diagnostics(run_dir: Path) -> dict[str, float]:
@@ -71,9 +72,23 @@ def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
             "final": arm_stats([label_of(r, sz.steps) for r in runs], by, by[BASE], base_curve, ks, sz.n),
             "diagnostics": _mean_dicts([diagnostics(out / "runs" / r) for r in runs]),
         }
+    add_gain_over_null(res, ks, sz.n)
     write_atomic(out / f"results{SUFFIX[split]}.json", json.dumps(res, indent=1) + "\n")
     write_atomic(out / f"results{SUFFIX[split]}.md", markdown(res, sz) + "\n")
     return res
+
+
+def add_gain_over_null(res: dict, ks: list, n: int) -> None:
+    """Each arm's "vs_null" at both points: {k: [gain, Welch s.e. over seeds]} against GRPO at the
+    same point (its own validation-selected step, or its final step), at k of gap_ks(n)."""
+    null = res["arms"].get(NULL_ARM)
+    if null is None:
+        return
+    for a in res["arms"].values():
+        for point in ("selected", "final"):
+            arm, ref = np.array(a[point]["pass@k"]), np.array(null[point]["pass@k"])  # [seeds, k]
+            a[point]["vs_null"] = {str(k): gain_over_null(arm[:, ks.index(k)], ref[:, ks.index(k)])
+                                   for k in gap_ks(n)}
 
 
 def _mean_dicts(ds: Sequence[dict]) -> dict:
@@ -116,17 +131,21 @@ def curves(out: Path, sz: Sizes, arms: Sequence[str]) -> dict:
 
 
 def markdown(res: dict, sz: Sizes) -> str:
-    """The README table: one row per arm; at the validation-selected step pass@k (seed mean +- std)
-    and the paired gap to base (+- s.e. over problems), then the same at the final step."""
+    """The README table: one row per arm; at the validation-selected step pass@k (seed mean +- std),
+    the paired gap to base (+- s.e. over problems) and the gain over GRPO (+- s.e. over seeds), then
+    the same at the final step."""
     kg, n = max(1, sz.n // 4), sz.n
-    head = (f"| arm | seeds | stop step | pass@1 | pass@{kg} | pass@{n} | pass@1 − base | pass@{kg} − base | k* "
-            f"| final: pass@1 | final: pass@{kg} − base | final k* | clip_grad_frac/neg | KL(old‖ref) |")
-    rows = [head, "|" + "---|" * 14]
+    head = (f"| arm | seeds | stop step | pass@1 | pass@{kg} | pass@{n} | pass@1 − base | pass@{kg} − base "
+            f"| pass@1 − grpo | pass@{n} − grpo | k* | final: pass@1 | final: pass@{kg} − base "
+            f"| final: pass@{n} − grpo | final k* | clip_grad_frac/neg | KL(old‖ref) |")
+    rows = [head, "|" + "---|" * 17]
     base = res["base"]["pass@k"]
-    rows.append(f"| base | - | - | {base[0]:.3f} | {base[kg - 1]:.3f} | {base[n - 1]:.3f} |" + " - |" * 8)
+    rows.append(f"| base | - | - | {base[0]:.3f} | {base[kg - 1]:.3f} | {base[n - 1]:.3f} |" + " - |" * 11)
 
-    def gap(st, k):
-        return "{:+.3f} ± {:.3f}".format(*st["gap"][str(k)])
+    def gap(st, k, key="gap"):
+        if key not in st or (key == "vs_null" and arm == NULL_ARM):
+            return "-"  # the null against itself, or a summary without GRPO
+        return "{:+.3f} ± {:.3f}".format(*st[key][str(k)])
 
     for arm, a in res["arms"].items():
         d, sel, fin = a["diagnostics"], a["selected"], a["final"]
@@ -136,13 +155,16 @@ def markdown(res: dict, sz: Sizes) -> str:
         ncf = f"{d['clip_grad_frac/neg']:.3f}" if "clip_grad_frac/neg" in d else "-"
         kl = f"{d['kl']:.4f}" if "kl" in d else "-"
         rows.append(f"| {arm} | {len(a['seeds'])} | {', '.join(map(str, a['stop_step']))} | " + " | ".join(cells)
-                    + f" | {gap(sel, 1)} | {gap(sel, kg)} | {ksel} | {fin['mean'][0]:.3f} ± {fin['std'][0]:.3f}"
-                    + f" | {gap(fin, kg)} | {kfin} | {ncf} | {kl} |")
+                    + f" | {gap(sel, 1)} | {gap(sel, kg)} | {gap(sel, 1, 'vs_null')} | {gap(sel, n, 'vs_null')}"
+                    + f" | {ksel} | {fin['mean'][0]:.3f} ± {fin['std'][0]:.3f} | {gap(fin, kg)}"
+                    + f" | {gap(fin, n, 'vs_null')} | {kfin} | {ncf} | {kl} |")
     for run, msg in res["failed"].items():
         rows.append(f"| {run} | FAILED: {msg[:120]} |")
     groups = "; ".join(f"best of {{{', '.join(g['group'])}}}: {g['picked'] or 'not yet known'}"
                        for g in res["seed_groups"])
     rows += ["", f"Stopping step: the highest validation pass@1 among steps {eval_steps(sz)} "
              f"({sz.val_problems} validation problems x {sz.val_n} samples), per run, every arm alike. "
-             f"Seeds: {sz.seeds} per arm; {sz.more_seeds} for {groups} (picked on validation)."]
+             f"Seeds: {sz.seeds} per arm; {sz.more_seeds} for {groups} (picked on validation). "
+             "\"− base\": paired per-problem gap ± s.e. over problems; \"− grpo\": gain over GRPO at the same "
+             "point ± Welch s.e. over seeds."]
     return "\n".join(rows)

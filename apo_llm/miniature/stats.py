@@ -44,6 +44,17 @@ def gap_vs_base(runs: Sequence[dict[str, tuple[int, int]]], base: dict[str, tupl
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
+def gain_over_null(arm: Sequence[float], null: Sequence[float]) -> tuple[float, float]:
+    """An arm's gain over the null (GRPO) in one score (pass@k at one k, each seed's mean over the
+    shared problems): (mean over the arm's seeds minus mean over the null's, Welch standard error
+    sqrt(s_arm^2 / n_arm + s_null^2 / n_null) with ddof 1). The spread is over training seeds, the
+    randomness that separates two methods on the same problems; NaN when either has one seed."""
+    a, b = np.asarray(arm, dtype=float), np.asarray(null, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return float(a.mean() - b.mean()), float("nan")
+    return float(a.mean() - b.mean()), float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
 def p_shift(nc: dict[str, tuple[int, int]], base: dict[str, tuple[int, int]]) -> tuple[float, float]:
     """(share of shared problems whose c/n fell below the base's, share whose c/n rose)."""
     ids = [i for i in nc if i in base]

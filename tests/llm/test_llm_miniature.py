@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -131,12 +132,33 @@ def test_reported_numbers_match_the_counts(sweep, split):
                 mean, se = st_["gap"][str(k)]
                 assert mean == pytest.approx(np.mean(g), abs=1e-12)
                 assert se == pytest.approx(np.std(g, ddof=1) / math.sqrt(len(g)), abs=1e-12)
+            _check_gain_over_grpo(res, arm, point, curve, n)
     assert "apo/neg_clipped_grad_frac" in res["arms"]["apo_ref_b0.1"]["diagnostics"]
     assert "apo/neg_clipped_frac" not in res["arms"]["grpo"]["diagnostics"]
     names = [f"llm_miniature{lm.SUFFIX[split]}_passk", f"llm_miniature{lm.SUFFIX[split]}_frontier"]
     for name in names + ["llm_miniature_curves"]:
         png = sweep / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, name
+
+
+def _check_gain_over_grpo(res, arm, point, curve, n):
+    """vs_null recomputed from the counts: per-seed pass@k (math.comb), mean difference to GRPO's seeds
+    at the same point, Welch s.e. from statistics.variance; NaN when a side has one seed."""
+    def per_seed(name):
+        a = res["arms"][name]
+        steps = a["stop_step"] if point == "selected" else [lm.QUICK.steps] * len(a["seeds"])
+        return [curve(f"{name}-s{s}@{t}") for s, t in zip(a["seeds"], steps)]
+
+    mine, null = per_seed(arm), per_seed("grpo")
+    for k in (1, n // 4, n):
+        x, y = [c[k - 1] for c in mine], [c[k - 1] for c in null]
+        gain, se = res["arms"][arm][point]["vs_null"][str(k)]
+        assert gain == pytest.approx(statistics.fmean(x) - statistics.fmean(y), abs=1e-12)
+        if min(len(x), len(y)) < 2:
+            assert math.isnan(se)
+        else:
+            want = math.sqrt(statistics.variance(x) / len(x) + statistics.variance(y) / len(y))
+            assert se == pytest.approx(want, abs=1e-12)
 
 
 def test_stopping_and_seed_picks_are_the_validation_argmax(sweep):
@@ -395,6 +417,19 @@ def test_stats_against_math_comb(pairs, data):
     q = [arm[p][1] / arm[p][0] - base[p][1] / base[p][0] for p in base]
     assert (fell, rose) == (pytest.approx(np.mean([x < 0 for x in q])), pytest.approx(np.mean([x > 0 for x in q])))
     assert stats.gap_ks(256) == [1, 64, 256] and stats.gap_ks(2) == [1, 2]
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=8), st.lists(st.floats(0, 1), min_size=1, max_size=8))
+def test_gain_over_null_is_the_welch_difference(arm, null):
+    from apo_llm.miniature import stats
+
+    gain, se = stats.gain_over_null(arm, null)
+    assert gain == pytest.approx(statistics.fmean(arm) - statistics.fmean(null), abs=1e-12)
+    if min(len(arm), len(null)) < 2:
+        assert math.isnan(se)
+    else:
+        assert se == pytest.approx(math.sqrt(statistics.variance(arm) / len(arm)
+                                             + statistics.variance(null) / len(null)), abs=1e-12)
 
 
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.lists(st.floats(0, 1), min_size=1, max_size=30))
