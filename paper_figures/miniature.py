@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.lines import Line2D
 
 from apo_llm.miniature.design import SPLITS, SUFFIX
 
@@ -86,7 +87,9 @@ def _frontier(ax, res: dict, base: np.ndarray, k: int) -> None:
         col = _style(arm)["color"]
         xs, ys = (sel[:, 0].mean(), fin[:, 0].mean()), (sel[:, i].mean(), fin[:, i].mean())
         ax.plot(xs, ys, color=col, lw=0.8, alpha=0.6)
-        ax.scatter([xs[1]], [ys[1]], facecolors="none", edgecolors=col, marker=_marker(arm), s=40)
+        hollow = {"facecolors": "none", "edgecolors": col} if _marker(arm) in Line2D.filled_markers else \
+            {"color": col, "alpha": 0.5}  # a line marker ("x") has no face to leave empty
+        ax.scatter([xs[1]], [ys[1]], marker=_marker(arm), s=40, **hollow)
         ax.errorbar(xs[0], ys[0], xerr=sel[:, 0].std(), yerr=sel[:, i].std(),
                     color=col, marker=_marker(arm), ms=7, capsize=2, label=arm)
     if off:
