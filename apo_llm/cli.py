@@ -32,7 +32,10 @@ __all__ = ["UserError", "MIN_TEMPERATURE", "fail", "run_or_exit", "quiet_progres
 
 def fail(message: str) -> NoReturn:
     """Print `error: message` (one line) to stderr and exit with code 2."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    # one write of the whole line: print() writes the text and its newline separately, and two ranks
+    # failing at once then interleave ("...another nameerror: ...")
+    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
     raise SystemExit(2)
 
 

@@ -36,6 +36,16 @@ from apo_llm.loop_state import NonFiniteError
 from apo_llm.run_setup import PromptSampler, add_lora, load_base, load_data  # noqa: F401
 
 
+def _leave_process_group() -> None:
+    """A rank that stops on an error tears its process group down first: exiting with a gloo group
+    alive can abort the process at interpreter exit (C++ "terminate called without an active
+    exception", SIGABRT, seen on one rank of two) instead of exiting with the error's code."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,9 +62,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         else:
             summary = train(cfg)
     except UserError as e:  # exit code 2, one line naming the file or field
+        _leave_process_group()
         fail(str(e))
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _leave_process_group()
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks failing together must not interleave
+        sys.stderr.flush()
         raise SystemExit(1) from None
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     if (Path(summary["run_dir"]) / "metrics.jsonl").is_file():
