@@ -30,13 +30,13 @@ __all__ = ["UserError", "MIN_TEMPERATURE", "fail", "run_or_exit", "quiet_progres
            "world_size"]
 
 
-def fail(message: str) -> NoReturn:
-    """Print `error: message` (one line) to stderr and exit with code 2."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` (one line) to stderr and exit with `code` (2: a user error)."""
     # one write of the whole line: print() writes the text and its newline separately, and two ranks
     # failing at once then interleave ("...another nameerror: ...")
     sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
     sys.stderr.flush()
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def run_or_exit(fn: Callable[[], T], catch: tuple = (UserError,)) -> T:

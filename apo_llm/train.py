@@ -66,9 +66,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         fail(str(e))
     except NonFiniteError as e:
         _leave_process_group()
-        sys.stderr.write(f"error: {e}\n")  # one write: ranks failing together must not interleave
-        sys.stderr.flush()
-        raise SystemExit(1) from None
+        fail(str(e), code=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     if (Path(summary["run_dir"]) / "metrics.jsonl").is_file():
         from apo_llm.evaluate import training_report

@@ -79,12 +79,14 @@ def summarize(out: Path, sz: Sizes, split: str = "test") -> dict:
 
 
 def add_gain_over_null(res: dict, ks: list, n: int) -> None:
-    """Each arm's "vs_null" at both points: {k: [gain, Welch s.e. over seeds]} against GRPO at the
-    same point (its own validation-selected step, or its final step), at k of gap_ks(n)."""
+    """Each arm's but GRPO's "vs_null" at both points: {k: [gain, Welch s.e. over seeds]} against GRPO
+    at the same point (its own validation-selected step, or its final step), at k of gap_ks(n)."""
     null = res["arms"].get(NULL_ARM)
     if null is None:
         return
-    for a in res["arms"].values():
+    for arm, a in res["arms"].items():
+        if arm == NULL_ARM:
+            continue
         for point in ("selected", "final"):
             arm, ref = np.array(a[point]["pass@k"]), np.array(null[point]["pass@k"])  # [seeds, k]
             a[point]["vs_null"] = {str(k): gain_over_null(arm[:, ks.index(k)], ref[:, ks.index(k)])
@@ -143,8 +145,8 @@ def markdown(res: dict, sz: Sizes) -> str:
     rows.append(f"| base | - | - | {base[0]:.3f} | {base[kg - 1]:.3f} | {base[n - 1]:.3f} |" + " - |" * 11)
 
     def gap(st, k, key="gap"):
-        if key not in st or (key == "vs_null" and arm == NULL_ARM):
-            return "-"  # the null against itself, or a summary without GRPO
+        if key not in st:
+            return "-"  # GRPO's own row, or a summary without GRPO
         return "{:+.3f} ± {:.3f}".format(*st[key][str(k)])
 
     for arm, a in res["arms"].items():

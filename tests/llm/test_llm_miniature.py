@@ -149,6 +149,9 @@ def _check_gain_over_grpo(res, arm, point, curve, n):
         steps = a["stop_step"] if point == "selected" else [lm.QUICK.steps] * len(a["seeds"])
         return [curve(f"{name}-s{s}@{t}") for s, t in zip(a["seeds"], steps)]
 
+    if arm == "grpo":
+        assert "vs_null" not in res["arms"][arm][point]  # no gain of the null over itself
+        return
     mine, null = per_seed(arm), per_seed("grpo")
     for k in (1, n // 4, n):
         x, y = [c[k - 1] for c in mine], [c[k - 1] for c in null]
